@@ -1,0 +1,3 @@
+from fastmt.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,186 @@
+"""The ``fastmt`` command: subcommands mapped onto the library, and the one place errors become one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import fields
+
+from fastmt.errors import FastmtError, UsageError
+
+log = logging.getLogger("fastmt")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line naming the flag, not a usage dump."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _add_common(p: argparse.ArgumentParser, *, defaults: dict) -> None:
+    p.add_argument("--train", required=True, metavar="F", help="training file (TSV, CSV or JSONL)")
+    p.add_argument("--dev", required=True, metavar="F", help="dev file, evaluated after every epoch")
+    p.add_argument("--out", required=True, metavar="DIR", help="run directory to create")
+    p.add_argument("--epochs", type=int, default=defaults["epochs"])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=defaults["lr"])
+    p.add_argument("--max-length", type=int, default=128, help="longest tokenized input; longer is truncated")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps for linear warm-up")
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--log-every", type=int, default=20, help="steps between metrics.jsonl rows")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fastmt", description="Multi-teacher distillation (MT-BERT) for text classification.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("demo", help="the embedded end-to-end example: CPU, no downloads, a few minutes")
+    p.add_argument("--out", default=None, metavar="DIR", help="keep the runs here (default: a temporary dir)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fast", action="store_true", help="a smaller, quicker version (for tests)")
+
+    p = sub.add_parser("cofinetune", help="fine-tune teachers jointly through one shared head")
+    p.add_argument("--teacher", action="append", required=True, metavar="M", help="HF model name or dir (repeat)")
+    _add_common(p, defaults={"epochs": 3, "lr": 3e-5})
+
+    p = sub.add_parser("distill", help="distil a student from co-finetuned teachers")
+    p.add_argument("--teachers", required=True, metavar="DIR", help="a dir written by fastmt cofinetune")
+    p.add_argument("--student-layers", type=int, required=True, metavar="K")
+    p.add_argument("--student-init", default="teacher:0", help="teacher:I, random, or a model dir")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--weighting", default="paper", help="per-example teacher weights: paper, softmax or uniform")
+    p.add_argument("--hidden-loss", default="tokens", help="tokens, cls or none")
+    p.add_argument("--weight-hidden", action="store_true", help="weight the hidden loss by the teacher weights too")
+    p.add_argument("--kernels", default="reference", help="fused or reference")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--alpha-task", type=float, default=1.0)
+    p.add_argument("--alpha-kd", type=float, default=1.0)
+    p.add_argument("--alpha-hidden", type=float, default=1.0)
+    p.add_argument("--teacher-subset", default=None, metavar="I,J", help="distil from these teachers only")
+    _add_common(p, defaults={"epochs": 3, "lr": 5e-5})
+
+    p = sub.add_parser("eval", help="accuracy of a student dir, or of each teacher and the ensemble")
+    p.add_argument("--model", required=True, metavar="DIR")
+    p.add_argument("--data", required=True, metavar="F")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the result as JSON")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=128)
+
+    for name, text in (
+        ("check", "fused kernels vs reference, values and gradients, per dtype"),
+        ("bench", "training throughput of several modes, side by side"),
+        ("memory", "peak memory by phase, fused vs reference"),
+    ):
+        p = sub.add_parser(name, help=text + " (not in this version yet)")
+        p.add_argument("--device", default="cpu")
+        if name != "check":
+            p.add_argument("--preset", default="tiny")
+        if name == "bench":
+            p.add_argument("--json", default=None)
+        if name == "memory":
+            p.add_argument("--out", default=None)
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+        p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings and errors")
+    return parser
+
+
+def _train_kwargs(ns: argparse.Namespace, cls) -> dict:
+    names = {f.name for f in fields(cls)}
+    kw = {k: v for k, v in vars(ns).items() if k in names}
+    kw["progress"] = not ns.no_progress and not ns.quiet
+    return kw
+
+
+def _parse_subset(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        idx = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--teacher-subset {text}: expected comma-separated teacher indices, e.g. 0,2") from None
+    if not idx:
+        raise UsageError("--teacher-subset: empty")
+    return idx
+
+
+def run(ns: argparse.Namespace) -> int:
+    from fastmt import train
+
+    if ns.command == "cofinetune":
+        res = train.cofinetune(ns.teacher, train.TrainArgs(**_train_kwargs(ns, train.TrainArgs)))
+        print(f"teachers saved to {res.out}: best dev accuracy (ensemble) {res.best_dev_accuracy:.4f} at epoch {res.best_epoch}, {res.train_s:.1f}s")
+        return 0
+    if ns.command == "distill":
+        kw = _train_kwargs(ns, train.DistillArgs)
+        kw["teacher_subset"] = _parse_subset(ns.teacher_subset)
+        res = train.distill(train.DistillArgs(**kw))
+        print(f"student saved to {res.out}: best dev accuracy {res.best_dev_accuracy:.4f} at epoch {res.best_epoch}, {res.train_s:.1f}s")
+        return 0
+    if ns.command == "eval":
+        if ns.batch_size < 1:
+            raise UsageError(f"--batch-size {ns.batch_size}: must be at least 1")
+        result = train.evaluate_dir(ns.model, ns.data, ns.device, ns.batch_size)
+        if result["kind"] == "teachers":
+            for t in result["teachers"]:
+                print(f"teacher {t['name']}: accuracy {t['accuracy']:.4f} (n={t['n']})")
+            print(f"ensemble: accuracy {result['accuracy']:.4f} (n={result['n']})")
+        else:
+            print(f"student: accuracy {result['accuracy']:.4f} (n={result['n']})")
+        if ns.json:
+            from fastmt.io import write_json
+
+            write_json(ns.json, result)
+        return 0
+    if ns.command == "demo":
+        from fastmt.demo import run_demo
+
+        run_demo(out=ns.out, seed=ns.seed, fast=ns.fast, progress=not ns.quiet)
+        return 0
+    if ns.command in ("check", "bench", "memory"):
+        raise FastmtError(f"fastmt {ns.command}: not available in this version of fastmt")
+    raise UsageError("no command given (see fastmt --help)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    parser = build_parser()
+    try:
+        ns = parser.parse_args(argv)
+        logging.basicConfig(level=logging.WARNING if ns.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+        if ns.command is None:
+            parser.print_help()
+            return 2
+        return run(ns)
+    except KeyboardInterrupt:
+        print("fastmt: interrupted", file=sys.stderr)
+        return 130
+    except (FastmtError, ValueError, OSError) as e:
+        if debug:
+            raise
+        from fastmt.data import DataError
+
+        code = 2 if isinstance(e, (UsageError, DataError)) else getattr(e, "exit_code", 1)
+        if isinstance(e, OSError) and not isinstance(e, FastmtError):
+            msg = f"{e.filename}: {e.strerror}" if getattr(e, "filename", None) else str(e)
+        else:
+            msg = str(e)
+        print(f"fastmt: error: {' '.join(msg.split()) or type(e).__name__}", file=sys.stderr)
+        return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

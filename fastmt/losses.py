@@ -1,0 +1,282 @@
+"""Reference implementation of the MT-BERT distillation losses in plain PyTorch.
+
+Every faster path (the fused kernels in ``fastmt.kernels``) is checked against these functions, so they
+favour clarity over speed. With ``T`` teachers, ``N`` examples, ``C`` classes, temperature ``tau``:
+
+Teacher weights, from the untempered cross-entropy ``CE_i[n] = -log softmax(t[i,n])[y_n]`` (no grad)::
+
+    paper:    w[i,n] = 1 / (1 + CE_i[n])
+    softmax:  w[:,n] = softmax_i(-CE_i[n])
+    uniform:  w[i,n] = 1
+
+Distillation loss (student logits ``s [N,C]``, teacher logits ``t [T,N,C]``)::
+
+    L_kd = 1/N_valid * sum_n sum_i w[i,n] * tau^2 * KL(softmax(t[i,n]/tau) || softmax(s[n]/tau))
+
+Hidden-state loss (``hs [K,N,S,Ds]``, ``ht [T,K,N,S,Dt]``, projections ``W [T,K,Ds,Dt]``, ``b [T,K,Dt]``,
+``mask [N,S]``)::
+
+    L_hid = sum_i sum_k sum_{n,s} mask[n,s] * w[i,n] * ||hs[k,n,s] @ W[i,k] + b[i,k] - ht[i,k,n,s]||^2
+            / (sum_{n,s} mask[n,s] * Dt)
+
+Rows whose label is ``ignore_index`` get weight 0 and are left out of ``N_valid``. Everything is computed
+in float32 (float64 when an input is float64); gradients return in each input's own dtype and never
+reach teacher tensors, masks or weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["SCHEMES", "teacher_weights", "mt_kl_loss", "mt_hidden_loss", "layer_map"]
+
+SCHEMES = ("paper", "softmax", "uniform")
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument checks. Each raises ValueError naming the argument at fault.
+
+
+def _fmt(shape) -> str:
+    return "[" + ",".join(str(n) for n in shape) + "]"
+
+
+def _tensor(x, name: str, ref: Tensor | None = None, ref_name: str = "", floating: bool = True) -> None:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+    if floating and x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64; got {x.dtype}")
+    if ref is not None and x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
+
+
+def _shape(x: Tensor, name: str, axes: tuple[str, ...], dims: dict[str, tuple[int, str]]) -> None:
+    """Check ``x`` has one axis per name in ``axes``.
+
+    Sizes of axes already in ``dims`` (name -> (size, argument it came from)) must agree; new ones are
+    recorded, so a chain of calls checks every tensor against the first one that fixed each size.
+    """
+    ok = x.dim() == len(axes) and all(a not in dims or dims[a][0] == n for a, n in zip(axes, x.shape))
+    if not ok:
+        by_source: dict[str, list[str]] = {}
+        for a in axes:
+            if a in dims:
+                by_source.setdefault(dims[a][1], []).append(f"{a}={dims[a][0]}")
+        known = "; ".join(f"{', '.join(v)} matching {src}" for src, v in by_source.items())
+        with_known = f" with {known}" if known else ""
+        raise ValueError(f"{name} must have shape {_fmt(axes)}{with_known}; got {_fmt(x.shape)}")
+    for a, n in zip(axes, x.shape):
+        dims.setdefault(a, (n, name))
+
+
+def _labels(labels, n: int, ref: Tensor, ref_name: str) -> None:
+    _tensor(labels, "labels", ref, ref_name, floating=False)
+    if labels.dtype == torch.bool or labels.dtype.is_floating_point or labels.dtype.is_complex:
+        raise ValueError(f"labels must have an integer dtype; got {labels.dtype}")
+    _shape(labels, "labels", ("N",), {"N": (n, ref_name)})
+
+
+def _labels_in_range(labels: Tensor, num_classes: int, ignore_index: int) -> None:
+    # Reads back to the host; skipped under torch.compile so a compiled step is not split in two.
+    if torch.compiler.is_compiling():
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    if False:
+        value = int(labels[bad][0])
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; found {value}"
+        )
+
+
+def _scheme(scheme, name: str) -> str:
+    if not isinstance(scheme, str) or scheme not in SCHEMES:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, SCHEMES))}; got {scheme!r}")
+    return scheme
+
+
+def _teacher_logits(x, dims: dict[str, tuple[int, str]], ref: Tensor | None = None, ref_name: str = "") -> None:
+    _tensor(x, "teacher_logits", ref, ref_name)
+    _shape(x, "teacher_logits", ("T", "N", "C"), dims)
+    if x.shape[0] < 1 or x.shape[2] < 1:
+        raise ValueError(f"teacher_logits needs at least one teacher and one class; got {_fmt(x.shape)}")
+
+
+def _temperature(temperature) -> float:
+    try:
+        tau = float(temperature)
+    except (TypeError, ValueError):
+        tau = math.nan
+    if not (tau > 0.0 and math.isfinite(tau)):
+        raise ValueError(f"temperature must be a finite positive number; got {temperature!r}")
+    return tau
+
+
+def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
+    # Half-precision inputs are upcast so that the reference is the accurate side of any comparison.
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+
+
+def teacher_weights(
+    teacher_logits: Tensor, labels: Tensor, scheme: str = "paper", ignore_index: int = -100
+) -> Tensor:
+    """Per-example teacher weights ``[T,N]`` from each teacher's cross-entropy on the true label.
+
+    ``teacher_logits`` is ``[T,N,C]`` (untempered), ``labels`` is ``[N]``. Rows labelled ``ignore_index``
+    get weight 0 for every teacher. The result is float32 (float64 for float64 logits) and carries no
+    gradient.
+    """
+    _teacher_logits(teacher_logits, {})
+    num_teachers, n, num_classes = teacher_logits.shape
+    _labels(labels, n, teacher_logits, "teacher_logits")
+    scheme = _scheme(scheme, "scheme")
+    _labels_in_range(labels, num_classes, ignore_index)
+
+    dtype = _compute_dtype(teacher_logits)
+    with torch.no_grad():
+        valid = labels != ignore_index
+        # Ignored rows may hold any value (-100 by default); gather a harmless class 0 for them.
+        index = torch.where(valid, labels, 0).long()
+        if scheme == "uniform":
+            w = torch.ones(num_teachers, n, dtype=dtype, device=teacher_logits.device)
+        else:
+            logp = F.log_softmax(teacher_logits.to(dtype), dim=-1)
+            ce = -logp.gather(-1, index.view(1, n, 1).expand(num_teachers, n, 1)).squeeze(-1)
+            w = 1.0 / (1.0 + ce) if scheme == "paper" else torch.softmax(-ce, dim=0)
+        return torch.where(valid, w, 0.0)
+
+
+def mt_kl_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    weights: Tensor | str | None = None,
+    temperature: float = 1.0,
+    labels: Tensor | None = None,
+    ignore_index: int = -100,
+) -> Tensor:
+    """Weighted multi-teacher distillation loss ``L_kd`` (a scalar).
+
+    ``weights`` is ``None`` (every teacher weighs 1), a ``[T,N]`` tensor, or a scheme name from
+    ``SCHEMES`` (which needs ``labels``). With ``labels``, rows labelled ``ignore_index`` are skipped and
+    the mean runs over the remaining rows; with none left the loss is 0 (still attached to
+    ``student_logits``, with zero gradient).
+    """
+    _tensor(student_logits, "student_logits")
+    dims: dict[str, tuple[int, str]] = {}
+    _shape(student_logits, "student_logits", ("N", "C"), dims)
+    _teacher_logits(teacher_logits, dims, student_logits, "student_logits")
+    n = teacher_logits.shape[1]
+    tau = _temperature(temperature)
+    if labels is not None:
+        _labels(labels, n, student_logits, "student_logits")
+    if isinstance(weights, str) or not (weights is None or isinstance(weights, Tensor)):
+        scheme = _scheme(weights, "weights")
+        if labels is None:
+            raise ValueError(f"weights={scheme!r} computes teacher weights from labels; pass labels")
+        weights = teacher_weights(teacher_logits, labels, scheme, ignore_index)
+    elif weights is not None:
+        _tensor(weights, "weights", student_logits, "student_logits")
+        _shape(weights, "weights", ("T", "N"), dims)
+
+    dtype = _compute_dtype(student_logits, teacher_logits, weights)
+    log_q = F.log_softmax(student_logits.to(dtype) / tau, dim=-1)  # [N,C]
+    log_p = F.log_softmax(teacher_logits.detach().to(dtype) / tau, dim=-1)  # [T,N,C]
+    p = log_p.exp()
+    # p * (log p - log q) is 0 wherever p == 0 (a -inf teacher logit), including where log q is -inf
+    # too; masking the difference keeps both the value and the gradient free of NaN there.
+    support = p > 0
+    kl = (p * torch.where(support, log_p - log_q, 0.0)).sum(-1)  # [T,N]
+
+    w = torch.ones_like(kl) if weights is None else weights.detach().to(dtype)
+    if labels is None:
+        row = (w * kl).sum(0)  # [N]
+        n_valid = torch.tensor(float(n), dtype=dtype, device=row.device)
+    else:
+        valid = labels != ignore_index
+        # Zero the weights as well as the rows: an ignored row may carry a non-finite weight, and a NaN
+        # weight times a zero upstream gradient would still poison the student gradient.
+        w = torch.where(valid, w, 0.0)
+        row = torch.where(valid, (w * kl).sum(0), 0.0)
+        n_valid = valid.sum().to(dtype)
+    return (tau * tau) * row.sum() / n_valid.clamp_min(1.0)
+
+
+def mt_hidden_loss(
+    student_hidden: Tensor,
+    teacher_hidden: Tensor,
+    proj_weight: Tensor,
+    proj_bias: Tensor,
+    mask: Tensor | None = None,
+    weights: Tensor | None = None,
+) -> Tensor:
+    """Projected hidden-state MSE ``L_hid`` summed over teachers and student layers (a scalar).
+
+    Student layer ``k`` is projected into teacher ``i``'s space by ``proj_weight[i,k]`` and
+    ``proj_bias[i,k]`` and compared with ``teacher_hidden[i,k]``. ``mask`` (``[N,S]``, 0/1 of any numeric or
+    bool dtype) selects token positions and ``weights`` (``[T,N]``) weighs teachers per example; both
+    default to 1. If the mask selects nothing the loss is 0, still attached to the graph.
+    """
+    _tensor(student_hidden, "student_hidden")
+    ref = (student_hidden, "student_hidden")
+    _tensor(teacher_hidden, "teacher_hidden", *ref)
+    _tensor(proj_weight, "proj_weight", *ref)
+    _tensor(proj_bias, "proj_bias", *ref)
+    dims: dict[str, tuple[int, str]] = {}
+    _shape(student_hidden, "student_hidden", ("K", "N", "S", "Ds"), dims)
+    _shape(teacher_hidden, "teacher_hidden", ("T", "K", "N", "S", "Dt"), dims)
+    _shape(proj_weight, "proj_weight", ("T", "K", "Ds", "Dt"), dims)
+    _shape(proj_bias, "proj_bias", ("T", "K", "Dt"), dims)
+    if mask is not None:
+        _tensor(mask, "mask", *ref, floating=False)
+        if mask.dtype.is_complex:
+            raise ValueError(f"mask must be a real or bool tensor of 0/1; got {mask.dtype}")
+        _shape(mask, "mask", ("N", "S"), dims)
+    if weights is not None:
+        _tensor(weights, "weights", *ref)
+        _shape(weights, "weights", ("T", "N"), dims)
+
+    dtype = _compute_dtype(student_hidden, teacher_hidden, proj_weight, proj_bias, weights)
+    _, _, n, s, _ = teacher_hidden.shape
+    dt = teacher_hidden.shape[-1]
+    device = student_hidden.device
+    hs = student_hidden.to(dtype)
+    projected = torch.einsum("knsd,tkde->tknse", hs, proj_weight.to(dtype))
+    projected = projected + proj_bias.to(dtype)[:, :, None, None, :]
+    sq_err = (projected - teacher_hidden.detach().to(dtype)).square().sum(-1)  # [T,K,N,S]
+
+    m = torch.ones(n, s, dtype=dtype, device=device) if mask is None else mask.detach().to(dtype)
+    w = torch.ones(1, n, dtype=dtype, device=device) if weights is None else weights.detach().to(dtype)
+    coef = m[None, None, :, :] * w[:, None, :, None]  # [T or 1, 1, N, S]
+    # Masked-out positions (padding) are dropped rather than multiplied by 0, so that a non-finite
+    # value there cannot turn the sum into NaN.
+    total = torch.where(coef != 0, coef * sq_err, 0.0).sum()
+    denom = m.sum() * dt
+    return total / torch.where(denom > 0, denom, 1.0)
+
+
+def layer_map(num_student_layers: int, num_teacher_layers: int) -> list[int]:
+    """Teacher hidden-state index matched to each student layer ``k = 1..K``.
+
+    Student layer ``k`` maps to ``round(k * M / K)`` with halves rounded up, i.e.
+    ``floor(k * M / K + 1/2)`` (not Python's round-half-to-even), computed in integers. Index 0 is the
+    teacher's embedding output, so the last student layer always maps to the last teacher layer ``M``.
+    """
+    k_total, m_total = num_student_layers, num_teacher_layers
+    if not isinstance(k_total, int) or isinstance(k_total, bool) or k_total < 1:
+        raise ValueError(f"student layers (--student-layers) must be a positive integer; got {k_total!r}")
+    if not isinstance(m_total, int) or isinstance(m_total, bool) or m_total < 1:
+        raise ValueError(f"num_teacher_layers must be a positive integer; got {m_total!r}")
+    if k_total > m_total:
+        raise ValueError(
+            f"student layers (--student-layers) = {k_total} is deeper than a teacher with {m_total} layers"
+        )
+    return [(2 * k * m_total + k_total) // (2 * k_total) for k in range(1, k_total + 1)]

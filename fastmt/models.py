@@ -1,0 +1,420 @@
+"""Teachers with their shared head, the student with its projections, and how both are saved.
+
+Teachers are any Hugging Face encoders (``AutoModel``), each with its own tokenizer. They all feed ONE
+shared pooler + classifier (``SharedHead``), which puts their logits in one space; a teacher whose
+hidden size differs from the shared size ``D`` gets its own ``Linear(D_i, D)`` adapter. The adapter is
+also applied to that teacher's hidden states for the hidden loss, so every teacher's hidden states
+live in ``D`` and the projections can be one ``[T, K, Ds, D]`` tensor.
+
+Layouts on disk:
+
+    teachers dir:  config.json  model.safetensors (shared head + adapters)  metrics.jsonl
+                   teacher_0/ teacher_1/ ...  (each a ``save_pretrained`` model + its tokenizer)
+    student dir:   config.json  model.safetensors (encoder + head + projections)  metrics.jsonl
+                   tokenizer files
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from fastmt.errors import UsageError
+from fastmt.io import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from fastmt.losses import layer_map
+
+TEACHERS_KIND = "fastmt-teachers"
+STUDENT_KIND = "fastmt-student"
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=".*were not initialized.*")
+
+
+class SharedHead(nn.Module):
+    """BERT's pooler (tanh(Linear) over the first token) followed by the classifier."""
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float = 0.1):
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, first_token: torch.Tensor) -> torch.Tensor:
+        pooled = torch.tanh(self.dense(first_token))
+        return self.classifier(self.dropout(pooled))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading Hugging Face encoders and tokenizers with one-line errors
+
+
+def load_encoder(source: str | Path, flag: str = "--teacher") -> nn.Module:
+    """``AutoModel.from_pretrained`` in float32, without the model's own pooler where it has one."""
+    from transformers import AutoModel
+
+    _quiet_transformers()
+    source = str(source)
+    try:
+        try:
+            return AutoModel.from_pretrained(source, dtype=torch.float32, add_pooling_layer=False)
+        except TypeError:
+            return AutoModel.from_pretrained(source, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"{flag} {source}: cannot load a model from it ({first})") from e
+
+
+def load_tokenizer(source: str | Path, flag: str = "--teacher"):
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"{flag} {source}: cannot load a tokenizer from it ({first})") from e
+
+
+def encoder_from_config(config_dict: dict) -> nn.Module:
+    from transformers import AutoConfig, AutoModel
+
+    _quiet_transformers()
+    cfg = dict(config_dict)
+    model_type = cfg.pop("model_type")
+    config = AutoConfig.for_model(model_type, **cfg)
+    try:
+        return AutoModel.from_config(config, add_pooling_layer=False)
+    except TypeError:
+        return AutoModel.from_config(config)
+
+
+def encoder_config_dict(encoder: nn.Module) -> dict:
+    d = encoder.config.to_diff_dict()
+    d["model_type"] = encoder.config.model_type
+    for k in ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype"):
+        d.pop(k, None)
+    return d
+
+
+def num_layers(encoder: nn.Module) -> int:
+    return int(encoder.config.num_hidden_layers)
+
+
+def hidden_size(encoder: nn.Module) -> int:
+    return int(encoder.config.hidden_size)
+
+
+def encode_hidden(encoder: nn.Module, inputs: dict[str, torch.Tensor], want_hidden: bool):
+    """Run an encoder; returns (last hidden [N,S,D], tuple of all hidden states or None)."""
+    kwargs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    if getattr(encoder.config, "type_vocab_size", 0) and encoder.config.type_vocab_size > 1:
+        kwargs["token_type_ids"] = inputs["token_type_ids"]
+    out = encoder(**kwargs, output_hidden_states=want_hidden, return_dict=True)
+    return out.last_hidden_state, (out.hidden_states if want_hidden else None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Teachers
+
+
+class Teachers(nn.Module):
+    """T encoders, their adapters and ONE shared head. ``forward`` gives logits ``[T, N, C]``."""
+
+    def __init__(self, encoders: Sequence[nn.Module], tokenizers: Sequence, names: Sequence[str], num_labels: int):
+        super().__init__()
+        from fastmt.data import tokenizer_key
+
+        if not encoders:
+            raise UsageError("no teachers given: pass --teacher at least once")
+        self.encoders = nn.ModuleList(encoders)
+        self.tokenizers = list(tokenizers)
+        self.names = list(names)
+        self.keys = [tokenizer_key(t) for t in self.tokenizers]
+        self.hidden_size = hidden_size(encoders[0])
+        self.num_labels = num_labels
+        self.adapters = nn.ModuleList(
+            nn.Identity() if hidden_size(e) == self.hidden_size else nn.Linear(hidden_size(e), self.hidden_size)
+            for e in encoders
+        )
+        self.head = SharedHead(self.hidden_size, num_labels)
+
+    def __len__(self) -> int:
+        return len(self.encoders)
+
+    def depth(self, i: int) -> int:
+        return num_layers(self.encoders[i])
+
+    def forward_teacher(self, i: int, inputs: dict[str, torch.Tensor], hidden_indices: Sequence[int] | None = None):
+        """Logits ``[N, C]`` of teacher i, and (when asked) its adapted hidden states at those indices."""
+        last, all_hidden = encode_hidden(self.encoders[i], inputs, want_hidden=hidden_indices is not None)
+        adapter = self.adapters[i]
+        logits = self.head(adapter(last[:, 0]))
+        if hidden_indices is None:
+            return logits, None
+        return logits, [adapter(all_hidden[j]) for j in hidden_indices]
+
+    def forward(self, batch_inputs: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
+        return torch.stack([self.forward_teacher(i, batch_inputs[k])[0] for i, k in enumerate(self.keys)])
+
+    # ---- persistence
+    def head_state(self) -> dict[str, torch.Tensor]:
+        state = {f"head.{k}": v for k, v in self.head.state_dict().items()}
+        for i, a in enumerate(self.adapters):
+            state.update({f"adapters.{i}.{k}": v for k, v in a.state_dict().items()})
+        return state
+
+    def save(self, out_dir: str | Path, run_config: dict, label_names: list[str]) -> None:
+        """Write the teachers into ``out_dir`` (config.json and model.safetensors replaced atomically)."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        entries = []
+        for i, (enc, tok, name) in enumerate(zip(self.encoders, self.tokenizers, self.names)):
+            with atomic_dir(out_dir / f"teacher_{i}") as tmp:
+                enc.save_pretrained(tmp)
+                tok.save_pretrained(tmp)
+            entries.append({"name": name, "dir": f"teacher_{i}", "hidden_size": hidden_size(enc), "num_layers": num_layers(enc)})
+        save_tensors(out_dir / "model.safetensors", self.head_state(), metadata={"kind": TEACHERS_KIND})
+        write_json(
+            out_dir / "config.json",
+            {
+                "kind": TEACHERS_KIND,
+                "teachers": entries,
+                "hidden_size": self.hidden_size,
+                "num_labels": self.num_labels,
+                "label_names": label_names,
+                "run": run_config,
+            },
+        )
+
+    @classmethod
+    def from_pretrained_encoders(cls, sources: Sequence[str], num_labels: int) -> "Teachers":
+        encoders = [load_encoder(s, "--teacher") for s in sources]
+        tokenizers = [load_tokenizer(s, "--teacher") for s in sources]
+        return cls(encoders, tokenizers, [str(s) for s in sources], num_labels)
+
+    @classmethod
+    def load(cls, teachers_dir: str | Path, flag: str = "--teachers") -> tuple["Teachers", dict]:
+        teachers_dir = Path(teachers_dir)
+        cfg = _read_run_config(teachers_dir, TEACHERS_KIND, flag, "a teachers dir written by `fastmt cofinetune`")
+        head_file = teachers_dir / "model.safetensors"
+        if not head_file.is_file():
+            raise UsageError(f"{flag} {teachers_dir}: no model.safetensors (the shared head); re-run `fastmt cofinetune`")
+        encoders, tokenizers = [], []
+        for e in cfg["teachers"]:
+            sub = teachers_dir / e["dir"]
+            encoders.append(load_encoder(sub, flag))
+            tokenizers.append(load_tokenizer(sub, flag))
+        teachers = cls(encoders, tokenizers, [e["name"] for e in cfg["teachers"]], int(cfg["num_labels"]))
+        state = load_tensors(head_file)
+        head = {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")}
+        teachers.head.load_state_dict(head)
+        for i, a in enumerate(teachers.adapters):
+            prefix = f"adapters.{i}."
+            sub_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            a.load_state_dict(sub_state)
+        return teachers, cfg
+
+
+def _read_run_config(d: Path, kind: str, flag: str, what: str) -> dict:
+    if not d.is_dir():
+        raise UsageError(f"{flag} {d}: no such directory")
+    path = d / "config.json"
+    if not path.is_file():
+        raise UsageError(f"{flag} {d}: no config.json; expected {what}")
+    try:
+        cfg = read_json(path)
+    except ValueError as e:
+        raise UsageError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(cfg, dict) or cfg.get("kind") != kind:
+        raise UsageError(f"{flag} {d}: config.json is not {what}")
+    return cfg
+
+
+def read_run_kind(d: str | Path) -> str | None:
+    try:
+        cfg = read_json(Path(d) / "config.json")
+    except (OSError, ValueError):
+        return None
+    return cfg.get("kind") if isinstance(cfg, dict) else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Student
+
+
+@dataclass
+class StudentSpec:
+    num_layers: int
+    init: str = "teacher:0"  # "teacher:I", "random", or a path
+
+
+class Student(nn.Module):
+    """A K-layer encoder, its own pooler + classifier, and projections ``W [T,K,Ds,Dt]``, ``b [T,K,Dt]``."""
+
+    def __init__(self, encoder: nn.Module, tokenizer, num_labels: int, num_teachers: int, teacher_hidden: int):
+        super().__init__()
+        from fastmt.data import tokenizer_key
+
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        self.key = tokenizer_key(tokenizer)
+        self.num_labels = num_labels
+        ds = hidden_size(encoder)
+        self.head = SharedHead(ds, num_labels)
+        k = num_layers(encoder)
+        self.proj_weight = nn.Parameter(torch.empty(num_teachers, k, ds, teacher_hidden))
+        self.proj_bias = nn.Parameter(torch.zeros(num_teachers, k, teacher_hidden))
+        with torch.no_grad():
+            if ds == teacher_hidden:
+                # Identity start: a student copied from a teacher begins with a small hidden loss.
+                self.proj_weight.copy_(torch.eye(ds).expand_as(self.proj_weight))
+            else:
+                nn.init.normal_(self.proj_weight, std=ds**-0.5)
+
+    @property
+    def depth(self) -> int:
+        return num_layers(self.encoder)
+
+    def forward(self, inputs: dict[str, torch.Tensor], want_hidden: bool = False):
+        """Logits ``[N, C]`` and, when asked, hidden states of layers 1..K stacked ``[K, N, S, Ds]``."""
+        last, all_hidden = encode_hidden(self.encoder, inputs, want_hidden)
+        logits = self.head(last[:, 0])
+        if not want_hidden:
+            return logits, None
+        return logits, torch.stack(all_hidden[1:])
+
+    def save(self, out_dir: str | Path, run_config: dict, label_names: list[str], extra: dict | None = None) -> None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(out_dir)
+        save_tensors(out_dir / "model.safetensors", self.state_dict(), metadata={"kind": STUDENT_KIND})
+        cfg = {
+            "kind": STUDENT_KIND,
+            "encoder": encoder_config_dict(self.encoder),
+            "num_labels": self.num_labels,
+            "num_teachers": int(self.proj_weight.shape[0]),
+            "teacher_hidden": int(self.proj_weight.shape[-1]),
+            "label_names": label_names,
+            "run": run_config,
+        }
+        cfg.update(extra or {})
+        write_json(out_dir / "config.json", cfg)
+
+    @classmethod
+    def load(cls, student_dir: str | Path, flag: str = "--model") -> tuple["Student", dict]:
+        student_dir = Path(student_dir)
+        cfg = _read_run_config(student_dir, STUDENT_KIND, flag, "a student dir written by `fastmt distill`")
+        encoder = encoder_from_config(cfg["encoder"])
+        tokenizer = load_tokenizer(student_dir, flag)
+        student = cls(encoder, tokenizer, int(cfg["num_labels"]), int(cfg["num_teachers"]), int(cfg["teacher_hidden"]))
+        weights = student_dir / "model.safetensors"
+        if not weights.is_file():
+            raise UsageError(f"{flag} {student_dir}: no model.safetensors")
+        student.load_state_dict(load_tensors(weights))
+        return student, cfg
+
+
+def _copy_layers_from(encoder: nn.Module, teacher: nn.Module, picked: Sequence[int], where: str) -> None:
+    """Copy embeddings and teacher layers ``picked`` (1-based hidden-state indices) into a K-layer encoder."""
+    try:
+        encoder.embeddings.load_state_dict(teacher.embeddings.state_dict())
+        for k, j in enumerate(picked):
+            encoder.encoder.layer[k].load_state_dict(teacher.encoder.layer[j - 1].state_dict())
+    except (AttributeError, RuntimeError) as e:
+        raise UsageError(
+            f"--student-init {where}: cannot copy layers from this teacher (a BERT-style encoder with "
+            f".embeddings and .encoder.layer is needed); use --student-init random"
+        ) from e
+
+
+def build_student(spec: StudentSpec, teachers: Teachers) -> tuple[Student, dict]:
+    """Make the student of ``spec`` for these teachers; returns it with a description of its init."""
+    k = spec.num_layers
+    if k < 1:
+        raise UsageError(f"--student-layers {k}: must be at least 1")
+    for i in range(len(teachers)):
+        if k > teachers.depth(i):
+            raise UsageError(
+                f"--student-layers {k} is deeper than teacher {i} ({teachers.names[i]}, {teachers.depth(i)} layers)"
+            )
+    init = spec.init
+    if init.startswith("teacher:"):
+        try:
+            idx = int(init.split(":", 1)[1])
+        except ValueError:
+            raise UsageError(f"--student-init {init}: expected teacher:I with I an integer") from None
+        if not 0 <= idx < len(teachers):
+            raise UsageError(f"--student-init {init}: there are {len(teachers)} teachers (0..{len(teachers) - 1})")
+        src = teachers.encoders[idx]
+        cfg = encoder_config_dict(src)
+        cfg["num_hidden_layers"] = k
+        encoder = encoder_from_config(cfg)
+        _copy_layers_from(encoder, src, layer_map(k, num_layers(src)), init)
+        tokenizer = teachers.tokenizers[idx]
+        student = Student(encoder, tokenizer, teachers.num_labels, len(teachers), teachers.hidden_size)
+        if hidden_size(encoder) == teachers.hidden_size:
+            student.head.load_state_dict(teachers.head.state_dict())
+        return student, {"init": init}
+    if init == "random":
+        cfg = encoder_config_dict(teachers.encoders[0])
+        cfg["num_hidden_layers"] = k
+        encoder = encoder_from_config(cfg)
+        student = Student(encoder, teachers.tokenizers[0], teachers.num_labels, len(teachers), teachers.hidden_size)
+        student.head.load_state_dict(teachers.head.state_dict())
+        return student, {"init": "random"}
+    path = Path(init)
+    if not path.exists():
+        raise UsageError(f"--student-init {init}: not teacher:I, random, or an existing path")
+    if not (path / "config.json").is_file():
+        raise UsageError(f"--student-init {init}: no config.json in that directory")
+    has_weights = any((path / f).is_file() for f in ("model.safetensors", "pytorch_model.bin"))
+    if read_run_kind(path) == STUDENT_KIND:
+        prev, _ = Student.load(path, "--student-init")
+        encoder, tokenizer = prev.encoder, prev.tokenizer
+    elif has_weights:
+        encoder = load_encoder(path, "--student-init")
+        tokenizer = load_tokenizer(path, "--student-init")
+    else:
+        # A config-only directory: a fresh encoder of that shape (its tokenizer, else teacher 0's).
+        from transformers import AutoConfig
+
+        _quiet_transformers()
+        encoder = encoder_from_config({**AutoConfig.from_pretrained(str(path)).to_dict()})
+        tok_files = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
+        tokenizer = load_tokenizer(path, "--student-init") if any((path / f).is_file() for f in tok_files) else teachers.tokenizers[0]
+    if num_layers(encoder) != k:
+        raise UsageError(f"--student-init {init}: that encoder has {num_layers(encoder)} layers, but --student-layers is {k}")
+    student = Student(encoder, tokenizer, teachers.num_labels, len(teachers), teachers.hidden_size)
+    if hidden_size(encoder) == teachers.hidden_size:
+        student.head.load_state_dict(teachers.head.state_dict())
+    return student, {"init": str(path)}
+
+
+def layer_maps(student_layers: int, teachers: Teachers) -> list[list[int]]:
+    """Per teacher, the hidden-state index matched to each student layer 1..K (SPEC §1)."""
+    return [layer_map(student_layers, teachers.depth(i)) for i in range(len(teachers))]
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def student_inference_parameters(student: Student) -> int:
+    """Parameters used at inference (the projections only serve training)."""
+    return count_parameters(student.encoder) + count_parameters(student.head)
+
+
+log = logging.getLogger("fastmt")

@@ -1,0 +1,550 @@
+"""Co-finetuning, distillation and evaluation: the plain eager PyTorch reference loops.
+
+Every faster path (fused kernels, compiled steps, CUDA graphs) is compared against these loops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastmt import losses as reference_losses
+from fastmt.data import (
+    DataError,
+    Encoded,
+    TextDataset,
+    encode,
+    encode_labels,
+    iterate_batches,
+    label_names_from,
+    length_buckets,
+    num_batches,
+    read_dataset,
+)
+from fastmt.errors import FastmtError, UsageError
+from fastmt.io import append_jsonl, write_json
+from fastmt.models import Student, StudentSpec, Teachers, build_student, count_parameters, layer_maps
+
+log = logging.getLogger("fastmt")
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class TrainArgs:
+    """Options shared by every training command (flag names in brackets)."""
+
+    train: str  # [--train]
+    dev: str  # [--dev]
+    out: str  # [--out]
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 5e-5
+    max_length: int = 128
+    seed: int = 42
+    device: str = "cpu"
+    precision: str = "fp32"
+    weight_decay: float = 0.01
+    warmup: float = 0.1  # fraction of all steps spent warming up
+    max_grad_norm: float = 1.0
+    log_every: int = 20
+    eval_batch_size: int = 128
+    progress: bool = True
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise UsageError(f"--epochs {self.epochs}: must be at least 1")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size {self.batch_size}: must be at least 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UsageError(f"--lr {self.lr}: must be a positive number")
+        if self.max_length < 2:
+            raise UsageError(f"--max-length {self.max_length}: must be at least 2")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
+        if not 0 <= self.warmup < 1:
+            raise UsageError(f"--warmup {self.warmup}: a fraction in [0, 1)")
+        if self.log_every < 1:
+            raise UsageError(f"--log-every {self.log_every}: must be at least 1")
+
+
+@dataclass
+class DistillArgs(TrainArgs):
+    teachers: str = ""  # [--teachers] a dir written by cofinetune
+    student_layers: int = 0
+    student_init: str = "teacher:0"
+    temperature: float = 1.0
+    weighting: str = "paper"
+    hidden_loss: str = "tokens"
+    weight_hidden: bool = False  # also weight the hidden loss per example by the teacher weights
+    kernels: str = "reference"
+    compile: bool = False
+    cuda_graphs: bool = False
+    alpha_task: float = 1.0
+    alpha_kd: float = 1.0
+    alpha_hidden: float = 1.0
+    teacher_subset: list[int] | None = None  # distil from these teachers only
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.student_layers < 1:
+            raise UsageError(f"--student-layers {self.student_layers}: must be at least 1")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise UsageError(f"--temperature {self.temperature}: must be a positive number")
+        if self.weighting not in reference_losses.SCHEMES:
+            raise UsageError(f"--weighting {self.weighting}: choose one of {', '.join(reference_losses.SCHEMES)}")
+        if self.hidden_loss not in ("tokens", "cls", "none"):
+            raise UsageError(f"--hidden-loss {self.hidden_loss}: choose tokens, cls or none")
+        if self.kernels not in ("fused", "reference"):
+            raise UsageError(f"--kernels {self.kernels}: choose fused or reference")
+        for name in ("alpha_task", "alpha_kd", "alpha_hidden"):
+            v = getattr(self, name)
+            if not (v >= 0 and math.isfinite(v)):
+                raise UsageError(f"--{name.replace('_', '-')} {v}: must be a number >= 0")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Small pieces shared by the loops
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        return torch.device(name)
+    raise UsageError(f"--device {name}: choose cpu or cuda")
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])
+
+
+def prepare_out_dir(out: str, overwrite: bool) -> Path:
+    d = Path(out)
+    if d.exists() and not d.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    finished = d.is_dir() and any((d / f).exists() for f in ("config.json", "model.safetensors"))
+    if finished and not overwrite:
+        raise UsageError(f"--out {out}: already holds a run; choose another dir or pass --overwrite")
+    d.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for f in ("metrics.jsonl",):
+            (d / f).unlink(missing_ok=True)
+    return d
+
+
+def make_optimizer(model: nn.Module, args: TrainArgs, total_steps: int, device: torch.device):
+    """AdamW (no decay on biases and norms) with linear warm-up then linear decay to 0."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "LayerNorm" in name or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused)
+    warm = max(1, int(args.warmup * total_steps)) if args.warmup > 0 else 0
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        return max(0.0, (total_steps - step) / max(1, total_steps - warm))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+@dataclass
+class Splits:
+    label_names: list[str]
+    train_labels: list[int]
+    dev_labels: list[int]
+    train_enc: dict[str, Encoded]
+    dev_enc: dict[str, Encoded]
+    buckets: list[int]
+    train_path: str
+    dev_path: str
+
+
+def prepare_splits(train: str, dev: str, tokenizers: Iterable, max_length: int, label_names: list[str] | None = None) -> Splits:
+    """Read both files, map labels, and tokenize once per distinct tokenizer."""
+    from fastmt.data import tokenizer_key
+
+    train_ds = read_dataset(train)
+    dev_ds = read_dataset(dev)
+    if label_names is None:
+        label_names = label_names_from(train_ds.labels)
+    if len(label_names) < 2:
+        raise UsageError(f"{train}: only one label ({label_names[0]!r}) in the training set; need at least two")
+    train_labels = encode_labels(train_ds, label_names)
+    dev_labels = encode_labels(dev_ds, label_names)
+    train_enc, dev_enc = {}, {}
+    for tok in tokenizers:
+        key = tokenizer_key(tok)
+        if key not in train_enc:
+            train_enc[key] = encode(tok, train_ds, max_length)
+            dev_enc[key] = encode(tok, dev_ds, max_length)
+    return Splits(label_names, train_labels, dev_labels, train_enc, dev_enc, length_buckets(max_length), str(train), str(dev))
+
+
+def to_device(inputs: dict[str, dict[str, torch.Tensor]], device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
+    return {k: {n: t.to(device, non_blocking=True) for n, t in v.items()} for k, v in inputs.items()}
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False, unit="step")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prediction
+
+
+@torch.inference_mode()
+def teacher_logits(teachers: Teachers, enc: dict[str, Encoded], n: int, batch_size: int, buckets, device, precision="fp32",
+                   timings: list[float] | None = None) -> torch.Tensor:
+    """Logits of every teacher over a whole set: ``[T, n, C]`` (float32, on the CPU).
+
+    When ``timings`` is a list, the seconds each teacher spent are added into it (one entry per teacher).
+    """
+    teachers.eval()
+    out = torch.empty(len(teachers), n, teachers.num_labels)
+    if timings is not None:
+        timings[:] = [0.0] * len(teachers)
+    for batch in iterate_batches(enc, [0] * n, batch_size, buckets, shuffle=False):
+        inputs = to_device(batch.inputs, device)
+        for i, key in enumerate(teachers.keys):
+            t0 = time.perf_counter()
+            with autocast(device, precision):
+                logits, _ = teachers.forward_teacher(i, inputs[key])
+            out[i, batch.index] = logits.float().cpu()
+            if timings is not None:
+                timings[i] += time.perf_counter() - t0
+    return out
+
+
+@torch.inference_mode()
+def student_logits(student: Student, enc: dict[str, Encoded], n: int, batch_size: int, buckets, device, precision="fp32") -> torch.Tensor:
+    student.eval()
+    out = torch.empty(n, student.num_labels)
+    for batch in iterate_batches({student.key: enc[student.key]}, [0] * n, batch_size, buckets, shuffle=False):
+        with autocast(device, precision):
+            logits, _ = student(to_device(batch.inputs, device)[student.key])
+        out[batch.index] = logits.float().cpu()
+    return out
+
+
+def accuracy(logits: torch.Tensor, labels: list[int] | torch.Tensor) -> float:
+    labels = torch.as_tensor(labels)
+    return float((logits.argmax(-1) == labels).float().mean()) if len(labels) else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class RunResult:
+    out: str
+    best_dev_accuracy: float
+    best_epoch: int
+    train_s: float
+    train_samples_per_s: float
+    steps: int
+    extra: dict = field(default_factory=dict)
+
+
+def _fit(
+    model: nn.Module,
+    args: TrainArgs,
+    splits: Splits,
+    keys: list[str],
+    device: torch.device,
+    loss_fn: Callable[[object], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    evaluate: Callable[[], dict[str, float]],
+    save_best: Callable[[], None],
+    out_dir: Path,
+    desc: str,
+) -> RunResult:
+    """Epoch loop: AdamW + schedule + clipping, dev after each epoch, best model saved, metrics logged."""
+    n = len(splits.train_labels)
+    steps_per_epoch = num_batches(n, args.batch_size)
+    total = steps_per_epoch * args.epochs
+    opt, sched = make_optimizer(model, args, total, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    gen = torch.Generator().manual_seed(args.seed)
+    metrics = out_dir / "metrics.jsonl"
+    params = [p for p in model.parameters() if p.requires_grad]
+    best, best_epoch, step, skipped = -1.0, 0, 0, 0
+    train_time, samples = 0.0, 0
+    encodings = {k: splits.train_enc[k] for k in dict.fromkeys(keys)}
+    for epoch in range(1, args.epochs + 1):
+        model.train()
+        bar = progress_bar(steps_per_epoch, f"{desc} epoch {epoch}/{args.epochs}", args.progress)
+        window_loss, window_n, window_t0 = torch.zeros((), device=device), 0, time.perf_counter()
+        window_parts: dict[str, torch.Tensor] = {}
+        for batch in iterate_batches(encodings, splits.train_labels, args.batch_size, splits.buckets, True, gen):
+            t0 = time.perf_counter()
+            inputs = to_device(batch.inputs, device)
+            labels = batch.labels.to(device, non_blocking=True)
+            loss, parts = loss_fn(inputs, labels)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            scale_before = scaler.get_scale() if scaler.is_enabled() else None
+            scaler.step(opt)
+            scaler.update()
+            if scale_before is not None and scaler.get_scale() < scale_before:
+                skipped += 1
+            sched.step()
+            step += 1
+            samples += len(batch.labels)
+            window_loss += loss.detach().float()
+            for k, v in parts.items():
+                window_parts[k] = window_parts.get(k, 0.0) + v.detach().float()
+            window_n += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            train_time += time.perf_counter() - t0
+            bar.update(1)
+            if step % args.log_every == 0 or step == total:
+                # The one host sync of the logging interval.
+                avg = float(window_loss) / window_n
+                if not math.isfinite(avg):
+                    raise FastmtError(f"loss is {avg} at step {step} (epoch {epoch}); lower --lr or use --precision fp32")
+                sps = samples / max(train_time, 1e-9)
+                row = {"event": "train", "epoch": epoch, "step": step, "loss": avg, "lr": sched.get_last_lr()[0], "samples_per_s": sps}
+                row.update({f"loss_{k}": float(v) / window_n for k, v in window_parts.items()})
+                if scaler.is_enabled():
+                    row.update({"loss_scale": scaler.get_scale(), "skipped_steps": skipped})
+                append_jsonl(metrics, row)
+                bar.set_postfix(loss=f"{avg:.4f}", sps=f"{sps:.0f}")
+                window_loss.zero_()
+                window_parts, window_n = {}, 0
+        bar.close()
+        scores = evaluate()
+        score = scores["dev_accuracy"]
+        improved = score > best
+        if improved:
+            best, best_epoch = score, epoch
+            save_best()
+        append_jsonl(metrics, {"event": "eval", "epoch": epoch, "step": step, **scores, "best": improved})
+        log.info("%s epoch %d: %s", desc, epoch, ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    sps = samples / max(train_time, 1e-9)
+    append_jsonl(metrics, {"event": "done", "best_epoch": best_epoch, "best_dev_accuracy": best, "train_s": train_time, "samples_per_s": sps, "steps": step})
+    return RunResult(str(out_dir), best, best_epoch, train_time, sps, step)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Commands
+
+
+def cofinetune(teacher_sources: list[str], args: TrainArgs) -> RunResult:
+    """Fine-tune the teachers jointly through one shared head: ``L = sum_i CE(y, z_i)``."""
+    if not teacher_sources:
+        raise UsageError("cofinetune needs at least one --teacher")
+    device = resolve_device(args.device)
+    out_dir = prepare_out_dir(args.out, args.overwrite)
+    seed_everything(args.seed)
+    train_ds_labels = read_dataset(args.train).labels
+    label_names = label_names_from(train_ds_labels)
+    teachers = Teachers.from_pretrained_encoders(teacher_sources, len(label_names))
+    splits = prepare_splits(args.train, args.dev, teachers.tokenizers, args.max_length, label_names)
+    teachers.to(device)
+    run_config = {"command": "cofinetune", "teachers": list(teacher_sources), **asdict(args)}
+
+    def loss_fn(inputs, labels):
+        with autocast(device, args.precision):
+            logits = teachers(inputs)  # [T, N, C]
+        per_teacher = torch.stack([F.cross_entropy(z.float(), labels) for z in logits])
+        return per_teacher.sum(), {f"ce_{i}": v for i, v in enumerate(per_teacher)}
+
+    def evaluate():
+        logits = teacher_logits(teachers, splits.dev_enc, len(splits.dev_labels), args.eval_batch_size, splits.buckets, device, args.precision)
+        scores = {f"dev_accuracy_{i}": accuracy(z, splits.dev_labels) for i, z in enumerate(logits)}
+        scores["dev_accuracy"] = accuracy(logits.mean(0), splits.dev_labels)  # the ensemble picks the best epoch
+        return scores
+
+    def save_best():
+        teachers.save(out_dir, run_config, splits.label_names)
+
+    return _fit(teachers, args, splits, teachers.keys, device, loss_fn, evaluate, save_best, out_dir, "cofinetune")
+
+
+def distill(args: DistillArgs) -> RunResult:
+    """Train the student from the teachers: ``a_task CE + a_kd L_kd + a_hid L_hid`` (SPEC §1)."""
+    device = resolve_device(args.device)
+    teachers, tcfg = Teachers.load(args.teachers)
+    label_names = list(tcfg["label_names"])
+    if args.teacher_subset is not None:
+        teachers = _subset(teachers, args.teacher_subset)
+    seed_everything(args.seed)  # the student's fresh parameters depend on --seed only
+    student, init_info = build_student(StudentSpec(args.student_layers, args.student_init), teachers)
+    maps = layer_maps(args.student_layers, teachers)
+    use_teachers = args.alpha_kd > 0 or (args.hidden_loss != "none" and args.alpha_hidden > 0)
+    if args.hidden_loss == "tokens" and use_teachers:
+        for i, key in enumerate(teachers.keys):
+            if key != student.key:
+                raise UsageError(
+                    f"--hidden-loss tokens: teacher {i} ({teachers.names[i]}) tokenizes differently from the "
+                    f"student, so token positions do not line up; use --hidden-loss cls (or none)"
+                )
+    out_dir = prepare_out_dir(args.out, args.overwrite)
+    losses_mod = _loss_module(args.kernels)
+    splits = prepare_splits(args.train, args.dev, [student.tokenizer, *teachers.tokenizers], args.max_length, label_names)
+    teachers.to(device).eval().requires_grad_(False)
+    student.to(device)
+    run_config = {"command": "distill", **asdict(args), "layer_maps": maps, "student_init_info": init_info}
+    want_hidden = args.hidden_loss != "none" and args.alpha_hidden > 0
+
+    def loss_fn(inputs, labels):
+        parts = {}
+        with autocast(device, args.precision):
+            s_logits, s_hidden = student(inputs[student.key], want_hidden=want_hidden)
+        loss = args.alpha_task * F.cross_entropy(s_logits.float(), labels)
+        parts["task"] = loss.detach() / args.alpha_task if args.alpha_task else loss.detach()
+        if not use_teachers:
+            return loss, parts
+        with torch.inference_mode(), autocast(device, args.precision):
+            t_logits, t_hidden = [], []
+            for i, key in enumerate(teachers.keys):
+                z, h = teachers.forward_teacher(i, inputs[key], maps[i] if want_hidden else None)
+                t_logits.append(z)
+                if want_hidden:
+                    t_hidden.append(torch.stack([x[:, :1] if args.hidden_loss == "cls" else x for x in h]))
+            t_logits = torch.stack(t_logits)
+            t_hidden = torch.stack(t_hidden) if want_hidden else None
+        # Leave inference mode: autograd may need to save these for backward.
+        t_logits = t_logits.clone()
+        weights = reference_losses.teacher_weights(t_logits, labels, args.weighting)
+        if args.alpha_kd > 0:
+            kd = losses_mod.mt_kl_loss(s_logits, t_logits, weights=weights, temperature=args.temperature, labels=labels)
+            loss = loss + args.alpha_kd * kd
+            parts["kd"] = kd.detach()
+        if want_hidden:
+            t_hidden = t_hidden.clone()
+            if args.hidden_loss == "cls":
+                s_hidden, mask = s_hidden[:, :, :1], None
+            else:
+                mask = inputs[student.key]["attention_mask"]
+            hid = losses_mod.mt_hidden_loss(
+                s_hidden, t_hidden, student.proj_weight, student.proj_bias, mask=mask,
+                weights=weights if args.weight_hidden else None,
+            )
+            loss = loss + args.alpha_hidden * hid
+            parts["hidden"] = hid.detach()
+        return loss, parts
+
+    def evaluate():
+        logits = student_logits(student, splits.dev_enc, len(splits.dev_labels), args.eval_batch_size, splits.buckets, device, args.precision)
+        return {"dev_accuracy": accuracy(logits, splits.dev_labels)}
+
+    def save_best():
+        student.save(out_dir, run_config, label_names, {"layer_maps": maps, "teachers": teachers.names})
+
+    result = _fit(student, args, splits, [student.key], device, loss_fn, evaluate, save_best, out_dir, "distill")
+    result.extra["parameters"] = count_parameters(student.encoder) + count_parameters(student.head)
+    return result
+
+
+def _subset(teachers: Teachers, idx: list[int]) -> Teachers:
+    for i in idx:
+        if not 0 <= i < len(teachers):
+            raise UsageError(f"--teacher-subset {i}: there are {len(teachers)} teachers (0..{len(teachers) - 1})")
+    sub = Teachers([teachers.encoders[i] for i in idx], [teachers.tokenizers[i] for i in idx], [teachers.names[i] for i in idx], teachers.num_labels)
+    sub.head = teachers.head
+    sub.adapters = nn.ModuleList(teachers.adapters[i] for i in idx)
+    return sub
+
+
+def _loss_module(kind: str):
+    if kind == "reference":
+        return reference_losses
+    import fastmt.kernels as kernels
+
+    if not hasattr(kernels, "mt_kl_loss"):
+        raise UsageError("--kernels fused: the fused kernels are not part of this build; use --kernels reference")
+    return kernels
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate_dir(model_dir: str, data: str, device_name: str = "cpu", batch_size: int = 128, max_length: int | None = None) -> dict:
+    """Accuracy of a student dir, or of each teacher and their ensemble in a teachers dir."""
+    from fastmt.models import STUDENT_KIND, TEACHERS_KIND, read_run_kind
+
+    device = resolve_device(device_name)
+    kind = read_run_kind(model_dir)
+    if kind is None:
+        if not Path(model_dir).is_dir():
+            raise UsageError(f"--model {model_dir}: no such directory")
+        raise UsageError(f"--model {model_dir}: no fastmt config.json (expected a dir written by cofinetune or distill)")
+    if kind == TEACHERS_KIND:
+        teachers, cfg = Teachers.load(model_dir, "--model")
+        toks = teachers.tokenizers
+    elif kind == STUDENT_KIND:
+        student, cfg = Student.load(model_dir, "--model")
+        toks = [student.tokenizer]
+    else:
+        raise UsageError(f"--model {model_dir}: unknown kind {kind!r} in config.json")
+    max_length = max_length or int(cfg["run"].get("max_length", 128))
+    ds = read_dataset(data)
+    labels = encode_labels(ds, list(cfg["label_names"]))
+    from fastmt.data import tokenizer_key
+
+    enc = {}
+    for t in toks:
+        enc.setdefault(tokenizer_key(t), encode(t, ds, max_length))
+    buckets = length_buckets(max_length)
+    t0 = time.perf_counter()
+    if kind == TEACHERS_KIND:
+        teachers.to(device)
+        per_teacher: list[float] = []
+        logits = teacher_logits(teachers, enc, len(ds), batch_size, buckets, device, timings=per_teacher)
+        dt = time.perf_counter() - t0
+        result = {
+            "teachers": [
+                {"name": teachers.names[i], "accuracy": accuracy(z, labels), "n": len(ds), "samples_per_s": len(ds) / max(per_teacher[i], 1e-9)}
+                for i, z in enumerate(logits)
+            ],
+            "ensemble": {"accuracy": accuracy(logits.mean(0), labels), "n": len(ds)},
+        }
+        result.update(result["ensemble"])
+    else:
+        student.to(device)
+        logits = student_logits(student, enc, len(ds), batch_size, buckets, device)
+        dt = time.perf_counter() - t0
+        result = {"accuracy": accuracy(logits, labels), "n": len(ds)}
+    result["samples_per_s"] = len(ds) / max(dt, 1e-9)
+    result["kind"] = "teachers" if kind == TEACHERS_KIND else "student"
+    return result

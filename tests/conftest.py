@@ -1,0 +1,69 @@
+"""Shared fixtures: a tiny, easy task and tiny teachers built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def easy_rows(n: int, seed: int) -> list[tuple[str, str]]:
+    """A two-class task a tiny encoder learns in a few epochs: the adjective decides."""
+    from fastmt.demo import ADVERBS, NEGATIVE, POSITIVE, SUBJECTS
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        pos = rng.random() < 0.5
+        words = [rng.choice(SUBJECTS), "was"]
+        if rng.random() < 0.5:
+            words.append(rng.choice(ADVERBS))
+        words.append(rng.choice(POSITIVE if pos else NEGATIVE))
+        rows.append((" ".join(words), "good" if pos else "bad"))
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_task(tmp_path_factory) -> dict[str, Path]:
+    from fastmt.demo import write_tsv
+
+    d = tmp_path_factory.mktemp("task")
+    write_tsv(easy_rows(256, 1), d / "train.tsv")
+    write_tsv(easy_rows(96, 2), d / "dev.tsv")
+    return {"train": d / "train.tsv", "dev": d / "dev.tsv", "dir": d}
+
+
+@pytest.fixture(scope="session")
+def tiny_encoders(tmp_path_factory) -> dict[str, Path]:
+    """Two tiny teachers of different shapes (2 layers/32 hidden, 3 layers/48 hidden) sharing a tokenizer."""
+    from fastmt.demo import Shape, build_encoder, build_tokenizer
+
+    d = tmp_path_factory.mktemp("encoders")
+    tok = build_tokenizer(d / "tokenizer")
+    a = build_encoder(Shape("a", 2, 32, 2), tok, d, seed=1)
+    b = build_encoder(Shape("b", 3, 48, 2), tok, d, seed=2)
+    return {"a": a, "b": b, "tokenizer": d / "tokenizer", "dir": d}
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600):
+    """Run the real ``fastmt`` command in a subprocess."""
+    import subprocess
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "fastmt", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd or REPO, env=env, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
