@@ -87,7 +87,7 @@ def _labels_in_range(labels: Tensor, num_classes: int, ignore_index: int) -> Non
     if torch.compiler.is_compiling():
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
-    if False:
+    if bool(bad.any()):
         value = int(labels[bad][0])
         raise ValueError(
             f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; found {value}"

@@ -470,7 +470,8 @@ def distill(args: DistillArgs) -> RunResult:
     def save_best():
         student.save(out_dir, run_config, label_names, {"layer_maps": maps, "teachers": teachers.names})
 
-    result = _fit(student, args, splits, [student.key], device, loss_fn, evaluate, save_best, out_dir, "distill")
+    keys = [student.key, *teachers.keys] if use_teachers else [student.key]
+    result = _fit(student, args, splits, keys, device, loss_fn, evaluate, save_best, out_dir, "distill")
     result.extra["parameters"] = count_parameters(student.encoder) + count_parameters(student.head)
     return result
 

@@ -1,0 +1,131 @@
+"""The eager training loops in-process: teachers with different tokenizers, subsets, validation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastmt import train as T
+from fastmt.errors import UsageError
+
+
+def _other_tokenizer_teacher(tiny_encoders, tmp_path):
+    """A teacher whose tokenizer maps the same words to other ids (so token positions agree but ids do not)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast, AutoTokenizer
+
+    base = AutoTokenizer.from_pretrained(tiny_encoders["tokenizer"])
+    words = sorted(base.get_vocab(), key=base.get_vocab().get)
+    specials, rest = words[:4], words[4:]
+    vocab = {w: i for i, w in enumerate(specials + rest[::-1] + ["extra"])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")
+    d = tmp_path / "other"
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=32), add_pooling_layer=False).save_pretrained(d)
+    fast.save_pretrained(d)
+    return d
+
+
+def _args(tiny_task, out, **kw):
+    base = dict(train=str(tiny_task["train"]), dev=str(tiny_task["dev"]), out=str(out), epochs=1, batch_size=32,
+                lr=1e-3, max_length=16, progress=False)
+    base.update(kw)
+    return base
+
+
+@pytest.fixture(scope="module")
+def mixed_teachers(tiny_task, tiny_encoders, tmp_path_factory):
+    d = tmp_path_factory.mktemp("mixed")
+    other = _other_tokenizer_teacher(tiny_encoders, d)
+    T.cofinetune([str(tiny_encoders["a"]), str(other)], T.TrainArgs(**_args(tiny_task, d / "teachers")))
+    return d / "teachers"
+
+
+def test_teachers_with_different_tokenizers(mixed_teachers, tiny_task, tmp_path):
+    cfg = json.loads((mixed_teachers / "config.json").read_text())
+    assert len(cfg["teachers"]) == 2
+    with pytest.raises(UsageError, match="--hidden-loss cls"):
+        T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "s1"), teachers=str(mixed_teachers), student_layers=1))
+    assert not (tmp_path / "s1").exists()
+    res = T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "s2"), teachers=str(mixed_teachers), student_layers=1,
+                                  hidden_loss="cls"))
+    rows = [json.loads(x) for x in (tmp_path / "s2" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["event"] == "train"]
+    assert train_rows and all(r["loss_hidden"] > 0 for r in train_rows)
+    assert 0.0 <= res.best_dev_accuracy <= 1.0
+
+
+def test_teacher_subset_and_student_alone(mixed_teachers, tiny_task, tmp_path):
+    res = T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "one"), teachers=str(mixed_teachers), student_layers=1,
+                                  teacher_subset=[0]))
+    cfg = json.loads((tmp_path / "one" / "config.json").read_text())
+    assert cfg["num_teachers"] == 1 and len(cfg["teachers"]) == 1
+    alone = T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "alone"), teachers=str(mixed_teachers), student_layers=1,
+                                    alpha_kd=0.0, hidden_loss="none"))
+    rows = [json.loads(x) for x in (tmp_path / "alone" / "metrics.jsonl").read_text().splitlines()]
+    assert all("loss_kd" not in r for r in rows if r["event"] == "train")
+    assert res.steps == alone.steps == 8
+
+
+def test_same_seed_same_run(tiny_task, tiny_encoders, tmp_path):
+    args = dict(teachers=None)
+    r1 = T.cofinetune([str(tiny_encoders["a"])], T.TrainArgs(**_args(tiny_task, tmp_path / "r1"), seed=3))
+    r2 = T.cofinetune([str(tiny_encoders["a"])], T.TrainArgs(**_args(tiny_task, tmp_path / "r2"), seed=3))
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "r1" / "model.safetensors"), load_file(tmp_path / "r2" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert r1.best_dev_accuracy == r2.best_dev_accuracy
+
+
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        (dict(batch_size=0), "--batch-size"),
+        (dict(lr=0.0), "--lr"),
+        (dict(lr=-1.0), "--lr"),
+        (dict(epochs=0), "--epochs"),
+        (dict(precision="fp8"), "--precision"),
+    ],
+)
+def test_train_args_rejected(kw, needle, tiny_task, tmp_path):
+    with pytest.raises(UsageError, match=needle):
+        T.TrainArgs(**_args(tiny_task, tmp_path, **kw))
+
+
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        (dict(temperature=0.0), "--temperature"),
+        (dict(weighting="best"), "--weighting"),
+        (dict(hidden_loss="all"), "--hidden-loss"),
+        (dict(kernels="magic"), "--kernels"),
+        (dict(student_layers=0), "--student-layers"),
+    ],
+)
+def test_distill_args_rejected(kw, needle, tiny_task, tmp_path):
+    base = dict(teachers="x", student_layers=1)
+    base.update(kw)
+    with pytest.raises(UsageError, match=needle):
+        T.DistillArgs(**_args(tiny_task, tmp_path), **base)
+
+
+def test_device_cuda_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(UsageError, match="--device cuda"):
+        T.resolve_device("cuda")
+
+
+def test_out_dir_with_a_run_is_refused(tiny_task, tiny_encoders, tmp_path):
+    T.cofinetune([str(tiny_encoders["a"])], T.TrainArgs(**_args(tiny_task, tmp_path / "r")))
+    with pytest.raises(UsageError, match="--overwrite"):
+        T.cofinetune([str(tiny_encoders["a"])], T.TrainArgs(**_args(tiny_task, tmp_path / "r")))
+    T.cofinetune([str(tiny_encoders["a"])], T.TrainArgs(**_args(tiny_task, tmp_path / "r"), overwrite=True))
