@@ -77,3 +77,17 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_pretrained_files(obj, out_dir: str | Path) -> None:
+    """``obj.save_pretrained`` into ``out_dir`` file by file, each file renamed into place whole."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".save.", suffix=".tmp", dir=out_dir))
+    try:
+        obj.save_pretrained(tmp)
+        for f in tmp.iterdir():
+            if f.is_file():
+                os.replace(f, out_dir / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from fastmt.errors import UsageError
-from fastmt.io import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from fastmt.io import atomic_dir, load_tensors, read_json, save_pretrained_files, save_tensors, write_json
 from fastmt.losses import layer_map
 
 TEACHERS_KIND = "fastmt-teachers"
@@ -299,7 +299,7 @@ class Student(nn.Module):
     def save(self, out_dir: str | Path, run_config: dict, label_names: list[str], extra: dict | None = None) -> None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save_pretrained(out_dir)
+        save_pretrained_files(self.tokenizer, out_dir)
         save_tensors(out_dir / "model.safetensors", self.state_dict(), metadata={"kind": STUDENT_KIND})
         cfg = {
             "kind": STUDENT_KIND,

@@ -114,6 +114,9 @@ class DistillArgs(TrainArgs):
             raise UsageError(f"--hidden-loss {self.hidden_loss}: choose tokens, cls or none")
         if self.kernels not in ("fused", "reference"):
             raise UsageError(f"--kernels {self.kernels}: choose fused or reference")
+        for flag, on in (("--compile", self.compile), ("--cuda-graphs", self.cuda_graphs)):
+            if on:
+                raise UsageError(f"{flag}: the compiled training step is not part of this version; leave it off")
         for name in ("alpha_task", "alpha_kd", "alpha_hidden"):
             v = getattr(self, name)
             if not (v >= 0 and math.isfinite(v)):
@@ -146,18 +149,21 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=PRECISIONS[precision])
 
 
-def prepare_out_dir(out: str, overwrite: bool) -> Path:
+def check_out_dir(out: str, overwrite: bool) -> Path:
+    """Refuse an --out that holds a run (unless --overwrite); nothing is created yet."""
     d = Path(out)
     if d.exists() and not d.is_dir():
         raise UsageError(f"--out {out}: exists and is not a directory")
     finished = d.is_dir() and any((d / f).exists() for f in ("config.json", "model.safetensors"))
     if finished and not overwrite:
         raise UsageError(f"--out {out}: already holds a run; choose another dir or pass --overwrite")
-    d.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        for f in ("metrics.jsonl",):
-            (d / f).unlink(missing_ok=True)
     return d
+
+
+def start_out_dir(d: Path) -> None:
+    """Create the run dir once every input has been checked; a new run starts a new metrics.jsonl."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "metrics.jsonl").unlink(missing_ok=True)
 
 
 def make_optimizer(model: nn.Module, args: TrainArgs, total_steps: int, device: torch.device):
@@ -294,6 +300,7 @@ def _fit(
     desc: str,
 ) -> RunResult:
     """Epoch loop: AdamW + schedule + clipping, dev after each epoch, best model saved, metrics logged."""
+    start_out_dir(out_dir)
     n = len(splits.train_labels)
     steps_per_epoch = num_batches(n, args.batch_size)
     total = steps_per_epoch * args.epochs
@@ -372,7 +379,7 @@ def cofinetune(teacher_sources: list[str], args: TrainArgs) -> RunResult:
     if not teacher_sources:
         raise UsageError("cofinetune needs at least one --teacher")
     device = resolve_device(args.device)
-    out_dir = prepare_out_dir(args.out, args.overwrite)
+    out_dir = check_out_dir(args.out, args.overwrite)
     seed_everything(args.seed)
     train_ds_labels = read_dataset(args.train).labels
     label_names = label_names_from(train_ds_labels)
@@ -402,6 +409,7 @@ def cofinetune(teacher_sources: list[str], args: TrainArgs) -> RunResult:
 def distill(args: DistillArgs) -> RunResult:
     """Train the student from the teachers: ``a_task CE + a_kd L_kd + a_hid L_hid`` (SPEC §1)."""
     device = resolve_device(args.device)
+    losses_mod = _loss_module(args.kernels)
     teachers, tcfg = Teachers.load(args.teachers)
     label_names = list(tcfg["label_names"])
     if args.teacher_subset is not None:
@@ -417,8 +425,7 @@ def distill(args: DistillArgs) -> RunResult:
                     f"--hidden-loss tokens: teacher {i} ({teachers.names[i]}) tokenizes differently from the "
                     f"student, so token positions do not line up; use --hidden-loss cls (or none)"
                 )
-    out_dir = prepare_out_dir(args.out, args.overwrite)
-    losses_mod = _loss_module(args.kernels)
+    out_dir = check_out_dir(args.out, args.overwrite)
     splits = prepare_splits(args.train, args.dev, [student.tokenizer, *teachers.tokenizers], args.max_length, label_names)
     teachers.to(device).eval().requires_grad_(False)
     student.to(device)

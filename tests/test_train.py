@@ -108,6 +108,8 @@ def test_train_args_rejected(kw, needle, tiny_task, tmp_path):
         (dict(hidden_loss="all"), "--hidden-loss"),
         (dict(kernels="magic"), "--kernels"),
         (dict(student_layers=0), "--student-layers"),
+        (dict(compile=True), "--compile"),
+        (dict(cuda_graphs=True), "--cuda-graphs"),
     ],
 )
 def test_distill_args_rejected(kw, needle, tiny_task, tmp_path):
@@ -129,3 +131,13 @@ def test_out_dir_with_a_run_is_refused(tiny_task, tiny_encoders, tmp_path):
     with pytest.raises(UsageError, match="--overwrite"):
         T.cofinetune([str(tiny_encoders["a"])], T.TrainArgs(**_args(tiny_task, tmp_path / "r")))
     T.cofinetune([str(tiny_encoders["a"])], T.TrainArgs(**_args(tiny_task, tmp_path / "r"), overwrite=True))
+
+
+def test_fused_kernels_refused_until_built(tiny_task, tmp_path):
+    import fastmt.kernels
+
+    if hasattr(fastmt.kernels, "mt_kl_loss"):
+        pytest.skip("the fused kernels are part of this build")
+    with pytest.raises(UsageError, match="--kernels fused"):
+        T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "s"), teachers="x", student_layers=1, kernels="fused"))
+    assert not (tmp_path / "s").exists()
