@@ -315,7 +315,7 @@ def _fit(
     for epoch in range(1, args.epochs + 1):
         model.train()
         bar = progress_bar(steps_per_epoch, f"{desc} epoch {epoch}/{args.epochs}", args.progress)
-        window_loss, window_n, window_t0 = torch.zeros((), device=device), 0, time.perf_counter()
+        window_loss, window_n = torch.zeros((), device=device), 0
         window_parts: dict[str, torch.Tensor] = {}
         for batch in iterate_batches(encodings, splits.train_labels, args.batch_size, splits.buckets, True, gen):
             t0 = time.perf_counter()
