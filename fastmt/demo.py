@@ -60,6 +60,28 @@ def _example(rng: random.Random) -> tuple[str, str]:
     return f"{a} and {b}", name[pa] if pa == pb else "mixed"
 
 
+def label_of(text: str) -> str:
+    """The task's rule, read back from a sentence (the generator's labels must agree with it)."""
+
+    def polarity(clause: list[str]) -> int:
+        sign = 1 if clause[-1] in POSITIVE else -1
+        return -sign if "not" in clause else sign
+
+    name = {1: "positive", -1: "negative"}
+    words = text.split()
+    if words[0] == "although":
+        cut = words.index(",")
+        return name[polarity(words[cut + 1 :])]
+    for joint in ("but", "and"):
+        if joint in words:
+            cut = words.index(joint)
+            a, b = polarity(words[:cut]), polarity(words[cut + 1 :])
+            if joint == "but":
+                return name[b]
+            return name[a] if a == b else "mixed"
+    return name[polarity(words)]
+
+
 def make_task(n_train: int, n_dev: int, seed: int = 0, label_noise: float = 0.15) -> tuple[list, list]:
     """Deterministic (text, label) lists; training labels flipped with probability ``label_noise``."""
     rng = random.Random(seed)

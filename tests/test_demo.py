@@ -13,15 +13,17 @@ def test_demo_prints_the_table(tmp_path):
 
 
 def test_demo_task_is_deterministic_and_not_a_bag_of_words():
-    from fastmt.demo import _example, make_task
+    from fastmt.demo import label_of, make_task
 
-    assert make_task(50, 20, seed=3) == make_task(50, 20, seed=3)
-    # Same words, opposite labels: order decides.
-    import random
-
-    labels = {}
-    rng = random.Random(0)
-    for _ in range(20000):
-        text, label = _example(rng)
-        labels.setdefault(tuple(sorted(text.split())), set()).add(label)
-    assert sum(len(v) > 1 for v in labels.values()) > 100
+    train, dev = make_task(300, 200, seed=3)
+    assert (train, dev) == make_task(300, 200, seed=3)
+    # Dev labels follow the rule exactly; train labels are flipped for about 15% of rows.
+    assert all(label_of(t) == y for t, y in dev)
+    flipped = sum(label_of(t) != y for t, y in train) / len(train)
+    assert 0.08 < flipped < 0.22
+    assert {y for _, y in dev} == {"positive", "negative", "mixed"}
+    # Same words, different labels: order decides, so a bag of words cannot.
+    a = "the plot was good but the acting was not bad"
+    b = "the plot was not good but the acting was bad"
+    assert sorted(a.split()) == sorted(b.split())
+    assert (label_of(a), label_of(b)) == ("positive", "negative")
