@@ -107,13 +107,18 @@ def write_tsv(rows: list[tuple[str, str]], path: Path) -> None:
             f.write(f"{text}\t{label}\n")
 
 
-def build_tokenizer(out_dir: Path):
-    """A word-level tokenizer over the task's vocabulary, saved in Hugging Face format."""
+def build_tokenizer(out_dir: Path, reverse: bool = False, extra_words: tuple[str, ...] = ()):
+    """A word-level tokenizer over the task's vocabulary, saved in Hugging Face format.
+
+    ``reverse`` numbers the words the other way round: a tokenizer that splits text identically but
+    gives other ids (handy to exercise teachers whose tokenizers differ).
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     words = sorted({w for phrase in SUBJECTS + POSITIVE + NEGATIVE + ADVERBS for w in phrase.split()}
                    | {"was", "not", "but", "and", "although", ","})
+    words = (words[::-1] if reverse else words) + list(extra_words)
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
     vocab = {tok: i for i, tok in enumerate(specials + words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))

@@ -13,24 +13,10 @@ from fastmt.errors import UsageError
 
 def _other_tokenizer_teacher(tiny_encoders, tmp_path):
     """A teacher whose tokenizer maps the same words to other ids (so token positions agree but ids do not)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast, AutoTokenizer
+    from fastmt.demo import Shape, build_encoder, build_tokenizer
 
-    base = AutoTokenizer.from_pretrained(tiny_encoders["tokenizer"])
-    words = sorted(base.get_vocab(), key=base.get_vocab().get)
-    specials, rest = words[:4], words[4:]
-    vocab = {w: i for i, w in enumerate(specials + rest[::-1] + ["extra"])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")
-    d = tmp_path / "other"
-    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=32), add_pooling_layer=False).save_pretrained(d)
-    fast.save_pretrained(d)
-    return d
+    tok = build_tokenizer(tmp_path / "other-tokenizer", reverse=True, extra_words=("extra",))
+    return build_encoder(Shape("other", 2, 32, 2), tok, tmp_path, seed=5)
 
 
 def _args(tiny_task, out, **kw):
@@ -75,7 +61,6 @@ def test_teacher_subset_and_student_alone(mixed_teachers, tiny_task, tmp_path):
 
 
 def test_same_seed_same_run(tiny_task, tiny_encoders, tmp_path):
-    args = dict(teachers=None)
     r1 = T.cofinetune([str(tiny_encoders["a"])], T.TrainArgs(**_args(tiny_task, tmp_path / "r1"), seed=3))
     r2 = T.cofinetune([str(tiny_encoders["a"])], T.TrainArgs(**_args(tiny_task, tmp_path / "r2"), seed=3))
     from safetensors.torch import load_file
