@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["SCHEMES", "teacher_weights", "mt_kl_loss", "mt_hidden_loss", "layer_map"]
+__all__ = ["SCHEMES", "teacher_weights", "mt_kl_loss", "mt_hidden_loss", "layer_map", "check_kl_args", "check_hidden_args"]
 
 SCHEMES = ("paper", "softmax", "uniform")
 
@@ -123,6 +123,53 @@ def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------------------------------
+# Argument checks shared with the fused kernels (``fastmt.kernels``): one set of rules for both.
+
+
+def check_kl_args(student_logits, teacher_logits, weights, temperature, labels, ignore_index) -> tuple[float, Tensor | str | None]:
+    """Validate ``mt_kl_loss`` arguments; returns (temperature, weights: tensor, scheme name or None)."""
+    _tensor(student_logits, "student_logits")
+    dims: dict[str, tuple[int, str]] = {}
+    _shape(student_logits, "student_logits", ("N", "C"), dims)
+    _teacher_logits(teacher_logits, dims, student_logits, "student_logits")
+    n = teacher_logits.shape[1]
+    tau = _temperature(temperature)
+    if labels is not None:
+        _labels(labels, n, student_logits, "student_logits")
+    if isinstance(weights, str) or not (weights is None or isinstance(weights, Tensor)):
+        weights = _scheme(weights, "weights")
+        if labels is None:
+            raise ValueError(f"weights={weights!r} computes teacher weights from labels; pass labels")
+    elif weights is not None:
+        _tensor(weights, "weights", student_logits, "student_logits")
+        _shape(weights, "weights", ("T", "N"), dims)
+
+    return tau, weights
+
+
+def check_hidden_args(student_hidden, teacher_hidden, proj_weight, proj_bias, mask, weights) -> None:
+    """Validate ``mt_hidden_loss`` arguments."""
+    _tensor(student_hidden, "student_hidden")
+    ref = (student_hidden, "student_hidden")
+    _tensor(teacher_hidden, "teacher_hidden", *ref)
+    _tensor(proj_weight, "proj_weight", *ref)
+    _tensor(proj_bias, "proj_bias", *ref)
+    dims: dict[str, tuple[int, str]] = {}
+    _shape(student_hidden, "student_hidden", ("K", "N", "S", "Ds"), dims)
+    _shape(teacher_hidden, "teacher_hidden", ("T", "K", "N", "S", "Dt"), dims)
+    _shape(proj_weight, "proj_weight", ("T", "K", "Ds", "Dt"), dims)
+    _shape(proj_bias, "proj_bias", ("T", "K", "Dt"), dims)
+    if mask is not None:
+        _tensor(mask, "mask", *ref, floating=False)
+        if mask.dtype.is_complex:
+            raise ValueError(f"mask must be a real or bool tensor of 0/1; got {mask.dtype}")
+        _shape(mask, "mask", ("N", "S"), dims)
+    if weights is not None:
+        _tensor(weights, "weights", *ref)
+        _shape(weights, "weights", ("T", "N"), dims)
+
+
+# --------------------------------------------------------------------------------------------------
 # Public API
 
 
@@ -170,22 +217,10 @@ def mt_kl_loss(
     the mean runs over the remaining rows; with none left the loss is 0 (still attached to
     ``student_logits``, with zero gradient).
     """
-    _tensor(student_logits, "student_logits")
-    dims: dict[str, tuple[int, str]] = {}
-    _shape(student_logits, "student_logits", ("N", "C"), dims)
-    _teacher_logits(teacher_logits, dims, student_logits, "student_logits")
+    tau, weights = check_kl_args(student_logits, teacher_logits, weights, temperature, labels, ignore_index)
     n = teacher_logits.shape[1]
-    tau = _temperature(temperature)
-    if labels is not None:
-        _labels(labels, n, student_logits, "student_logits")
-    if isinstance(weights, str) or not (weights is None or isinstance(weights, Tensor)):
-        scheme = _scheme(weights, "weights")
-        if labels is None:
-            raise ValueError(f"weights={scheme!r} computes teacher weights from labels; pass labels")
-        weights = teacher_weights(teacher_logits, labels, scheme, ignore_index)
-    elif weights is not None:
-        _tensor(weights, "weights", student_logits, "student_logits")
-        _shape(weights, "weights", ("T", "N"), dims)
+    if isinstance(weights, str):
+        weights = teacher_weights(teacher_logits, labels, weights, ignore_index)
 
     dtype = _compute_dtype(student_logits, teacher_logits, weights)
     log_q = F.log_softmax(student_logits.to(dtype) / tau, dim=-1)  # [N,C]
@@ -225,24 +260,7 @@ def mt_hidden_loss(
     bool dtype) selects token positions and ``weights`` (``[T,N]``) weighs teachers per example; both
     default to 1. If the mask selects nothing the loss is 0, still attached to the graph.
     """
-    _tensor(student_hidden, "student_hidden")
-    ref = (student_hidden, "student_hidden")
-    _tensor(teacher_hidden, "teacher_hidden", *ref)
-    _tensor(proj_weight, "proj_weight", *ref)
-    _tensor(proj_bias, "proj_bias", *ref)
-    dims: dict[str, tuple[int, str]] = {}
-    _shape(student_hidden, "student_hidden", ("K", "N", "S", "Ds"), dims)
-    _shape(teacher_hidden, "teacher_hidden", ("T", "K", "N", "S", "Dt"), dims)
-    _shape(proj_weight, "proj_weight", ("T", "K", "Ds", "Dt"), dims)
-    _shape(proj_bias, "proj_bias", ("T", "K", "Dt"), dims)
-    if mask is not None:
-        _tensor(mask, "mask", *ref, floating=False)
-        if mask.dtype.is_complex:
-            raise ValueError(f"mask must be a real or bool tensor of 0/1; got {mask.dtype}")
-        _shape(mask, "mask", ("N", "S"), dims)
-    if weights is not None:
-        _tensor(weights, "weights", *ref)
-        _shape(weights, "weights", ("T", "N"), dims)
+    check_hidden_args(student_hidden, teacher_hidden, proj_weight, proj_bias, mask, weights)
 
     dtype = _compute_dtype(student_hidden, teacher_hidden, proj_weight, proj_bias, weights)
     _, _, n, s, _ = teacher_hidden.shape

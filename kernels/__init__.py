@@ -1,4 +1,80 @@
 """Fused Triton kernels for the multi-teacher losses (installed as ``fastmt.kernels``).
 
-Not written yet: every function here currently delegates to the reference in ``fastmt.losses``.
+``mt_kl_loss`` and ``mt_hidden_loss`` take exactly the arguments of their references in
+``fastmt.losses`` and return the same values. They run the Triton kernels on CUDA tensors, and on
+CPU tensors when ``TRITON_INTERPRET=1`` (Triton's interpreter, which is how they are tested here).
+Anywhere else (or without Triton installed) they run the reference and say so once in the log.
+Both are ``torch.library`` custom ops with fake implementations and registered autograd, so a step
+calling them compiles under ``torch.compile(fullgraph=True)`` without a graph break.
+
+Differences from the reference, by design: labels are not range-checked on the host (a host sync)
+but clamped inside the kernel; float64 inputs are computed in float32 (gradients still come back
+in float64).
 """
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from fastmt import losses as _ref
+
+__all__ = ["mt_kl_loss", "mt_hidden_loss", "available", "SCHEMES"]
+
+SCHEMES = _ref.SCHEMES
+log = logging.getLogger("fastmt")
+
+try:
+    from fastmt.kernels import hidden_mse as _hidden
+    from fastmt.kernels import kl as _kl
+
+    _IMPORT_ERROR: str | None = None
+except ImportError as e:  # no triton: the reference serves
+    _kl = _hidden = None
+    _IMPORT_ERROR = str(e)
+
+_warned = False
+
+
+def available(device: torch.device | str | None = None) -> bool:
+    """Whether the Triton kernels run for tensors on ``device`` (CUDA, or any device under the interpreter)."""
+    if _kl is None:
+        return False
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    return device is not None and torch.device(device).type == "cuda"
+
+
+def _use_kernels(device: torch.device) -> bool:
+    global _warned
+    if available(device):
+        return True
+    if not _warned:
+        why = f"Triton is not importable ({_IMPORT_ERROR})" if _kl is None else f"tensors are on {device}, not CUDA"
+        log.warning("fastmt.kernels: %s; running the reference losses instead (set TRITON_INTERPRET=1 to "
+                    "run the kernels in Triton's CPU interpreter)", why)
+        _warned = True
+    return False
+
+
+def mt_kl_loss(student_logits, teacher_logits, weights=None, temperature=1.0, labels=None, ignore_index=-100):
+    """Fused ``fastmt.losses.mt_kl_loss``: same arguments, same value, float32 loss."""
+    tau, w = _ref.check_kl_args(student_logits, teacher_logits, weights, temperature, labels, ignore_index)
+    if not _use_kernels(student_logits.device):
+        return _ref.mt_kl_loss(student_logits, teacher_logits, weights, temperature, labels, ignore_index)
+    w_tensor = w.detach() if isinstance(w, torch.Tensor) else None
+    loss, _ = _kl.mt_kl_op(student_logits, teacher_logits.detach(), w_tensor, labels, _kl.scheme_code(w), tau,
+                           int(ignore_index))
+    return loss
+
+
+def mt_hidden_loss(student_hidden, teacher_hidden, proj_weight, proj_bias, mask=None, weights=None):
+    """Fused ``fastmt.losses.mt_hidden_loss``: same arguments, same value, float32 loss."""
+    _ref.check_hidden_args(student_hidden, teacher_hidden, proj_weight, proj_bias, mask, weights)
+    if not _use_kernels(student_hidden.device):
+        return _ref.mt_hidden_loss(student_hidden, teacher_hidden, proj_weight, proj_bias, mask, weights)
+    return _hidden.mt_hidden_op(student_hidden, teacher_hidden.detach(), proj_weight, proj_bias,
+                                mask.detach() if mask is not None else None,
+                                weights.detach() if weights is not None else None)
