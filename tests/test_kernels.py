@@ -1,0 +1,208 @@
+"""The fused kernels (``fastmt.kernels``, run by Triton's interpreter here) against the one reference.
+
+Each case draws inputs in float64, rounds them to the dtype under test, and compares the kernel's
+value and gradients with the reference evaluated in float64 on the same rounded inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+import fastmt.kernels as fused
+from fastmt import losses as ref
+
+pytestmark = [
+    pytest.mark.skipif(not fused.available("cuda") and os.environ.get("TRITON_INTERPRET") != "1",
+                       reason="needs CUDA or TRITON_INTERPRET=1"),
+    pytest.mark.filterwarnings("ignore::RuntimeWarning"),  # the interpreter's numpy on masked -inf lanes
+]
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest error over the largest magnitude (norm-wise relative error)."""
+    got, want = got.double(), want.double()
+    return float((got.detach() - want.detach()).abs().max() / want.abs().max().clamp_min(1e-30))
+
+
+def _kl_case(t, n, c, dtype, scheme, ignore, seed, spread=3.0):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(n, c, generator=g, dtype=torch.float64) * spread).to(dtype)
+    tl = (torch.randn(t, n, c, generator=g, dtype=torch.float64) * spread).to(dtype)
+    labels = torch.randint(0, c, (n,), generator=g)
+    if ignore:
+        labels[::3] = -100
+    weights = scheme
+    if scheme == "tensor":
+        weights = torch.rand(t, n, generator=g, dtype=torch.float64).to(dtype)
+    return s, tl, labels, weights
+
+
+KL_SHAPES = [(1, 4, 2), (3, 7, 5), (2, 9, 37), (3, 5, 1000), (4, 3, 4097), (2, 2, 50257)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", KL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("scheme", [None, "paper", "softmax", "uniform", "tensor"])
+def test_kl_matches_reference(shape, dtype, scheme):
+    t, n, c = shape
+    s, tl, labels, weights = _kl_case(t, n, c, dtype, scheme, ignore=True, seed=c + n)
+    use_labels = labels if scheme is not None or n % 2 else None
+    upstream = 2.5
+    s_f = s.clone().requires_grad_()
+    loss = fused.mt_kl_loss(s_f, tl, weights, temperature=2.0, labels=use_labels)
+    (grad,) = torch.autograd.grad(upstream * loss, s_f)
+    s_r = s.double().requires_grad_()
+    w_r = weights.double() if isinstance(weights, torch.Tensor) else weights
+    want = ref.mt_kl_loss(s_r, tl.double(), w_r, temperature=2.0, labels=use_labels)
+    (grad_want,) = torch.autograd.grad(upstream * want, s_r)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert grad.dtype == dtype
+    assert rel_err(loss, want) < TOL[dtype]
+    assert rel_err(grad, grad_want) < TOL[dtype]
+
+
+def test_kl_ignored_rows_do_not_count():
+    s, tl, labels, _ = _kl_case(2, 6, 5, torch.float32, None, ignore=False, seed=1)
+    labels[:3] = -100
+    s_f = s.clone().requires_grad_()
+    loss = fused.mt_kl_loss(s_f, tl, "paper", labels=labels)
+    (grad,) = torch.autograd.grad(loss, s_f)
+    assert torch.all(grad[:3] == 0) and torch.any(grad[3:] != 0)
+    kept = fused.mt_kl_loss(s[3:], tl[:, 3:], "paper", labels=labels[3:])
+    assert float(loss) == pytest.approx(float(kept), rel=1e-6)
+    all_ignored = fused.mt_kl_loss(s, tl, "paper", labels=torch.full((6,), -100))
+    assert float(all_ignored) == 0.0
+
+
+def test_kl_minus_inf_masked_classes():
+    s, tl, labels, _ = _kl_case(3, 5, 7, torch.float32, None, ignore=False, seed=2)
+    tl[:, :, 0] = float("-inf")  # masked for every teacher...
+    s[:, 0] = float("-inf")  # ... and for the student
+    tl[1, :, 3] = float("-inf")  # masked for one teacher only
+    s_f = s.clone().requires_grad_()
+    loss = fused.mt_kl_loss(s_f, tl, "softmax", temperature=1.5, labels=labels.clamp_min(1))
+    (grad,) = torch.autograd.grad(loss, s_f)
+    s_r = s.double().requires_grad_()
+    want = ref.mt_kl_loss(s_r, tl.double(), "softmax", temperature=1.5, labels=labels.clamp_min(1))
+    (grad_want,) = torch.autograd.grad(want, s_r)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert rel_err(loss, want) < 1e-5 and rel_err(grad, grad_want) < 1e-5
+
+
+def _hidden_case(t, k, n, s, ds, dt, dtype, seed, mask=True, weights=True):
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(k, n, s, ds, generator=g, dtype=torch.float64).to(dtype)
+    ht = torch.randn(t, k, n, s, dt, generator=g, dtype=torch.float64).to(dtype)
+    w = (torch.randn(t, k, ds, dt, generator=g, dtype=torch.float64) * ds**-0.5).to(dtype)
+    b = (torch.randn(t, k, dt, generator=g, dtype=torch.float64) * 0.1).to(dtype)
+    m = (torch.rand(n, s, generator=g) > 0.3).long() if mask else None
+    if m is not None:
+        m[:, 0] = 1
+    tw = torch.rand(t, n, generator=g, dtype=torch.float64).to(dtype) if weights else None
+    return hs, ht, w, b, m, tw
+
+
+HIDDEN_SHAPES = [(1, 1, 2, 3, 16, 16), (2, 2, 3, 5, 12, 20), (3, 2, 4, 17, 40, 70), (2, 3, 1, 1, 33, 17)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", HIDDEN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mask, weights", [(False, False), (True, False), (True, True)])
+def test_hidden_matches_reference(shape, dtype, mask, weights):
+    hs, ht, w, b, m, tw = _hidden_case(*shape, dtype, seed=sum(shape), mask=mask, weights=weights)
+    upstream = -0.75
+    xs = [x.clone().requires_grad_() for x in (hs, w, b)]
+    loss = fused.mt_hidden_loss(xs[0], ht, xs[1], xs[2], m, tw)
+    grads = torch.autograd.grad(upstream * loss, xs)
+    xr = [x.double().requires_grad_() for x in (hs, w, b)]
+    want = ref.mt_hidden_loss(xr[0], ht.double(), xr[1], xr[2], m, tw.double() if tw is not None else None)
+    grads_want = torch.autograd.grad(upstream * want, xr)
+    assert loss.dtype == torch.float32
+    assert rel_err(loss, want) < TOL[dtype]
+    for name, g, gw, x in zip(("hs", "proj_weight", "proj_bias"), grads, grads_want, xs):
+        assert g.dtype == x.dtype, name
+        assert rel_err(g, gw) < TOL[dtype], name
+
+
+def test_hidden_converged_regime_keeps_its_digits():
+    # Teacher = projection of the student + 1e-3 noise: the loss is ~1e-6 of the squares it would be
+    # the difference of, had the square been expanded (Gram matrices); float32 must still get it.
+    g = torch.Generator().manual_seed(7)
+    t, k, n, s, ds, dt = 2, 2, 4, 9, 48, 40
+    hs = torch.randn(k, n, s, ds, generator=g, dtype=torch.float64) * 4
+    w = torch.randn(t, k, ds, dt, generator=g, dtype=torch.float64) * ds**-0.5
+    b = torch.randn(t, k, dt, generator=g, dtype=torch.float64)
+    ht = torch.einsum("knsd,tkde->tknse", hs, w) + b[:, :, None, None, :]
+    ht = ht + 1e-3 * torch.randn(ht.shape, generator=g, dtype=torch.float64)
+    want = ref.mt_hidden_loss(hs, ht, w, b)
+    got = fused.mt_hidden_loss(hs.float(), ht.float(), w.float(), b.float())
+    assert float(want) < 1e-5
+    # float32 rounding of the inputs alone moves E by ~1e-7 relative to |hs W|; the loss keeps ~2 digits.
+    assert abs(float(got) - float(want)) / float(want) < 0.05
+
+
+def test_no_gradient_into_teacher_tensors():
+    s, tl, labels, _ = _kl_case(2, 4, 6, torch.float32, None, ignore=False, seed=3)
+    tl.requires_grad_()
+    s.requires_grad_()
+    fused.mt_kl_loss(s, tl, "paper", labels=labels).backward()
+    assert tl.grad is None and s.grad is not None
+    hs, ht, w, b, m, tw = _hidden_case(2, 1, 2, 3, 16, 16, torch.float32, seed=4)
+    ht.requires_grad_()
+    tw.requires_grad_()
+    w.requires_grad_()
+    fused.mt_hidden_loss(hs, ht, w, b, m, tw).backward()
+    assert ht.grad is None and tw.grad is None and w.grad is not None
+
+
+def test_bad_arguments_raise_like_the_reference():
+    s = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="teacher_logits"):
+        fused.mt_kl_loss(s, torch.randn(2, 5, 3))
+    with pytest.raises(ValueError, match="weights"):
+        fused.mt_kl_loss(s, torch.randn(2, 4, 3), weights="best", labels=torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="proj_weight"):
+        fused.mt_hidden_loss(torch.randn(1, 2, 3, 8), torch.randn(1, 1, 2, 3, 8), torch.randn(1, 1, 9, 8), torch.randn(1, 1, 8))
+
+
+def test_compiled_step_equals_eager_without_graph_break():
+    hs, ht, w, b, m, tw = _hidden_case(2, 2, 3, 5, 16, 24, torch.float32, seed=5)
+    s, tl, labels, _ = _kl_case(2, 3, 11, torch.float32, None, ignore=True, seed=6)
+
+    def step(s, hs, w, b):
+        kd = fused.mt_kl_loss(s, tl, "paper", temperature=2.0, labels=labels)
+        hid = fused.mt_hidden_loss(hs, ht, w, b, m, tw)
+        return kd + 0.5 * hid
+
+    def run(fn):
+        xs = [x.clone().requires_grad_() for x in (s, hs, w, b)]
+        loss = fn(*xs)
+        return loss.detach(), torch.autograd.grad(loss, xs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    eager_loss, eager_grads = run(step)
+    comp_loss, comp_grads = run(compiled)
+    torch.testing.assert_close(comp_loss, eager_loss)
+    for a, e in zip(comp_grads, eager_grads):
+        torch.testing.assert_close(a, e)
+    explained = torch._dynamo.explain(step)(*[x.clone().requires_grad_() for x in (s, hs, w, b)])
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+def test_fallback_without_cuda_or_interpreter(monkeypatch, caplog):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(fused, "_warned", False)
+    s, tl, labels, _ = _kl_case(2, 4, 6, torch.float32, None, ignore=False, seed=8)
+    with caplog.at_level(logging.WARNING, logger="fastmt"):
+        a = fused.mt_kl_loss(s, tl, "paper", labels=labels)
+        fused.mt_kl_loss(s, tl, "paper", labels=labels)
+    assert torch.equal(a, ref.mt_kl_loss(s, tl, "paper", labels=labels))
+    assert sum("running the reference" in r.message for r in caplog.records) == 1
