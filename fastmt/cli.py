@@ -78,15 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=128)
 
+    p = sub.add_parser("check", help="fused kernels vs reference vs float64: values and gradients, per dtype")
+    p.add_argument("--device", default="cpu", help="cpu (Triton interpreter) or cuda")
+    p.add_argument("--quick", action="store_true", help="fewer shapes")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the rows as JSON")
+
     for name, text in (
-        ("check", "fused kernels vs reference, values and gradients, per dtype"),
         ("bench", "training throughput of several modes, side by side"),
         ("memory", "peak memory by phase, fused vs reference"),
     ):
         p = sub.add_parser(name, help=text + " (not in this version yet)")
         p.add_argument("--device", default="cpu")
-        if name != "check":
-            p.add_argument("--preset", default="tiny")
+        p.add_argument("--preset", default="tiny")
         if name == "bench":
             p.add_argument("--json", default=None)
         if name == "memory":
@@ -149,7 +152,14 @@ def run(ns: argparse.Namespace) -> int:
 
         run_demo(out=ns.out, seed=ns.seed, fast=ns.fast, progress=not ns.quiet)
         return 0
-    if ns.command in ("check", "bench", "memory"):
+    if ns.command == "check":
+        from fastmt.check import run_check
+
+        failed = run_check(ns.device, ns.quick, ns.json)
+        if failed:
+            raise FastmtError(f"fastmt check: {failed} case(s) over tolerance")
+        return 0
+    if ns.command in ("bench", "memory"):
         raise FastmtError(f"fastmt {ns.command}: not available in this version of fastmt")
     raise UsageError("no command given (see fastmt --help)")
 

@@ -110,9 +110,12 @@ def _hidden_bwd_kernel(
                     DOT_FP32, BLOCK_R, BLOCK_D, BLOCK_K)
     c = _row_coef(mask_ptr, tw_ptr, i, offs_r, r_ok, S, N, HAS_MASK, HAS_TW)
     keep = (c[:, None] != 0) & d_ok[None, :]
-    de = tl.where(keep, (c[:, None] * tl.load(scale_ptr)) * e, 0.0)  # [BLOCK_R, BLOCK_D] float32
+    # The upstream scale (~2/(sum(mask) Dt), tiny) is applied after the products: folded into a
+    # half-precision dE first, a converged error would underflow to subnormals.
+    scale = tl.load(scale_ptr)
+    de = tl.where(keep, c[:, None] * e, 0.0)  # [BLOCK_R, BLOCK_D] float32, unscaled
 
-    tl.atomic_add(db_ptr + (i * K + k) * Dt + offs_d, tl.sum(de, axis=0), mask=d_ok)
+    tl.atomic_add(db_ptr + (i * K + k) * Dt + offs_d, tl.sum(de, axis=0) * scale, mask=d_ok)
     x_base = hs_ptr + k * R * Ds
     w_base = w_ptr + (i * K + k) * Ds * Dt
     if not DOT_FP32:
@@ -128,8 +131,9 @@ def _hidden_bwd_kernel(
         else:
             dx = tl.dot(de_lo, tl.trans(w.to(x.dtype)))
             dw = tl.dot(tl.trans(x), de_lo)
-        tl.atomic_add(dhs_ptr + (k * R + offs_r[:, None]) * Ds + offs_k[None, :], dx, mask=r_ok[:, None] & k_ok[None, :])
-        tl.atomic_add(dw_ptr + ((i * K + k) * Ds + offs_k[:, None]) * Dt + offs_d[None, :], dw,
+        tl.atomic_add(dhs_ptr + (k * R + offs_r[:, None]) * Ds + offs_k[None, :], dx * scale,
+                      mask=r_ok[:, None] & k_ok[None, :])
+        tl.atomic_add(dw_ptr + ((i * K + k) * Ds + offs_k[:, None]) * Dt + offs_d[None, :], dw * scale,
                       mask=k_ok[:, None] & d_ok[None, :])
 
 

@@ -118,11 +118,15 @@ def test_out_dir_with_a_run_is_refused(tiny_task, tiny_encoders, tmp_path):
     T.cofinetune([str(tiny_encoders["a"])], T.TrainArgs(**_args(tiny_task, tmp_path / "r"), overwrite=True))
 
 
-def test_fused_kernels_refused_until_built(tiny_task, tmp_path):
-    import fastmt.kernels
-
-    if hasattr(fastmt.kernels, "mt_kl_loss"):
-        pytest.skip("the fused kernels are part of this build")
-    with pytest.raises(UsageError, match="--kernels fused"):
-        T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "s"), teachers="x", student_layers=1, kernels="fused"))
-    assert not (tmp_path / "s").exists()
+def test_fused_and_reference_kernels_train_alike(mixed_teachers, tiny_task, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    runs = {}
+    for kind in ("reference", "fused"):
+        T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / kind, log_every=1), teachers=str(mixed_teachers),
+                                student_layers=1, hidden_loss="cls", kernels=kind, temperature=2.0))
+        rows = [json.loads(x) for x in (tmp_path / kind / "metrics.jsonl").read_text().splitlines()]
+        runs[kind] = [r for r in rows if r["event"] == "train"]
+    assert len(runs["fused"]) == len(runs["reference"]) == 8
+    for a, b in zip(runs["fused"][:3], runs["reference"][:3]):
+        for key in ("loss_task", "loss_kd", "loss_hidden"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
