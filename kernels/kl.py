@@ -164,12 +164,16 @@ def kl_forward(
     row_loss = torch.empty(n, dtype=torch.float32, device=s.device)
     w = weights.contiguous() if weights is not None else None
     t_pad = max(2, triton.next_power_of_2(num_t))
+    block_c = _block_c(c, t_pad)
+    tile = t_pad * block_c  # elements of the teacher tile held per program
+    num_warps = 4 if tile <= 2048 else 8 if tile <= 8192 else 16
     _mt_kl_fwd_kernel[(n,)](
         s, t, w if w is not None else s, labels if labels is not None else s, n_valid, row_loss, grad,
         num_t, c, s.stride(0), t.stride(0), t.stride(1), w.stride(0) if w is not None else 0, grad.stride(0),
         1.0 / temperature, float(temperature), ignore_index,
         SCHEME=_SCHEME_CODE.get(scheme, 0) if w is None else 0,
-        HAS_W=w is not None, HAS_LABELS=labels is not None, T_PAD=t_pad, BLOCK_C=_block_c(c, t_pad),
+        HAS_W=w is not None, HAS_LABELS=labels is not None, T_PAD=t_pad, BLOCK_C=block_c,
+        num_warps=num_warps,
     )
     return row_loss.sum(), grad
 
