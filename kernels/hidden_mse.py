@@ -55,18 +55,10 @@ def _error_tile(hs_ptr, ht_ptr, w_ptr, b_ptr, i, k, K, R, Ds, Dt, offs_r, offs_d
 
 
 @triton.jit
-def _hidden_fwd_kernel(
-    hs_ptr,  # [K, R, Ds] student hidden
-    ht_ptr,  # [T, K, R, Dt] teacher hidden
-    w_ptr,  # [T, K, Ds, Dt] projection weight
-    b_ptr,  # [T, K, Dt] projection bias
-    mask_ptr,  # [R] 0/1 (read when HAS_MASK)
-    tw_ptr,  # [T, N] teacher weights per example (read when HAS_TW)
-    part_ptr,  # [T*K * row blocks * col blocks] float32 partial sums
-    K, R, S, N, Ds, Dt,
-    HAS_MASK: tl.constexpr, HAS_TW: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-):
+def _program_tile(hs_ptr, ht_ptr, w_ptr, b_ptr, mask_ptr, tw_ptr, K, R, S, N, Ds, Dt,
+                  HAS_MASK: tl.constexpr, HAS_TW: tl.constexpr, DOT_FP32: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's (teacher, layer), its rows and columns, its error tile and row coefficients."""
     pid_ik = tl.program_id(0).to(tl.int64)
     pid_r = tl.program_id(1).to(tl.int64)
     pid_d = tl.program_id(2).to(tl.int64)
@@ -81,8 +73,27 @@ def _hidden_fwd_kernel(
     c = _row_coef(mask_ptr, tw_ptr, i, offs_r, r_ok, S, N, HAS_MASK, HAS_TW)
     # Rows with c == 0 (padding) are dropped, not multiplied: non-finite values there stay out.
     keep = (c[:, None] != 0) & d_ok[None, :]
+    return i, k, offs_r, offs_d, r_ok, d_ok, e, c, keep
+
+
+@triton.jit
+def _hidden_fwd_kernel(
+    hs_ptr,  # [K, R, Ds] student hidden
+    ht_ptr,  # [T, K, R, Dt] teacher hidden
+    w_ptr,  # [T, K, Ds, Dt] projection weight
+    b_ptr,  # [T, K, Dt] projection bias
+    mask_ptr,  # [R] 0/1 (read when HAS_MASK)
+    tw_ptr,  # [T, N] teacher weights per example (read when HAS_TW)
+    part_ptr,  # [T*K * row blocks * col blocks] float32 partial sums
+    K, R, S, N, Ds, Dt,
+    HAS_MASK: tl.constexpr, HAS_TW: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    i, k, offs_r, offs_d, r_ok, d_ok, e, c, keep = _program_tile(
+        hs_ptr, ht_ptr, w_ptr, b_ptr, mask_ptr, tw_ptr, K, R, S, N, Ds, Dt,
+        HAS_MASK, HAS_TW, DOT_FP32, BLOCK_R, BLOCK_D, BLOCK_K)
     sq = tl.where(keep, c[:, None] * e * e, 0.0)
-    pid = (pid_ik * tl.num_programs(1) + pid_r) * tl.num_programs(2) + pid_d
+    pid = (tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
     tl.store(part_ptr + pid, tl.sum(tl.sum(sq, axis=1), axis=0))
 
 
@@ -97,19 +108,9 @@ def _hidden_bwd_kernel(
     HAS_MASK: tl.constexpr, HAS_TW: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_ik = tl.program_id(0).to(tl.int64)
-    pid_r = tl.program_id(1).to(tl.int64)
-    pid_d = tl.program_id(2).to(tl.int64)
-    i = pid_ik // K
-    k = pid_ik % K
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    r_ok = offs_r < R
-    d_ok = offs_d < Dt
-    e = _error_tile(hs_ptr, ht_ptr, w_ptr, b_ptr, i, k, K, R, Ds, Dt, offs_r, offs_d, r_ok, d_ok,
-                    DOT_FP32, BLOCK_R, BLOCK_D, BLOCK_K)
-    c = _row_coef(mask_ptr, tw_ptr, i, offs_r, r_ok, S, N, HAS_MASK, HAS_TW)
-    keep = (c[:, None] != 0) & d_ok[None, :]
+    i, k, offs_r, offs_d, r_ok, d_ok, e, c, keep = _program_tile(
+        hs_ptr, ht_ptr, w_ptr, b_ptr, mask_ptr, tw_ptr, K, R, S, N, Ds, Dt,
+        HAS_MASK, HAS_TW, DOT_FP32, BLOCK_R, BLOCK_D, BLOCK_K)
     # The upstream scale (~2/(sum(mask) Dt), tiny) is applied after the products: folded into a
     # half-precision dE first, a converged error would underflow to subnormals.
     scale = tl.load(scale_ptr)
