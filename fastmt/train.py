@@ -36,10 +36,10 @@ from fastmt.data import (
 from fastmt.errors import FastmtError, UsageError
 from fastmt.io import append_jsonl, write_json
 from fastmt.models import Student, StudentSpec, Teachers, build_student, count_parameters, layer_maps
+from fastmt.step import PRECISIONS, DistillStep, autocast
 
 log = logging.getLogger("fastmt")
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -114,9 +114,8 @@ class DistillArgs(TrainArgs):
             raise UsageError(f"--hidden-loss {self.hidden_loss}: choose tokens, cls or none")
         if self.kernels not in ("fused", "reference"):
             raise UsageError(f"--kernels {self.kernels}: choose fused or reference")
-        for flag, on in (("--compile", self.compile), ("--cuda-graphs", self.cuda_graphs)):
-            if on:
-                raise UsageError(f"{flag}: the compiled training step is not part of this version; leave it off")
+        if self.cuda_graphs:
+            raise UsageError("--cuda-graphs: CUDA-graph capture of the step is not part of this version; leave it off")
         for name in ("alpha_task", "alpha_kd", "alpha_hidden"):
             v = getattr(self, name)
             if not (v >= 0 and math.isfinite(v)):
@@ -141,12 +140,6 @@ def resolve_device(name: str) -> torch.device:
             raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
         return torch.device(name)
     raise UsageError(f"--device {name}: choose cpu or cuda")
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=PRECISIONS[precision])
 
 
 def check_out_dir(out: str, overwrite: bool) -> Path:
@@ -430,45 +423,7 @@ def distill(args: DistillArgs) -> RunResult:
     teachers.to(device).eval().requires_grad_(False)
     student.to(device)
     run_config = {"command": "distill", **asdict(args), "layer_maps": maps, "student_init_info": init_info}
-    want_hidden = args.hidden_loss != "none" and args.alpha_hidden > 0
-
-    def loss_fn(inputs, labels):
-        parts = {}
-        with autocast(device, args.precision):
-            s_logits, s_hidden = student(inputs[student.key], want_hidden=want_hidden)
-        loss = args.alpha_task * F.cross_entropy(s_logits.float(), labels)
-        parts["task"] = loss.detach() / args.alpha_task if args.alpha_task else loss.detach()
-        if not use_teachers:
-            return loss, parts
-        with torch.inference_mode(), autocast(device, args.precision):
-            t_logits, t_hidden = [], []
-            for i, key in enumerate(teachers.keys):
-                z, h = teachers.forward_teacher(i, inputs[key], maps[i] if want_hidden else None)
-                t_logits.append(z)
-                if want_hidden:
-                    t_hidden.append(torch.stack([x[:, :1] if args.hidden_loss == "cls" else x for x in h]))
-            t_logits = torch.stack(t_logits)
-            t_hidden = torch.stack(t_hidden) if want_hidden else None
-        # Leave inference mode: autograd may need to save these for backward.
-        t_logits = t_logits.clone()
-        if args.alpha_kd > 0:
-            # The scheme name lets the fused kernel compute the teacher weights in the same pass.
-            kd = losses_mod.mt_kl_loss(s_logits, t_logits, weights=args.weighting, temperature=args.temperature, labels=labels)
-            loss = loss + args.alpha_kd * kd
-            parts["kd"] = kd.detach()
-        if want_hidden:
-            t_hidden = t_hidden.clone()
-            if args.hidden_loss == "cls":
-                s_hidden, mask = s_hidden[:, :, :1], None
-            else:
-                mask = inputs[student.key]["attention_mask"]
-            hid = losses_mod.mt_hidden_loss(
-                s_hidden, t_hidden, student.proj_weight, student.proj_bias, mask=mask,
-                weights=reference_losses.teacher_weights(t_logits, labels, args.weighting) if args.weight_hidden else None,
-            )
-            loss = loss + args.alpha_hidden * hid
-            parts["hidden"] = hid.detach()
-        return loss, parts
+    loss_fn = DistillStep(student, teachers, maps, args, losses_mod, device, compile=args.compile)
 
     def evaluate():
         logits = student_logits(student, splits.dev_enc, len(splits.dev_labels), args.eval_batch_size, splits.buckets, device, args.precision)

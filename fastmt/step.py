@@ -1,0 +1,100 @@
+"""One distillation step's forward: frozen teachers, then the student and the three losses.
+
+The same two functions serve the eager reference and the compiled path (``--compile``): compiled,
+each is one ``torch.compile(fullgraph=True)`` graph per sequence-length bucket (a handful, by design
+of the length buckets). Backward and the optimizer step stay in ``fastmt.train``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from fastmt import losses as reference_losses
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])
+
+
+class DistillStep:
+    """``step(inputs, labels) -> (loss, parts)`` for one batch; ``parts`` are detached loss terms."""
+
+    def __init__(self, student, teachers, maps, args, losses_mod, device: torch.device, compile: bool = False):
+        self.student, self.teachers, self.maps = student, teachers, maps
+        self.args, self.losses, self.device = args, losses_mod, device
+        self.use_teachers = args.alpha_kd > 0 or (args.hidden_loss != "none" and args.alpha_hidden > 0)
+        self.want_hidden = args.hidden_loss != "none" and args.alpha_hidden > 0
+        self._teachers = self.teachers_forward
+        self._student = self.student_loss
+        if compile:
+            _install_output_hooks([student.encoder, *teachers.encoders], device)
+            self._teachers = torch.compile(self.teachers_forward, fullgraph=True, dynamic=False)
+            self._student = torch.compile(self.student_loss, fullgraph=True, dynamic=False)
+
+    def teachers_forward(self, inputs):
+        """Teacher logits ``[T,N,C]`` and, for the hidden loss, the mapped hidden states ``[T,K,N,S,D]``."""
+        a = self.args
+        with autocast(self.device, a.precision):
+            logits, hidden = [], []
+            for i, key in enumerate(self.teachers.keys):
+                z, h = self.teachers.forward_teacher(i, inputs[key], self.maps[i] if self.want_hidden else None)
+                logits.append(z)
+                if self.want_hidden:
+                    hidden.append(torch.stack([x[:, :1] if a.hidden_loss == "cls" else x for x in h]))
+        return torch.stack(logits), (torch.stack(hidden) if self.want_hidden else None)
+
+    def student_loss(self, inputs, labels, t_logits, t_hidden):
+        a, student = self.args, self.student
+        parts = {}
+        with autocast(self.device, a.precision):
+            s_logits, s_hidden = student(inputs[student.key], want_hidden=self.want_hidden)
+        task = F.cross_entropy(s_logits.float(), labels)
+        loss = a.alpha_task * task
+        parts["task"] = task.detach()
+        if t_logits is None:
+            return loss, parts
+        if a.alpha_kd > 0:
+            # The scheme name lets the fused kernel compute the teacher weights in the same pass.
+            kd = self.losses.mt_kl_loss(s_logits, t_logits, weights=a.weighting, temperature=a.temperature, labels=labels)
+            loss = loss + a.alpha_kd * kd
+            parts["kd"] = kd.detach()
+        if self.want_hidden:
+            if a.hidden_loss == "cls":
+                s_hidden, mask = s_hidden[:, :, :1], None
+            else:
+                mask = inputs[student.key]["attention_mask"]
+            weights = reference_losses.teacher_weights(t_logits, labels, a.weighting) if a.weight_hidden else None
+            hid = self.losses.mt_hidden_loss(s_hidden, t_hidden, student.proj_weight, student.proj_bias,
+                                             mask=mask, weights=weights)
+            loss = loss + a.alpha_hidden * hid
+            parts["hidden"] = hid.detach()
+        return loss, parts
+
+    def __call__(self, inputs, labels):
+        t_logits = t_hidden = None
+        if self.use_teachers:
+            with torch.inference_mode():
+                t_logits, t_hidden = self._teachers(inputs)
+            # Out of inference mode: autograd may save these for backward.
+            t_logits = t_logits.clone()
+            t_hidden = t_hidden.clone() if t_hidden is not None else None
+        return self._student(inputs, labels, t_logits, t_hidden)
+
+
+def _install_output_hooks(encoders, device: torch.device) -> None:
+    """Run each encoder once eagerly: transformers installs its hidden-state hooks on the first call,
+    under a lock that dynamo cannot trace, so the compiled call must not be the first."""
+    with torch.no_grad():
+        for enc in encoders:
+            was_training = enc.training
+            enc.eval()  # no dropout: the warm-up must not consume random numbers
+            ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+            enc(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+            enc.train(was_training)
