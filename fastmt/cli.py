@@ -83,15 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer shapes")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the rows as JSON")
 
+    p = sub.add_parser("bench", help="training-step throughput of several modes, side by side")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--preset", default="tiny", help="tiny (CPU-sized) or base (3 BERT-base teachers)")
+    p.add_argument("--json", default=None, metavar="OUT")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per mode")
+    p.add_argument("--modes", default=None, help="comma-separated subset of the ladder")
+
     for name, text in (
-        ("bench", "training throughput of several modes, side by side"),
         ("memory", "peak memory by phase, fused vs reference"),
     ):
         p = sub.add_parser(name, help=text + " (not in this version yet)")
         p.add_argument("--device", default="cpu")
         p.add_argument("--preset", default="tiny")
-        if name == "bench":
-            p.add_argument("--json", default=None)
         if name == "memory":
             p.add_argument("--out", default=None)
     for p in sub.choices.values():
@@ -159,7 +163,12 @@ def run(ns: argparse.Namespace) -> int:
         if failed:
             raise FastmtError(f"fastmt check: {failed} case(s) over tolerance")
         return 0
-    if ns.command in ("bench", "memory"):
+    if ns.command == "bench":
+        from fastmt.bench import run_bench
+
+        run_bench(ns.device, ns.preset, ns.json, ns.steps, ns.modes)
+        return 0
+    if ns.command == "memory":
         raise FastmtError(f"fastmt {ns.command}: not available in this version of fastmt")
     raise UsageError("no command given (see fastmt --help)")
 

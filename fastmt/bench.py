@@ -1,0 +1,251 @@
+"""``fastmt bench``: training-step throughput of several modes, side by side in one process.
+
+Each mode trains the same randomly initialised teachers and student (speed does not depend on the
+weights) on a fixed synthetic batch for a fixed number of steps: teachers' forward, student forward,
+the three losses, backward, AdamW step. The first steps (compilation included) are timed apart as
+``compile_s``; the rest give p50/p20/p80 step times. MFU counts the matmul FLOPs of a step over the
+matmul peak measured in the same run, in the mode's precision.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from fastmt.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Preset:
+    teachers: int
+    teacher_layers: int
+    hidden: int
+    heads: int
+    student_layers: int
+    seq: int
+    batch: int
+    classes: int = 2
+    vocab: int = 30522
+
+
+PRESETS = {
+    "tiny": Preset(teachers=3, teacher_layers=2, hidden=128, heads=4, student_layers=1, seq=32, batch=32, vocab=2000),
+    "base": Preset(teachers=3, teacher_layers=12, hidden=768, heads=12, student_layers=4, seq=128, batch=64),
+}
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    kernels: str = "reference"
+    compile: bool = False
+    precision: str = "fp32"
+
+
+def modes_for(device: torch.device) -> dict[str, Mode]:
+    """The ladder from the reference to everything on; each step adds one thing."""
+    if device.type == "cuda":
+        ladder = [Mode("reference"), Mode("fused", "fused"), Mode("fused+compile", "fused", True),
+                  Mode("fused+compile+bf16", "fused", True, "bf16"), Mode("fast", "fused", True, "fp16")]
+    else:
+        # On a CPU the Triton kernels only run in the interpreter, so the CPU ladder keeps the
+        # reference losses and lets Inductor compile them with the rest of the step.
+        ladder = [Mode("reference"), Mode("bf16", precision="bf16"), Mode("compile", compile=True),
+                  Mode("fast", compile=True, precision="bf16")]
+    return {m.name: m for m in ladder}
+
+
+def git_sha() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """Best of a few large square matmuls: the machine's achievable matmul rate in this dtype."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    best = math.inf
+    for _ in range(5 if device.type == "cuda" else 3):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(10 if device.type == "cuda" else 2):
+            a @ b
+        sync(device)
+        best = min(best, (time.perf_counter() - t0) / (10 if device.type == "cuda" else 2))
+    return 2 * n**3 / best / 1e12
+
+
+def step_flops(p: Preset) -> float:
+    """Matmul FLOPs of one step: teachers forward, student forward + backward (x3), projections."""
+
+    def encoder(layers: int) -> float:
+        tokens = p.batch * p.seq
+        per_layer = 2 * tokens * (4 * p.hidden**2 + 2 * p.hidden * 4 * p.hidden) + 4 * p.batch * p.seq**2 * p.hidden
+        return layers * per_layer
+
+    projections = 2 * p.teachers * p.student_layers * p.batch * p.seq * p.hidden**2
+    return p.teachers * encoder(p.teacher_layers) + 3 * (encoder(p.student_layers) + projections)
+
+
+def build_models(p: Preset, device: torch.device, workdir: Path):
+    """Teachers and student of the preset's shapes, random weights, sharing one small tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    from fastmt.demo import build_tokenizer
+    from fastmt.models import Student, Teachers, _quiet_transformers
+
+    _quiet_transformers()
+    tok = build_tokenizer(workdir / "tokenizer")
+
+    def encoder(layers: int) -> BertModel:
+        cfg = BertConfig(vocab_size=p.vocab, hidden_size=p.hidden, num_hidden_layers=layers,
+                         num_attention_heads=p.heads, intermediate_size=4 * p.hidden,
+                         max_position_embeddings=max(512, p.seq))
+        return BertModel(cfg, add_pooling_layer=False)
+
+    torch.manual_seed(0)
+    teachers = Teachers([encoder(p.teacher_layers) for _ in range(p.teachers)], [tok] * p.teachers,
+                        [f"teacher{i}" for i in range(p.teachers)], p.classes)
+    student = Student(encoder(p.student_layers), tok, p.classes, p.teachers, p.hidden)
+    teachers.to(device).eval().requires_grad_(False)
+    return teachers, student.to(device)
+
+
+def run_mode(p: Preset, mode: Mode, device: torch.device, steps: int, warmup: int, workdir: Path) -> dict:
+    from fastmt import losses as reference_losses
+    from fastmt.models import layer_maps
+    from fastmt.step import DistillStep
+    from fastmt.train import DistillArgs
+
+    if mode.kernels == "fused":
+        import fastmt.kernels as losses_mod
+    else:
+        losses_mod = reference_losses
+    torch._dynamo.reset()
+    teachers, student = build_models(p, device, workdir)
+    args = DistillArgs(train="-", dev="-", out="-", teachers="-", student_layers=p.student_layers,
+                       precision=mode.precision, temperature=2.0, kernels=mode.kernels, compile=mode.compile)
+    step = DistillStep(student, teachers, layer_maps(p.student_layers, teachers), args, losses_mod, device,
+                       compile=mode.compile)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=mode.precision == "fp16")
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, p.vocab, (p.batch, p.seq), generator=g).to(device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    inputs = {teachers.keys[0]: batch}
+    labels = torch.randint(0, p.classes, (p.batch,), generator=g).to(device)
+
+    def one_step():
+        loss, _ = step(inputs, labels)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=False)
+        return loss
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        one_step()
+    sync(device)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        one_step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    loss = float(one_step().detach())  # the run's one read-back, after timing
+    q = torch.tensor(times).quantile(torch.tensor([0.5, 0.2, 0.8])).tolist()
+    p50 = q[0]
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mode.precision]
+    peak = matmul_peak_tflops(device, dtype)
+    return {
+        "name": mode.name, "kernels": mode.kernels, "compile": mode.compile, "precision": mode.precision,
+        "samples_per_s": p.batch / p50, "tokens_per_s": p.batch * p.seq / p50,
+        "step_ms_p50": 1e3 * q[0], "step_ms_p20": 1e3 * q[1], "step_ms_p80": 1e3 * q[2],
+        "compile_s": compile_s, "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+        "mfu": step_flops(p) / p50 / 1e12 / peak, "matmul_peak_tflops": peak, "final_loss": loss,
+    }
+
+
+def run_bench(device_name_arg: str = "cpu", preset: str = "tiny", json_out: str | None = None, steps: int | None = None,
+              modes: str | None = None) -> dict:
+    from fastmt.train import resolve_device
+
+    device = resolve_device(device_name_arg)
+    if preset not in PRESETS:
+        raise UsageError(f"--preset {preset}: choose one of {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    ladder = modes_for(device)
+    names = modes.split(",") if modes else list(ladder)
+    for n in names:
+        if n not in ladder:
+            raise UsageError(f"--modes {n}: on {device.type} choose from {', '.join(ladder)}")
+    if steps is not None and steps < 1:
+        raise UsageError(f"--steps {steps}: must be at least 1")
+    steps = steps or (10 if preset == "tiny" else 20)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fastmt-bench-") as tmp:
+        for n in names:
+            rows.append(run_mode(p, ladder[n], device, steps, warmup=3, workdir=Path(tmp)))
+            r = rows[-1]
+            print(f"  {r['name']:20s} {r['step_ms_p50']:9.1f} ms/step  {r['samples_per_s']:8.1f} samples/s", flush=True)
+    result = {"device": device_name(device), "preset": preset, "preset_shape": p.__dict__, "torch": torch.__version__,
+              "git_sha": git_sha(), "steps": steps, "modes": rows}
+    print(format_table(result))
+    if json_out:
+        from fastmt.io import write_json
+
+        write_json(json_out, result)
+    return result
+
+
+def format_table(result: dict) -> str:
+    rows = result["modes"]
+    base = next((r for r in rows if r["name"] == "reference"), rows[0])
+    head = (f"{'mode':20s} {'samples/s':>10s} {'tokens/s':>10s} {'ms p50':>9s} {'[p20, p80]':>17s} "
+            f"{'compile s':>9s} {'peak MB':>8s} {'MFU':>6s} {'vs ref':>7s}")
+    out = [f"fastmt bench --preset {result['preset']} on {result['device']}, torch {result['torch']}, "
+           f"{result['steps']} timed steps per mode", head, "-" * len(head)]
+    for r in rows:
+        peak = f"{r['peak_mb']:8.0f}" if r["peak_mb"] is not None else f"{'-':>8s}"
+        out.append(f"{r['name']:20s} {r['samples_per_s']:10.1f} {r['tokens_per_s']:10.0f} {r['step_ms_p50']:9.1f} "
+                   f"[{r['step_ms_p20']:7.1f}, {r['step_ms_p80']:7.1f}] {r['compile_s']:9.1f} {peak} "
+                   f"{100 * r['mfu']:5.1f}% {base['step_ms_p50'] / r['step_ms_p50']:6.2f}x")
+    return "\n".join(out)
