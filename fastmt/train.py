@@ -167,7 +167,9 @@ def make_optimizer(model: nn.Module, args: TrainArgs, total_steps: int, device: 
             continue
         (no_decay if p.ndim < 2 or "LayerNorm" in name or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type == "cuda"
+    # Fused AdamW takes the fp16 scaler's found-inf flag itself: an overflowed step is skipped on the
+    # device, with no read-back (the unfused path asks the host).
+    fused = device.type == "cuda" or args.precision == "fp16"
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused)
     warm = max(1, int(args.warmup * total_steps)) if args.warmup > 0 else 0
 
@@ -177,6 +179,20 @@ def make_optimizer(model: nn.Module, args: TrainArgs, total_steps: int, device: 
         return max(0.0, (total_steps - step) / max(1, total_steps - warm))
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def optimizer_step(opt, scaler, params, max_grad_norm: float) -> torch.Tensor:
+    """Unscale, clip, step, update the loss scale. Returns 1 (a device tensor) when an fp16 overflow
+    made the scaler skip the step, else 0; nothing is read back to the host."""
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if not scaler.is_enabled():
+        opt.step()
+        return torch.zeros((), dtype=torch.int64, device=params[0].device)
+    before = scaler._scale.clone()  # the scale only shrinks after an overflow
+    scaler.step(opt)
+    scaler.update()
+    return (scaler._scale < before).to(torch.int64)
 
 
 @dataclass
@@ -302,7 +318,8 @@ def _fit(
     gen = torch.Generator().manual_seed(args.seed)
     metrics = out_dir / "metrics.jsonl"
     params = [p for p in model.parameters() if p.requires_grad]
-    best, best_epoch, step, skipped = -1.0, 0, 0, 0
+    best, best_epoch, step = -1.0, 0, 0
+    skipped = torch.zeros((), dtype=torch.int64, device=device)  # overflowed fp16 steps, counted on the device
     train_time, samples = 0.0, 0
     encodings = {k: splits.train_enc[k] for k in dict.fromkeys(keys)}
     for epoch in range(1, args.epochs + 1):
@@ -317,13 +334,7 @@ def _fit(
             loss, parts = loss_fn(inputs, labels)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            scale_before = scaler.get_scale() if scaler.is_enabled() else None
-            scaler.step(opt)
-            scaler.update()
-            if scale_before is not None and scaler.get_scale() < scale_before:
-                skipped += 1
+            skipped += optimizer_step(opt, scaler, params, args.max_grad_norm)
             sched.step()
             step += 1
             samples += len(batch.labels)
@@ -344,7 +355,7 @@ def _fit(
                 row = {"event": "train", "epoch": epoch, "step": step, "loss": avg, "lr": sched.get_last_lr()[0], "samples_per_s": sps}
                 row.update({f"loss_{k}": float(v) / window_n for k, v in window_parts.items()})
                 if scaler.is_enabled():
-                    row.update({"loss_scale": scaler.get_scale(), "skipped_steps": skipped})
+                    row.update({"loss_scale": scaler.get_scale(), "skipped_steps": int(skipped)})
                 append_jsonl(metrics, row)
                 bar.set_postfix(loss=f"{avg:.4f}", sps=f"{sps:.0f}")
                 window_loss.zero_()

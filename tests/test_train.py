@@ -149,3 +149,28 @@ def test_compiled_step_equals_eager_step(tiny_task, tiny_encoders, tmp_path, mon
     for a, b in zip(runs[True], runs[False]):
         for key in ("loss", "loss_task", "loss_kd", "loss_hidden"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+
+def test_fp16_overflow_step_is_skipped_and_counted():
+    model = torch.nn.Linear(8, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)  # the first step's gradients overflow fp16
+    params = list(model.parameters())
+    x, y = torch.randn(4, 8) * 100, torch.tensor([0, 1, 2, 0])
+    before = [p.detach().clone() for p in params]
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+    scaler.scale(loss).backward()
+    out = T.optimizer_step(opt, scaler, params, 1.0)
+    assert out.dtype == torch.int64 and out.shape == () and int(out) == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, params))  # skipped: weights untouched
+    assert scaler.get_scale() < 2.0**60
+    # Keep overflowing until the scale is sane, then a step must go through and change the weights.
+    for _ in range(80):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        if int(T.optimizer_step(opt, scaler, params, 1.0)) == 0:
+            break
+    assert not all(torch.equal(a, b) for a, b in zip(before, params))
