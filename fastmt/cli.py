@@ -90,14 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="timed steps per mode")
     p.add_argument("--modes", default=None, help="comma-separated subset of the ladder")
 
-    for name, text in (
-        ("memory", "peak memory by phase, fused vs reference"),
-    ):
-        p = sub.add_parser(name, help=text + " (not in this version yet)")
-        p.add_argument("--device", default="cpu")
-        p.add_argument("--preset", default="tiny")
-        if name == "memory":
-            p.add_argument("--out", default=None)
+    p = sub.add_parser("memory", help="peak GPU memory by phase, fast vs reference, and the largest batch")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--preset", default="tiny", help="tiny or base")
+    p.add_argument("--out", default=None, metavar="DIR", help="report dir (default ./memory-report)")
+    p.add_argument("--budget-gb", type=float, default=None, help="memory budget for the largest batch (default 90%% of the GPU)")
     for p in sub.choices.values():
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
         p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings and errors")
@@ -169,7 +166,12 @@ def run(ns: argparse.Namespace) -> int:
         run_bench(ns.device, ns.preset, ns.json, ns.steps, ns.modes)
         return 0
     if ns.command == "memory":
-        raise FastmtError(f"fastmt {ns.command}: not available in this version of fastmt")
+        from fastmt.memory import run_memory
+
+        if ns.budget_gb is not None and not ns.budget_gb > 0:
+            raise UsageError(f"--budget-gb {ns.budget_gb}: must be positive")
+        run_memory(ns.device, ns.preset, ns.out, ns.budget_gb)
+        return 0
     raise UsageError("no command given (see fastmt --help)")
 
 

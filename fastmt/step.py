@@ -50,11 +50,15 @@ class DistillStep:
                     hidden.append(torch.stack([x[:, :1] if a.hidden_loss == "cls" else x for x in h]))
         return torch.stack(logits), (torch.stack(hidden) if self.want_hidden else None)
 
-    def student_loss(self, inputs, labels, t_logits, t_hidden):
+    def student_forward(self, inputs):
+        """Student logits ``[N,C]`` and, for the hidden loss, its layers' hidden states ``[K,N,S,Ds]``."""
+        with autocast(self.device, self.args.precision):
+            return self.student(inputs[self.student.key], want_hidden=self.want_hidden)
+
+    def losses_from(self, inputs, labels, s_logits, s_hidden, t_logits, t_hidden):
+        """``a_task CE + a_kd L_kd + a_hid L_hid`` and the detached terms."""
         a, student = self.args, self.student
         parts = {}
-        with autocast(self.device, a.precision):
-            s_logits, s_hidden = student(inputs[student.key], want_hidden=self.want_hidden)
         task = F.cross_entropy(s_logits.float(), labels)
         loss = a.alpha_task * task
         parts["task"] = task.detach()
@@ -77,14 +81,21 @@ class DistillStep:
             parts["hidden"] = hid.detach()
         return loss, parts
 
+    def student_loss(self, inputs, labels, t_logits, t_hidden):
+        s_logits, s_hidden = self.student_forward(inputs)
+        return self.losses_from(inputs, labels, s_logits, s_hidden, t_logits, t_hidden)
+
+    def teacher_outputs(self, inputs):
+        """Teachers' outputs as ordinary tensors (made in inference mode, then copied out of it)."""
+        if not self.use_teachers:
+            return None, None
+        with torch.inference_mode():
+            t_logits, t_hidden = self._teachers(inputs)
+        # Out of inference mode: autograd may save these for backward.
+        return t_logits.clone(), (t_hidden.clone() if t_hidden is not None else None)
+
     def __call__(self, inputs, labels):
-        t_logits = t_hidden = None
-        if self.use_teachers:
-            with torch.inference_mode():
-                t_logits, t_hidden = self._teachers(inputs)
-            # Out of inference mode: autograd may save these for backward.
-            t_logits = t_logits.clone()
-            t_hidden = t_hidden.clone() if t_hidden is not None else None
+        t_logits, t_hidden = self.teacher_outputs(inputs)
         return self._student(inputs, labels, t_logits, t_hidden)
 
 

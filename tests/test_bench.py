@@ -27,3 +27,33 @@ def test_bench_rejects_unknown_mode_and_preset():
     assert r.returncode == 2 and "--modes warp" in r.stderr
     r = run_cli("bench", "--preset", "huge")
     assert r.returncode == 2 and "--preset huge" in r.stderr
+
+
+def test_memory_without_cuda_says_so_in_one_line():
+    r = run_cli("memory", "--preset", "tiny")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip().splitlines()) == 1 and "CUDA" in r.stdout
+
+
+def test_memory_phases_walk_a_whole_step(monkeypatch, tmp_path):
+    """The phase bookkeeping on the CPU, with a stand-in for the CUDA allocator's counters."""
+    import torch
+
+    from fastmt import memory
+    from fastmt.bench import PRESETS
+
+    counter = {"n": 0}
+
+    def fake_peak():
+        counter["n"] += 1
+        return counter["n"] * 2**20
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: fake_peak())
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: None)
+    step, opt, scaler, inputs, labels = memory._setup(PRESETS["tiny"], "reference", torch.device("cpu"), tmp_path)
+    before = [p.detach().clone() for p in step.student.parameters()]
+    peaks = memory._phased_step(step, opt, scaler, inputs, labels)
+    assert list(peaks) == list(memory.PHASES) and list(peaks.values()) == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert any(not torch.equal(a, b) for a, b in zip(before, step.student.parameters()))  # the step ran
