@@ -109,6 +109,11 @@ def encoder_config_dict(encoder: nn.Module) -> dict:
     return d
 
 
+def _dropout(encoder: nn.Module) -> float:
+    """The head's dropout follows its encoder's (BERT's classifier does the same)."""
+    return float(getattr(encoder.config, "hidden_dropout_prob", 0.1))
+
+
 def num_layers(encoder: nn.Module) -> int:
     return int(encoder.config.num_hidden_layers)
 
@@ -149,7 +154,7 @@ class Teachers(nn.Module):
             nn.Identity() if hidden_size(e) == self.hidden_size else nn.Linear(hidden_size(e), self.hidden_size)
             for e in encoders
         )
-        self.head = SharedHead(self.hidden_size, num_labels)
+        self.head = SharedHead(self.hidden_size, num_labels, _dropout(encoders[0]))
 
     def __len__(self) -> int:
         return len(self.encoders)
@@ -273,7 +278,7 @@ class Student(nn.Module):
         self.key = tokenizer_key(tokenizer)
         self.num_labels = num_labels
         ds = hidden_size(encoder)
-        self.head = SharedHead(ds, num_labels)
+        self.head = SharedHead(ds, num_labels, _dropout(encoder))
         k = num_layers(encoder)
         self.proj_weight = nn.Parameter(torch.empty(num_teachers, k, ds, teacher_hidden))
         self.proj_bias = nn.Parameter(torch.zeros(num_teachers, k, teacher_hidden))

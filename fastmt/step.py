@@ -28,6 +28,7 @@ class DistillStep:
 
     def __init__(self, student, teachers, maps, args, losses_mod, device: torch.device, compile: bool = False):
         self.student, self.teachers, self.maps = student, teachers, maps
+        self.student_call = student  # what the forward goes through (a DDP wrapper when data-parallel)
         self.args, self.losses, self.device = args, losses_mod, device
         self.use_teachers = args.alpha_kd > 0 or (args.hidden_loss != "none" and args.alpha_hidden > 0)
         self.want_hidden = args.hidden_loss != "none" and args.alpha_hidden > 0
@@ -53,7 +54,7 @@ class DistillStep:
     def student_forward(self, inputs):
         """Student logits ``[N,C]`` and, for the hidden loss, its layers' hidden states ``[K,N,S,Ds]``."""
         with autocast(self.device, self.args.precision):
-            return self.student(inputs[self.student.key], want_hidden=self.want_hidden)
+            return self.student_call(inputs[self.student.key], want_hidden=self.want_hidden)
 
     def losses_from(self, inputs, labels, s_logits, s_hidden, t_logits, t_hidden):
         """``a_task CE + a_kd L_kd + a_hid L_hid`` and the detached terms."""

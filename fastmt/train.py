@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -36,6 +37,7 @@ from fastmt.data import (
 from fastmt.errors import FastmtError, UsageError
 from fastmt.io import append_jsonl, write_json
 from fastmt.models import Student, StudentSpec, Teachers, build_student, count_parameters, layer_maps
+from fastmt.distributed import World, barrier, check_batch, local_device, mean_over_world, shard, world_from_env
 from fastmt.step import PRECISIONS, DistillStep, autocast
 
 log = logging.getLogger("fastmt")
@@ -307,9 +309,14 @@ def _fit(
     save_best: Callable[[], None],
     out_dir: Path,
     desc: str,
+    world: World = World(),
 ) -> RunResult:
-    """Epoch loop: AdamW + schedule + clipping, dev after each epoch, best model saved, metrics logged."""
-    start_out_dir(out_dir)
+    """Epoch loop: AdamW + schedule + clipping, dev after each epoch, best model saved, metrics logged.
+
+    With several processes, each trains on its shard of every global batch; only the first writes.
+    """
+    if world.is_main:
+        start_out_dir(out_dir)
     n = len(splits.train_labels)
     steps_per_epoch = num_batches(n, args.batch_size)
     total = steps_per_epoch * args.epochs
@@ -329,8 +336,9 @@ def _fit(
         window_parts: dict[str, torch.Tensor] = {}
         for batch in iterate_batches(encodings, splits.train_labels, args.batch_size, splits.buckets, True, gen):
             t0 = time.perf_counter()
-            inputs = to_device(batch.inputs, device)
-            labels = batch.labels.to(device, non_blocking=True)
+            shard_inputs, shard_labels = shard(batch.inputs, batch.labels, world)
+            inputs = to_device(shard_inputs, device)
+            labels = shard_labels.to(device, non_blocking=True)
             loss, parts = loss_fn(inputs, labels)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -348,6 +356,8 @@ def _fit(
             bar.update(1)
             if step % args.log_every == 0 or step == total:
                 # The one host sync of the logging interval.
+                window_loss = mean_over_world(window_loss, world)
+                window_parts = {k: mean_over_world(v, world) for k, v in window_parts.items()}
                 avg = float(window_loss) / window_n
                 if not math.isfinite(avg):
                     raise FastmtError(f"loss is {avg} at step {step} (epoch {epoch}); lower --lr or use --precision fp32")
@@ -356,21 +366,26 @@ def _fit(
                 row.update({f"loss_{k}": float(v) / window_n for k, v in window_parts.items()})
                 if scaler.is_enabled():
                     row.update({"loss_scale": scaler.get_scale(), "skipped_steps": int(skipped)})
-                append_jsonl(metrics, row)
+                if world.is_main:
+                    append_jsonl(metrics, row)
                 bar.set_postfix(loss=f"{avg:.4f}", sps=f"{sps:.0f}")
-                window_loss.zero_()
+                window_loss = torch.zeros((), device=device)
                 window_parts, window_n = {}, 0
         bar.close()
-        scores = evaluate()
+        scores = evaluate()  # every process: the same replica on the same dev set
         score = scores["dev_accuracy"]
         improved = score > best
         if improved:
             best, best_epoch = score, epoch
-            save_best()
-        append_jsonl(metrics, {"event": "eval", "epoch": epoch, "step": step, **scores, "best": improved})
-        log.info("%s epoch %d: %s", desc, epoch, ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+            if world.is_main:
+                save_best()
+        if world.is_main:
+            append_jsonl(metrics, {"event": "eval", "epoch": epoch, "step": step, **scores, "best": improved})
+            log.info("%s epoch %d: %s", desc, epoch, ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        barrier(world)
     sps = samples / max(train_time, 1e-9)
-    append_jsonl(metrics, {"event": "done", "best_epoch": best_epoch, "best_dev_accuracy": best, "train_s": train_time, "samples_per_s": sps, "steps": step})
+    if world.is_main:
+        append_jsonl(metrics, {"event": "done", "best_epoch": best_epoch, "best_dev_accuracy": best, "train_s": train_time, "samples_per_s": sps, "steps": step})
     return RunResult(str(out_dir), best, best_epoch, train_time, sps, step)
 
 
@@ -382,6 +397,8 @@ def cofinetune(teacher_sources: list[str], args: TrainArgs) -> RunResult:
     """Fine-tune the teachers jointly through one shared head: ``L = sum_i CE(y, z_i)``."""
     if not teacher_sources:
         raise UsageError("cofinetune needs at least one --teacher")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("cofinetune runs in one process; launch it without torchrun")
     device = resolve_device(args.device)
     out_dir = check_out_dir(args.out, args.overwrite)
     seed_everything(args.seed)
@@ -413,6 +430,9 @@ def cofinetune(teacher_sources: list[str], args: TrainArgs) -> RunResult:
 def distill(args: DistillArgs) -> RunResult:
     """Train the student from the teachers: ``a_task CE + a_kd L_kd + a_hid L_hid`` (SPEC §1)."""
     device = resolve_device(args.device)
+    world = world_from_env(device)
+    device = local_device(device, world)
+    check_batch(args.batch_size, world)
     losses_mod = _loss_module(args.kernels)
     teachers, tcfg = Teachers.load(args.teachers)
     label_names = list(tcfg["label_names"])
@@ -435,6 +455,16 @@ def distill(args: DistillArgs) -> RunResult:
     student.to(device)
     run_config = {"command": "distill", **asdict(args), "layer_maps": maps, "student_init_info": init_info}
     loss_fn = DistillStep(student, teachers, maps, args, losses_mod, device, compile=args.compile)
+    if not loss_fn.want_hidden:
+        # No hidden loss: the projections get no gradient, so they are not trained (nor synchronised).
+        student.proj_weight.requires_grad_(False)
+        student.proj_bias.requires_grad_(False)
+    if world.size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Forward goes through the wrapper so gradients are averaged across processes. The
+        # projections are used after forward, in the loss; their gradient hooks still fire once.
+        loss_fn.student_call = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
 
     def evaluate():
         logits = student_logits(student, splits.dev_enc, len(splits.dev_labels), args.eval_batch_size, splits.buckets, device, args.precision)
@@ -444,7 +474,7 @@ def distill(args: DistillArgs) -> RunResult:
         student.save(out_dir, run_config, label_names, {"layer_maps": maps, "teachers": teachers.names})
 
     keys = [student.key, *teachers.keys] if use_teachers else [student.key]
-    result = _fit(student, args, splits, keys, device, loss_fn, evaluate, save_best, out_dir, "distill")
+    result = _fit(student, args, splits, keys, device, loss_fn, evaluate, save_best, out_dir, "distill", world)
     result.extra["parameters"] = count_parameters(student.encoder) + count_parameters(student.head)
     return result
 
