@@ -49,18 +49,20 @@ class Mode:
     kernels: str = "reference"
     compile: bool = False
     precision: str = "fp32"
+    stack: bool = False  # same-architecture teachers as one vmapped module
 
 
 def modes_for(device: torch.device) -> dict[str, Mode]:
     """The ladder from the reference to everything on; each step adds one thing."""
     if device.type == "cuda":
-        ladder = [Mode("reference"), Mode("fused", "fused"), Mode("fused+compile", "fused", True),
-                  Mode("fused+compile+bf16", "fused", True, "bf16"), Mode("fast", "fused", True, "fp16")]
+        ladder = [Mode("reference"), Mode("stacked", stack=True), Mode("fused", "fused"),
+                  Mode("fused+compile", "fused", True), Mode("fused+compile+bf16", "fused", True, "bf16"),
+                  Mode("fast", "fused", True, "fp16")]
     else:
         # On a CPU the Triton kernels only run in the interpreter, so the CPU ladder keeps the
         # reference losses and lets Inductor compile them with the rest of the step.
-        ladder = [Mode("reference"), Mode("bf16", precision="bf16"), Mode("compile", compile=True),
-                  Mode("fast", compile=True, precision="bf16")]
+        ladder = [Mode("reference"), Mode("stacked", stack=True), Mode("bf16", precision="bf16"),
+                  Mode("compile", compile=True), Mode("fast", compile=True, precision="bf16")]
     return {m.name: m for m in ladder}
 
 
@@ -158,7 +160,8 @@ def run_mode(p: Preset, mode: Mode, device: torch.device, steps: int, warmup: in
     torch._dynamo.reset()
     teachers, student = build_models(p, device, workdir)
     args = DistillArgs(train="-", dev="-", out="-", teachers="-", student_layers=p.student_layers,
-                       precision=mode.precision, temperature=2.0, kernels=mode.kernels, compile=mode.compile)
+                       precision=mode.precision, temperature=2.0, kernels=mode.kernels, compile=mode.compile,
+                       stack_teachers=mode.stack)
     step = DistillStep(student, teachers, layer_maps(p.student_layers, teachers), args, losses_mod, device,
                        compile=mode.compile)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -197,6 +200,7 @@ def run_mode(p: Preset, mode: Mode, device: torch.device, steps: int, warmup: in
     peak = matmul_peak_tflops(device, dtype)
     return {
         "name": mode.name, "kernels": mode.kernels, "compile": mode.compile, "precision": mode.precision,
+        "stacked_teachers": mode.stack,
         "samples_per_s": p.batch / p50, "tokens_per_s": p.batch * p.seq / p50,
         "step_ms_p50": 1e3 * q[0], "step_ms_p20": 1e3 * q[1], "step_ms_p80": 1e3 * q[2],
         "compile_s": compile_s, "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,

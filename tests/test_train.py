@@ -174,3 +174,33 @@ def test_fp16_overflow_step_is_skipped_and_counted():
         if int(T.optimizer_step(opt, scaler, params, 1.0)) == 0:
             break
     assert not all(torch.equal(a, b) for a, b in zip(before, params))
+
+
+def test_stacked_teachers_equal_sequential(tiny_encoders):
+    from fastmt import losses
+    from fastmt.models import Teachers, layer_maps
+    from fastmt.step import DistillStep
+
+    teachers = Teachers.from_pretrained_encoders([str(tiny_encoders["a"]), str(tiny_encoders["b"]), str(tiny_encoders["a"])], 2)
+    teachers.eval()
+    with torch.no_grad():  # make the two copies of teacher a differ
+        for p in teachers.encoders[2].parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    from fastmt.models import StudentSpec, build_student
+
+    student, _ = build_student(StudentSpec(2, "teacher:0"), teachers)
+    ids = torch.randint(4, 40, (5, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    inputs = {teachers.keys[0]: {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}}
+    out = {}
+    for stack in (False, True):
+        args = T.DistillArgs(train="-", dev="-", out="-", teachers="-", student_layers=2, stack_teachers=stack)
+        step = DistillStep(student, teachers, layer_maps(2, teachers), args, losses, torch.device("cpu"))
+        with torch.no_grad():
+            out[stack] = step.teachers_forward(inputs)
+        if stack:
+            assert step.groups == [(0, 2), (1,)]
+    torch.testing.assert_close(out[True][0], out[False][0])
+    torch.testing.assert_close(out[True][1], out[False][1])
+    assert not torch.allclose(out[False][0][0], out[False][0][2])  # the stacked pair really are two teachers
