@@ -18,13 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from fastmt.bench import git_sha
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,14 +35,6 @@ class Case:
     op: str  # "mt_kl_loss" or "mt_hidden_loss"
     shape: dict
     dtype: torch.dtype
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def device_name(device: torch.device) -> str:
