@@ -9,14 +9,12 @@ matmul peak measured in the same run, in the mode's precision.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import platform
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch

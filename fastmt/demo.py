@@ -186,7 +186,7 @@ def run_demo(out: str | None = None, seed: int = 0, fast: bool = False, progress
         common = dict(train=str(data / "train.tsv"), dev=str(data / "dev.tsv"), max_length=24, seed=seed,
                       batch_size=32, progress=progress, overwrite=True, log_every=25)
         t0 = time.perf_counter()
-        co = T.cofinetune([str(d) for d in teacher_dirs],
+        T.cofinetune([str(d) for d in teacher_dirs],
                           T.TrainArgs(out=str(root / "teachers"), epochs=2 if fast else 10, lr=5e-4, **common))
         distill_common = dict(teachers=str(root / "teachers"), student_layers=STUDENT.layers,
                               student_init=str(student_dir), epochs=2 if fast else 10, lr=2e-3, **common)

@@ -5,12 +5,10 @@ Every faster path (fused kernels, compiled steps, CUDA graphs) is compared again
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,9 +21,7 @@ import torch.nn.functional as F
 
 from fastmt import losses as reference_losses
 from fastmt.data import (
-    DataError,
     Encoded,
-    TextDataset,
     encode,
     encode_labels,
     iterate_batches,
@@ -35,7 +31,7 @@ from fastmt.data import (
     read_dataset,
 )
 from fastmt.errors import FastmtError, UsageError
-from fastmt.io import append_jsonl, write_json
+from fastmt.io import append_jsonl
 from fastmt.models import Student, StudentSpec, Teachers, build_student, count_parameters, layer_maps
 from fastmt.distributed import World, barrier, check_batch, local_device, mean_over_world, shard, world_from_env
 from fastmt.step import PRECISIONS, DistillStep, autocast
