@@ -345,8 +345,13 @@ def _copy_layers_from(encoder: nn.Module, teacher: nn.Module, picked: Sequence[i
         ) from e
 
 
-def build_student(spec: StudentSpec, teachers: Teachers) -> tuple[Student, dict]:
-    """Make the student of ``spec`` for these teachers; returns it with a description of its init."""
+def build_student(spec: StudentSpec, teachers: Teachers, init_from: Teachers | None = None) -> tuple[Student, dict]:
+    """Make the student of ``spec`` for these teachers; returns it with a description of its init.
+
+    ``teacher:I`` picks teacher I of ``init_from`` (default ``teachers``): with ``--teacher-subset``
+    the index still refers to the teachers dir, so every subset starts the student from the same weights.
+    """
+    pool = init_from if init_from is not None else teachers
     k = spec.num_layers
     if k < 1:
         raise UsageError(f"--student-layers {k}: must be at least 1")
@@ -361,14 +366,14 @@ def build_student(spec: StudentSpec, teachers: Teachers) -> tuple[Student, dict]
             idx = int(init.split(":", 1)[1])
         except ValueError:
             raise UsageError(f"--student-init {init}: expected teacher:I with I an integer") from None
-        if not 0 <= idx < len(teachers):
-            raise UsageError(f"--student-init {init}: there are {len(teachers)} teachers (0..{len(teachers) - 1})")
-        src = teachers.encoders[idx]
+        if not 0 <= idx < len(pool):
+            raise UsageError(f"--student-init {init}: there are {len(pool)} teachers (0..{len(pool) - 1})")
+        src = pool.encoders[idx]
         cfg = encoder_config_dict(src)
         cfg["num_hidden_layers"] = k
         encoder = encoder_from_config(cfg)
         _copy_layers_from(encoder, src, layer_map(k, num_layers(src)), init)
-        tokenizer = teachers.tokenizers[idx]
+        tokenizer = pool.tokenizers[idx]
         student = Student(encoder, tokenizer, teachers.num_labels, len(teachers), teachers.hidden_size)
         if hidden_size(encoder) == teachers.hidden_size:
             student.head.load_state_dict(teachers.head.state_dict())

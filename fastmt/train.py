@@ -433,10 +433,11 @@ def distill(args: DistillArgs) -> RunResult:
     losses_mod = _loss_module(args.kernels)
     teachers, tcfg = Teachers.load(args.teachers)
     label_names = list(tcfg["label_names"])
+    all_teachers = teachers
     if args.teacher_subset is not None:
         teachers = _subset(teachers, args.teacher_subset)
     seed_everything(args.seed)  # the student's fresh parameters depend on --seed only
-    student, init_info = build_student(StudentSpec(args.student_layers, args.student_init), teachers)
+    student, init_info = build_student(StudentSpec(args.student_layers, args.student_init), teachers, init_from=all_teachers)
     maps = layer_maps(args.student_layers, teachers)
     use_teachers = args.alpha_kd > 0 or (args.hidden_loss != "none" and args.alpha_hidden > 0)
     if args.hidden_loss == "tokens" and use_teachers:
