@@ -36,6 +36,9 @@ def _add_common(p: argparse.ArgumentParser, *, defaults: dict) -> None:
     p.add_argument("--log-every", type=int, default=20, help="steps between metrics.jsonl rows")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--save-every", type=int, default=0, metavar="STEPS", help="checkpoint the whole training state every STEPS steps into OUT/checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out from its checkpoint")
+    p.add_argument("--max-bad-steps", type=int, default=20, metavar="N", help="stop after N non-finite losses in a row (default 20)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,8 +178,25 @@ def run(ns: argparse.Namespace) -> int:
     raise UsageError("no command given (see fastmt --help)")
 
 
+def _attach_negative_numbers(argv: list[str]) -> list[str]:
+    """``--lr -1e-4`` -> ``--lr=-1e-4``: argparse reads a value like -1e-4 as an unknown flag."""
+    out: list[str] = []
+    for tok in argv:
+        prev = out[-1] if out else ""
+        if tok.startswith("-") and prev.startswith("--") and "=" not in prev:
+            try:
+                float(tok)
+            except ValueError:
+                pass
+            else:
+                out[-1] = f"{prev}={tok}"
+                continue
+        out.append(tok)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = _attach_negative_numbers(sys.argv[1:] if argv is None else list(argv))
     debug = "--debug" in argv
     parser = build_parser()
     try:

@@ -614,11 +614,13 @@ def iterate_batches(
     buckets: list[int],
     shuffle: bool,
     generator: torch.Generator | None = None,
+    skip_batches: int = 0,
 ) -> Iterator[Batch]:
     """Yield batches of ``batch_size`` examples (the last one may be smaller).
 
     The order is ``torch.randperm(n, generator=generator)`` when ``shuffle`` is true, else the file
-    order.  Each tokenizer's inputs are padded to the smallest bucket that holds the batch's longest
+    order; the first ``skip_batches`` batches of that order are left out (a resumed epoch).  Each
+    tokenizer's inputs are padded to the smallest bucket that holds the batch's longest
     sequence for that tokenizer, so different keys may get different lengths.
     """
     _check_int("batch_size", batch_size, 1)
@@ -645,7 +647,7 @@ def iterate_batches(
     else:
         order = torch.arange(n, dtype=torch.int64)
     order_np = order.numpy()
-    for start in range(0, n, int(batch_size)):
+    for start in range(int(skip_batches) * int(batch_size), n, int(batch_size)):
         idx = order_np[start:start + int(batch_size)]
         index = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
         inputs = {key: _collate(packed[key], encodings[key].pad_id, idx, bucket_arr)

@@ -65,6 +65,14 @@ def mean_over_world(t: torch.Tensor, world: World) -> torch.Tensor:
     return t / world.size
 
 
+def max_over_world(t: torch.Tensor, world: World) -> torch.Tensor:
+    if world.size == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def barrier(world: World) -> None:
     if world.size > 1:
         dist.barrier()

@@ -37,6 +37,8 @@ class DistillStep:
         self.stacked = {g: StackedTeachers(teachers, g) for g in self.groups if len(g) > 1}
         self._teachers = self.teachers_forward
         self._student = self.student_loss
+        # Steps in which each teacher gave a non-finite logit, counted on the device (read when logging).
+        self.teacher_faults = torch.zeros(len(teachers), dtype=torch.int64, device=device)
         if compile:
             _install_output_hooks([student.encoder, *teachers.encoders], device)
             self._teachers = torch.compile(self.teachers_forward, fullgraph=True, dynamic=False)
@@ -105,7 +107,15 @@ class DistillStep:
         with torch.inference_mode():
             t_logits, t_hidden = self._teachers(inputs)
         # Out of inference mode: autograd may save these for backward.
-        return t_logits.clone(), (t_hidden.clone() if t_hidden is not None else None)
+        t_logits = t_logits.clone()
+        self.teacher_faults += (~torch.isfinite(t_logits)).flatten(1).any(1)
+        return t_logits, (t_hidden.clone() if t_hidden is not None else None)
+
+    def describe_faults(self) -> str:
+        """One line on teachers whose logits were NaN or inf (empty when there were none)."""
+        counts = self.teacher_faults.tolist()
+        bad = [f"teacher {i} ({self.teachers.names[i]}) in {c} step(s)" for i, c in enumerate(counts) if c]
+        return ("non-finite teacher logits: " + ", ".join(bad)) if bad else ""
 
     def __call__(self, inputs, labels):
         t_logits, t_hidden = self.teacher_outputs(inputs)

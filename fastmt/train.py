@@ -33,7 +33,7 @@ from fastmt.data import (
 from fastmt.errors import FastmtError, UsageError
 from fastmt.io import append_jsonl
 from fastmt.models import Student, StudentSpec, Teachers, build_student, count_parameters, layer_maps
-from fastmt.distributed import World, barrier, check_batch, local_device, mean_over_world, shard, world_from_env
+from fastmt.distributed import World, barrier, check_batch, local_device, max_over_world, mean_over_world, shard, world_from_env
 from fastmt.step import PRECISIONS, DistillStep, autocast
 
 log = logging.getLogger("fastmt")
@@ -65,6 +65,9 @@ class TrainArgs:
     eval_batch_size: int = 128
     progress: bool = True
     overwrite: bool = False
+    save_every: int = 0  # [--save-every] steps between checkpoints; 0 writes none
+    resume: bool = False  # [--resume] continue from DIR/checkpoint
+    max_bad_steps: int = 20  # [--max-bad-steps] stop after this many non-finite losses in a row
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -81,6 +84,12 @@ class TrainArgs:
             raise UsageError(f"--warmup {self.warmup}: a fraction in [0, 1)")
         if self.log_every < 1:
             raise UsageError(f"--log-every {self.log_every}: must be at least 1")
+        if self.save_every < 0:
+            raise UsageError(f"--save-every {self.save_every}: must be >= 0 (0 writes no checkpoint)")
+        if self.max_bad_steps < 1:
+            raise UsageError(f"--max-bad-steps {self.max_bad_steps}: must be at least 1")
+        if self.resume and self.overwrite:
+            raise UsageError("--resume and --overwrite: choose one (continue the run, or start it again)")
 
 
 @dataclass
@@ -141,21 +150,45 @@ def resolve_device(name: str) -> torch.device:
     raise UsageError(f"--device {name}: choose cpu or cuda")
 
 
-def check_out_dir(out: str, overwrite: bool) -> Path:
-    """Refuse an --out that holds a run (unless --overwrite); nothing is created yet."""
+def check_out_dir(out: str, overwrite: bool, resume: bool = False) -> Path:
+    """Refuse an --out that holds a run (unless --overwrite, or --resume with a checkpoint there)."""
+    from fastmt.checkpoint import checkpoint_meta
+
     d = Path(out)
     if d.exists() and not d.is_dir():
         raise UsageError(f"--out {out}: exists and is not a directory")
+    meta = checkpoint_meta(d) if d.is_dir() else None
     finished = d.is_dir() and any((d / f).exists() for f in ("config.json", "model.safetensors"))
+    if resume:
+        if meta is None:
+            what = "holds a finished run" if finished else "has no checkpoint"
+            raise UsageError(f"--resume: {out} {what}; nothing to resume (runs write checkpoints with --save-every STEPS)")
+        return d
+    if meta is not None and not overwrite:
+        raise UsageError(f"--out {out}: holds an interrupted run (checkpoint at step {meta.get('step')}); "
+                         "pass --resume to continue it, or --overwrite to start again")
     if finished and not overwrite:
         raise UsageError(f"--out {out}: already holds a run; choose another dir or pass --overwrite")
     return d
 
 
-def start_out_dir(d: Path) -> None:
-    """Create the run dir once every input has been checked; a new run starts a new metrics.jsonl."""
+def start_out_dir(d: Path, resume_metrics_bytes: int | None = None) -> None:
+    """Create the run dir once every input has been checked. A new run starts a new metrics.jsonl and
+    drops any old checkpoint; a resumed one cuts metrics.jsonl back to where its checkpoint was taken."""
+    import shutil
+
+    from fastmt.checkpoint import checkpoint_dir
+
     d.mkdir(parents=True, exist_ok=True)
-    (d / "metrics.jsonl").unlink(missing_ok=True)
+    for stray in checkpoint_dir(d).glob(".state.pt.*.tmp"):  # left by a kill in the middle of a checkpoint
+        stray.unlink(missing_ok=True)
+    metrics = d / "metrics.jsonl"
+    if resume_metrics_bytes is None:
+        metrics.unlink(missing_ok=True)
+        shutil.rmtree(checkpoint_dir(d), ignore_errors=True)
+    elif metrics.exists():
+        with open(metrics, "r+b") as f:
+            f.truncate(resume_metrics_bytes)
 
 
 def make_optimizer(model: nn.Module, args: TrainArgs, total_steps: int, device: torch.device):
@@ -180,18 +213,35 @@ def make_optimizer(model: nn.Module, args: TrainArgs, total_steps: int, device: 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def optimizer_step(opt, scaler, params, max_grad_norm: float) -> torch.Tensor:
-    """Unscale, clip, step, update the loss scale. Returns 1 (a device tensor) when an fp16 overflow
-    made the scaler skip the step, else 0; nothing is read back to the host."""
+def optimizer_step(opt, scaler, params, max_grad_norm: float, loss: torch.Tensor | None = None) -> torch.Tensor:
+    """Unscale, clip, step, update the loss scale. Returns 1 (a device tensor) when the step was
+    skipped, else 0: an fp16 overflow the scaler caught, or a non-finite loss or gradient.
+
+    Nothing is read back to the host on a GPU: the fused optimizer takes the skip flag itself.
+    """
     scaler.unscale_(opt)
-    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    if not scaler.is_enabled():
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if scaler.is_enabled():
+        before = scaler._scale.clone()  # the scale only shrinks after an overflow
+        scaler.step(opt)
+        scaler.update()
+        return (scaler._scale < before).to(torch.int64)
+    bad = ~torch.isfinite(norm)
+    if loss is not None:
+        bad = bad | ~torch.isfinite(loss.detach())
+    if opt.defaults.get("fused"):
+        opt.found_inf = bad.float()  # the fused kernel leaves every parameter and its state alone when 1
+        try:
+            opt.step()
+        finally:
+            del opt.found_inf
+    elif not bool(bad):  # the unfused optimizer runs on the CPU only, where reading a flag is free
         opt.step()
-        return torch.zeros((), dtype=torch.int64, device=params[0].device)
-    before = scaler._scale.clone()  # the scale only shrinks after an overflow
-    scaler.step(opt)
-    scaler.update()
-    return (scaler._scale < before).to(torch.int64)
+    return bad.to(torch.int64)
+
+
+class TrainingStopped(FastmtError):
+    """The loss stayed non-finite for --max-bad-steps steps in a row (exit status 1)."""
 
 
 @dataclass
@@ -306,14 +356,20 @@ def _fit(
     save_best: Callable[[], None],
     out_dir: Path,
     desc: str,
-    world: World = World(),
+    world: World | None = None,
+    run_config: dict | None = None,
+    faults: Callable[[], str] | None = None,
 ) -> RunResult:
     """Epoch loop: AdamW + schedule + clipping, dev after each epoch, best model saved, metrics logged.
 
     With several processes, each trains on its shard of every global batch; only the first writes.
+    ``--save-every`` checkpoints the whole loop state; ``--resume`` continues from it exactly.
+    ``faults()`` (optional) describes non-finite inputs seen so far, for the logs and the stop message.
     """
-    if world.is_main:
-        start_out_dir(out_dir)
+    from fastmt.checkpoint import checkpoint_dir, fault_after_step, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+
+    world = world or World()
+    run_config = dict(run_config or asdict(args))
     n = len(splits.train_labels)
     steps_per_epoch = num_batches(n, args.batch_size)
     total = steps_per_epoch * args.epochs
@@ -322,16 +378,86 @@ def _fit(
     gen = torch.Generator().manual_seed(args.seed)
     metrics = out_dir / "metrics.jsonl"
     params = [p for p in model.parameters() if p.requires_grad]
+    zero = lambda: torch.zeros((), dtype=torch.int64, device=device)  # noqa: E731
     best, best_epoch, step = -1.0, 0, 0
-    skipped = torch.zeros((), dtype=torch.int64, device=device)  # overflowed fp16 steps, counted on the device
+    skipped = zero()  # skipped optimizer steps (fp16 overflow, non-finite loss), counted on the device
+    bad_run, worst_run, bad_total = zero(), zero(), zero()  # non-finite losses: current streak, longest, all
     train_time, samples = 0.0, 0
-    encodings = {k: splits.train_enc[k] for k in dict.fromkeys(keys)}
-    for epoch in range(1, args.epochs + 1):
+    window_loss, window_n, window_good = torch.zeros((), device=device), 0, zero()
+    window_parts: dict[str, torch.Tensor] = {}
+    start_epoch, done_in_epoch, epoch_gen_state = 1, 0, None
+    last_checkpoint: int | None = None
+    last_detail = ""
+    if args.resume:
+        ck = load_checkpoint(out_dir, run_config)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        scaler.load_state_dict(ck["scaler"])
+        c = ck["counters"]
+        step, best, best_epoch = c["step"], c["best"], c["best_epoch"]
+        train_time, samples, window_n = c["train_time"], c["samples"], c["window_n"]
+        skipped, bad_run, worst_run, bad_total, window_good = (
+            torch.tensor(c[k], dtype=torch.int64, device=device) for k in ("skipped", "bad_run", "worst_run", "bad_total", "window_good"))
+        window_loss = c["window_loss"].to(device)
+        window_parts = {k: v.to(device) for k, v in c["window_parts"].items()}
+        start_epoch, done_in_epoch, epoch_gen_state = c["epoch"], c["done_in_epoch"], ck["epoch_gen_state"]
+        last_checkpoint = step
+        if world.is_main:
+            start_out_dir(out_dir, c["metrics_bytes"])
+        set_rng_state(ck["rng"], device)
+        log.info("%s: resuming %s at step %d (epoch %d, batch %d of %d)", desc, out_dir, step, start_epoch, done_in_epoch, steps_per_epoch)
+        del ck
+    elif world.is_main:
+        start_out_dir(out_dir)
+    barrier(world)
+
+    def checkpoint(epoch: int, done: int) -> None:
+        nonlocal last_checkpoint
+        if world.is_main:
+            counters = {
+                "step": step, "epoch": epoch, "done_in_epoch": done, "best": best, "best_epoch": best_epoch,
+                "train_time": train_time, "samples": samples, "window_n": window_n,
+                "skipped": int(skipped), "bad_run": int(bad_run), "worst_run": int(worst_run), "bad_total": int(bad_total),
+                "window_good": int(window_good), "window_loss": window_loss.detach().cpu(),
+                "window_parts": {k: v.detach().cpu() for k, v in window_parts.items()},
+                "metrics_bytes": metrics.stat().st_size if metrics.exists() else 0,
+            }
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "scaler": scaler.state_dict(), "rng": rng_state(device), "epoch_gen_state": epoch_gen_state,
+                     "counters": counters, "run_config": run_config}
+            save_checkpoint(out_dir, state, {"step": step, "epoch": epoch, "batch_in_epoch": done, "steps_per_epoch": steps_per_epoch})
+        last_checkpoint = step
+        barrier(world)
+
+    def stop_if_diverged(epoch: int) -> None:
+        streak = int(worst_run)
+        if streak < args.max_bad_steps:
+            return
+        where = (f"last good checkpoint: {checkpoint_dir(out_dir)} (step {last_checkpoint}); fix the cause, then --resume"
+                 if last_checkpoint is not None else "no checkpoint was written (--save-every STEPS writes them)")
+        cause = faults() if faults else ""
+        if world.is_main:
+            append_jsonl(metrics, {"event": "stopped", "epoch": epoch, "step": step, "reason": "non-finite loss",
+                                   "bad_steps_in_a_row": streak, "bad_steps": int(bad_total), "detail": cause})
+        raise TrainingStopped(
+            f"the loss was not finite for {streak} steps in a row (--max-bad-steps {args.max_bad_steps}, at step {step}); "
+            f"stopped, those steps changed no weight. {cause + '. ' if cause else ''}{where}. "
+            f"Usual fixes: a lower --lr, --precision fp32, or checking the teachers and the data")
+
+    for epoch in range(start_epoch, args.epochs + 1):
+        resuming = epoch == start_epoch and epoch_gen_state is not None
+        if resuming:
+            gen.set_state(epoch_gen_state)
+        else:
+            epoch_gen_state = gen.get_state()  # the epoch's shuffle is drawn from this state
+            done_in_epoch = 0
         model.train()
         bar = progress_bar(steps_per_epoch, f"{desc} epoch {epoch}/{args.epochs}", args.progress)
-        window_loss, window_n = torch.zeros((), device=device), 0
-        window_parts: dict[str, torch.Tensor] = {}
-        for batch in iterate_batches(encodings, splits.train_labels, args.batch_size, splits.buckets, True, gen):
+        bar.update(done_in_epoch)
+        done = done_in_epoch
+        for batch in iterate_batches(encodings_for(splits, keys), splits.train_labels, args.batch_size, splits.buckets, True, gen,
+                                     skip_batches=done_in_epoch):
             t0 = time.perf_counter()
             shard_inputs, shard_labels = shard(batch.inputs, batch.labels, world)
             inputs = to_device(shard_inputs, device)
@@ -339,35 +465,60 @@ def _fit(
             loss, parts = loss_fn(inputs, labels)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            skipped += optimizer_step(opt, scaler, params, args.max_grad_norm)
+            skipped += optimizer_step(opt, scaler, params, args.max_grad_norm, loss)
             sched.step()
             step += 1
+            done += 1
             samples += len(batch.labels)
-            window_loss += loss.detach().float()
+            ok = torch.isfinite(loss.detach())
+            bad_run = (bad_run + 1) * (~ok)
+            worst_run = torch.maximum(worst_run, bad_run)
+            bad_total += ~ok
+            window_good += ok
+            window_loss += torch.where(ok, loss.detach().float(), 0.0)
             for k, v in parts.items():
-                window_parts[k] = window_parts.get(k, 0.0) + v.detach().float()
+                v = v.detach().float()
+                window_parts[k] = window_parts.get(k, 0.0) + torch.where(torch.isfinite(v), v, 0.0)
             window_n += 1
             if device.type == "cuda":
                 torch.cuda.synchronize()
             train_time += time.perf_counter() - t0
             bar.update(1)
-            if step % args.log_every == 0 or step == total:
+            log_now = step % args.log_every == 0 or step == total
+            if (device.type != "cuda" and world.size == 1) or log_now:  # else read at the logging interval only
+                if world.size > 1:
+                    worst_run = max_over_world(worst_run, world)
+                stop_if_diverged(epoch)
+            if log_now:
                 # The one host sync of the logging interval.
+                # Means over the finite steps of the window (and over processes).
+                good = float(mean_over_world(window_good.float(), world))
                 window_loss = mean_over_world(window_loss, world)
                 window_parts = {k: mean_over_world(v, world) for k, v in window_parts.items()}
-                avg = float(window_loss) / window_n
-                if not math.isfinite(avg):
-                    raise FastmtError(f"loss is {avg} at step {step} (epoch {epoch}); lower --lr or use --precision fp32")
+                avg = float(window_loss) / good if good else float("nan")
                 sps = samples / max(train_time, 1e-9)
                 row = {"event": "train", "epoch": epoch, "step": step, "loss": avg, "lr": sched.get_last_lr()[0], "samples_per_s": sps}
-                row.update({f"loss_{k}": float(v) / window_n for k, v in window_parts.items()})
+                row.update({f"loss_{k}": float(v) / good if good else float("nan") for k, v in window_parts.items()})
+                if scaler.is_enabled() or int(skipped):
+                    row["skipped_steps"] = int(skipped)
                 if scaler.is_enabled():
-                    row.update({"loss_scale": scaler.get_scale(), "skipped_steps": int(skipped)})
+                    row["loss_scale"] = scaler.get_scale()
+                if int(bad_total):
+                    row["nonfinite_loss_steps"] = int(bad_total)
+                detail = faults() if faults else ""
+                if detail:
+                    row["faults"] = detail
+                    if detail != last_detail:
+                        log.warning("%s step %d: %s", desc, step, detail)
+                    last_detail = detail
                 if world.is_main:
                     append_jsonl(metrics, row)
                 bar.set_postfix(loss=f"{avg:.4f}", sps=f"{sps:.0f}")
-                window_loss = torch.zeros((), device=device)
-                window_parts, window_n = {}, 0
+                window_loss, window_n, window_good = torch.zeros((), device=device), 0, zero()
+                window_parts = {}
+            if args.save_every and step % args.save_every == 0 and int(bad_run) == 0:
+                checkpoint(epoch, done)
+            fault_after_step(step)
         bar.close()
         scores = evaluate()  # every process: the same replica on the same dev set
         score = scores["dev_accuracy"]
@@ -382,8 +533,17 @@ def _fit(
         barrier(world)
     sps = samples / max(train_time, 1e-9)
     if world.is_main:
-        append_jsonl(metrics, {"event": "done", "best_epoch": best_epoch, "best_dev_accuracy": best, "train_s": train_time, "samples_per_s": sps, "steps": step})
+        append_jsonl(metrics, {"event": "done", "best_epoch": best_epoch, "best_dev_accuracy": best, "train_s": train_time,
+                               "samples_per_s": sps, "steps": step, "skipped_steps": int(skipped)})
+        if args.save_every:
+            import shutil
+
+            shutil.rmtree(checkpoint_dir(out_dir), ignore_errors=True)  # finished: the saved model is the result
     return RunResult(str(out_dir), best, best_epoch, train_time, sps, step)
+
+
+def encodings_for(splits: Splits, keys: list[str]) -> dict[str, Encoded]:
+    return {k: splits.train_enc[k] for k in dict.fromkeys(keys)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -397,7 +557,7 @@ def cofinetune(teacher_sources: list[str], args: TrainArgs) -> RunResult:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("cofinetune runs in one process; launch it without torchrun")
     device = resolve_device(args.device)
-    out_dir = check_out_dir(args.out, args.overwrite)
+    out_dir = check_out_dir(args.out, args.overwrite, args.resume)
     seed_everything(args.seed)
     train_ds_labels = read_dataset(args.train).labels
     label_names = label_names_from(train_ds_labels)
@@ -421,7 +581,8 @@ def cofinetune(teacher_sources: list[str], args: TrainArgs) -> RunResult:
     def save_best():
         teachers.save(out_dir, run_config, splits.label_names)
 
-    return _fit(teachers, args, splits, teachers.keys, device, loss_fn, evaluate, save_best, out_dir, "cofinetune")
+    return _fit(teachers, args, splits, teachers.keys, device, loss_fn, evaluate, save_best, out_dir, "cofinetune",
+                run_config=run_config)
 
 
 def distill(args: DistillArgs) -> RunResult:
@@ -447,7 +608,7 @@ def distill(args: DistillArgs) -> RunResult:
                     f"--hidden-loss tokens: teacher {i} ({teachers.names[i]}) tokenizes differently from the "
                     f"student, so token positions do not line up; use --hidden-loss cls (or none)"
                 )
-    out_dir = check_out_dir(args.out, args.overwrite)
+    out_dir = check_out_dir(args.out, args.overwrite, args.resume)
     splits = prepare_splits(args.train, args.dev, [student.tokenizer, *teachers.tokenizers], args.max_length, label_names)
     teachers.to(device).eval().requires_grad_(False)
     student.to(device)
@@ -472,7 +633,8 @@ def distill(args: DistillArgs) -> RunResult:
         student.save(out_dir, run_config, label_names, {"layer_maps": maps, "teachers": teachers.names})
 
     keys = [student.key, *teachers.keys] if use_teachers else [student.key]
-    result = _fit(student, args, splits, keys, device, loss_fn, evaluate, save_best, out_dir, "distill", world)
+    result = _fit(student, args, splits, keys, device, loss_fn, evaluate, save_best, out_dir, "distill", world,
+                  run_config={k: v for k, v in run_config.items() if k != "student_init_info"}, faults=loss_fn.describe_faults)
     result.extra["parameters"] = count_parameters(student.encoder) + count_parameters(student.head)
     return result
 
