@@ -64,6 +64,9 @@ def _mt_kl_fwd_kernel(
         y = tl.minimum(tl.maximum(tl.where(valid, y, 0), 0), C - 1)
 
     # ---- pass 1: online log-sum-exps and sum_c p_t * (t - s) / tau
+    # Logits are kept relative to their running maxima (t/tau - m_t, s/tau - m_s) and the KL sum is
+    # accumulated as sum e * ((t/tau - m_t) - (s/tau - m_s)): with large logits, forming t - s and then
+    # subtracting the log-sum-exps would lose the float32 digits the answer is made of.
     m_s = tl.full((), _NEG, tl.float32)
     d_s = tl.zeros((), tl.float32)
     m_t = tl.full((T_PAD,), _NEG, tl.float32)
@@ -80,14 +83,17 @@ def _mt_kl_fwd_kernel(
 
         m_new = tl.maximum(m_s, tl.max(s, axis=0))
         d_s = d_s * tl.exp(m_s - m_new) + tl.sum(tl.exp(s - m_new), axis=0)
+        ds_shift = m_new - m_s  # >= 0
         m_s = m_new
 
         mt_new = tl.maximum(m_t, tl.max(ts, axis=1))
         rescale = tl.exp(m_t - mt_new)
         e = tl.exp(ts - mt_new[:, None])
         # p_t = 0 (a -inf teacher logit) contributes nothing, even where s is -inf too.
-        diff = tl.where(e > 0, ts - s[None, :], 0.0)
-        a_t = a_t * rescale + tl.sum(e * diff, axis=1)
+        diff = tl.where(e > 0, (ts - mt_new[:, None]) - (s - m_s)[None, :], 0.0)
+        # Re-express the sum so far against the new maxima (d_t = 0 before any finite logit).
+        shift = tl.where(d_t > 0, (mt_new - m_t) - ds_shift, 0.0)
+        a_t = (a_t - d_t * shift) * rescale + tl.sum(e * diff, axis=1)
         d_t = d_t * rescale + tl.sum(e, axis=1)
         m_t = mt_new
 
@@ -96,16 +102,16 @@ def _mt_kl_fwd_kernel(
             d_u = d_u * tl.exp(m_u - mu_new) + tl.sum(tl.exp(t - mu_new[:, None]), axis=1)
             m_u = mu_new
 
-    lse_s = m_s + tl.log(d_s)
-    lse_t = tl.where(t_ok, m_t + tl.log(d_t), 0.0)
-    kl = tl.where(t_ok, a_t / tl.where(t_ok, d_t, 1.0) - lse_t + lse_s, 0.0)  # [T_PAD]
+    log_ds = tl.log(d_s)
+    log_dt = tl.where(t_ok, tl.log(tl.where(t_ok, d_t, 1.0)), 0.0)
+    kl = tl.where(t_ok, a_t / tl.where(t_ok, d_t, 1.0) - log_dt + log_ds, 0.0)  # [T_PAD]
 
     # ---- teacher weights for this row
     if HAS_W:
         w = tl.load(w_ptr + offs_t.to(tl.int64) * stride_wi + row, mask=t_ok, other=0.0).to(tl.float32)
     elif SCHEME == 1 or SCHEME == 2:
         t_y = tl.load(t_ptr + offs_t.to(tl.int64) * stride_ti + row * stride_tn + y, mask=t_ok, other=0.0)
-        ce = tl.where(t_ok, m_u + tl.log(d_u) - t_y.to(tl.float32), 0.0)
+        ce = tl.where(t_ok, (m_u - t_y.to(tl.float32)) + tl.log(d_u), 0.0)
         if SCHEME == 1:
             w = 1.0 / (1.0 + ce)
         else:
@@ -128,8 +134,8 @@ def _mt_kl_fwd_kernel(
         c_ok = offs < C
         s = tl.load(s_row + offs, mask=c_ok, other=float("-inf")).to(tl.float32) * inv_tau
         t = tl.load(t_rows + offs[None, :], mask=t_ok[:, None] & c_ok[None, :], other=float("-inf")).to(tl.float32)
-        q = tl.exp(s - lse_s)
-        p = tl.exp(t * inv_tau - lse_t[:, None])
+        q = tl.exp((s - m_s) - log_ds)
+        p = tl.exp((t * inv_tau - m_t[:, None]) - log_dt[:, None])
         wp = tl.sum(tl.where(w[:, None] != 0, w[:, None] * p, 0.0), axis=0)
         g = g_scale * (w_sum * q - wp)
         tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=c_ok)

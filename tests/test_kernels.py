@@ -232,3 +232,24 @@ def test_fastmt_check_passes_on_this_machine(tmp_path):
 
     rows = json.loads((tmp_path / "check.json").read_text())["rows"]
     assert {r["dtype"] for r in rows} == {"fp32", "fp16", "bf16"} and all(r["ok"] for r in rows)
+
+
+@pytest.mark.parametrize("scale", [1e2, 1e4])
+def test_kl_large_logits_keep_their_digits(scale):
+    """Logits with a large offset per row (softmax ignores it): the kernel must not lose the digits of
+    the answer to the offset. It keeps logits relative to their running maxima; adding a log-sum-exp
+    onto a maximum of 1e4 and subtracting it again would cost about 1e-3 of every result."""
+    g = torch.Generator().manual_seed(7)
+    off_t = torch.randn(2, 16, 1, generator=g, dtype=torch.float64) * scale
+    off_s = torch.randn(16, 1, generator=g, dtype=torch.float64) * scale
+    t = (torch.randn(2, 16, 37, generator=g, dtype=torch.float64) * 2 + off_t).float()
+    s = (torch.randn(16, 37, generator=g, dtype=torch.float64) * 2 + off_s).float()
+    labels = torch.randint(0, 37, (16,), generator=g)
+    s_ref = s.double().requires_grad_(True)  # the reference sees exactly the float32 inputs
+    want = ref.mt_kl_loss(s_ref, t.double(), weights="paper", temperature=1.0, labels=labels)
+    want.backward()
+    s_k = s.clone().requires_grad_(True)
+    out = fused.mt_kl_loss(s_k, t, weights="paper", temperature=1.0, labels=labels)
+    out.backward()
+    assert abs(float(out.detach()) - float(want.detach())) <= 2e-6 * abs(float(want.detach()))
+    assert float((s_k.grad.double() - s_ref.grad).norm()) <= 2e-6 * float(s_ref.grad.norm())
