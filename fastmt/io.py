@@ -84,6 +84,71 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+STAGING = ".staging"
+_COMPLETE = ".complete"
+
+
+@contextmanager
+def staged_set(out_dir: str | Path) -> Iterator[Path]:
+    """Write a set of files and dirs that belong together (a model's weights, tokenizer and config)
+    into a staging dir; on exit they replace their namesakes in ``out_dir`` as one unit.
+
+    A kill before the set is complete leaves the old set (the staging dir is dropped later); a kill
+    while it is being moved into place is finished by :func:`recover`, which every reader and
+    writer of a run dir calls first. So a reader sees the old set or the new one, never a mix.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    recover(out_dir)
+    stage = out_dir / STAGING
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    with atomic_path(stage / _COMPLETE) as tmp:
+        tmp.write_text("complete\n", encoding="utf-8")
+    _roll_forward(out_dir)
+
+
+def recover(out_dir: str | Path) -> None:
+    """Finish a set that was complete when its writer was killed, or drop one that was not."""
+    out_dir = Path(out_dir)
+    stage = out_dir / STAGING
+    if not stage.is_dir():
+        return
+    if (stage / _COMPLETE).is_file():
+        _roll_forward(out_dir)
+    else:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _roll_forward(out_dir: Path) -> None:
+    stage, trash = out_dir / STAGING, out_dir / ".trash"
+    trash.mkdir(exist_ok=True)
+    names = sorted((p.name for p in stage.iterdir() if p.name != _COMPLETE), key=lambda n: (n == "config.json", n))
+    for name in names:  # idempotent: a second run after a kill picks up where the first stopped
+        src, dst, old = stage / name, out_dir / name, trash / name
+        if old.exists():
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        if dst.exists():
+            os.replace(dst, old)
+        os.replace(src, dst)
+        _fault_in_commit(name)
+    shutil.rmtree(stage, ignore_errors=True)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _fault_in_commit(name: str) -> None:
+    """Fault injection for tests: ``FASTMT_FAULT_KILL_IN_COMMIT=NAME`` dies right after NAME is moved."""
+    if os.environ.get("FASTMT_FAULT_KILL_IN_COMMIT") == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def save_pretrained_files(obj, out_dir: str | Path) -> None:
     """``obj.save_pretrained`` into ``out_dir`` file by file, each file renamed into place whole."""
     out_dir = Path(out_dir)

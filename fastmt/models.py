@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from fastmt.errors import UsageError
-from fastmt.io import atomic_dir, load_tensors, read_json, save_pretrained_files, save_tensors, write_json
+from fastmt.io import load_tensors, read_json, recover, save_tensors, staged_set, write_json
 from fastmt.losses import layer_map
 
 TEACHERS_KIND = "fastmt-teachers"
@@ -182,27 +182,25 @@ class Teachers(nn.Module):
         return state
 
     def save(self, out_dir: str | Path, run_config: dict, label_names: list[str]) -> None:
-        """Write the teachers into ``out_dir`` (config.json and model.safetensors replaced atomically)."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        """Write the teachers into ``out_dir``: teacher dirs, head and config.json as one unit (``staged_set``)."""
         entries = []
-        for i, (enc, tok, name) in enumerate(zip(self.encoders, self.tokenizers, self.names)):
-            with atomic_dir(out_dir / f"teacher_{i}") as tmp:
-                enc.save_pretrained(tmp)
-                tok.save_pretrained(tmp)
-            entries.append({"name": name, "dir": f"teacher_{i}", "hidden_size": hidden_size(enc), "num_layers": num_layers(enc)})
-        save_tensors(out_dir / "model.safetensors", self.head_state(), metadata={"kind": TEACHERS_KIND})
-        write_json(
-            out_dir / "config.json",
-            {
-                "kind": TEACHERS_KIND,
-                "teachers": entries,
-                "hidden_size": self.hidden_size,
-                "num_labels": self.num_labels,
-                "label_names": label_names,
-                "run": run_config,
-            },
-        )
+        with staged_set(out_dir) as stage:
+            for i, (enc, tok, name) in enumerate(zip(self.encoders, self.tokenizers, self.names)):
+                enc.save_pretrained(stage / f"teacher_{i}")
+                tok.save_pretrained(stage / f"teacher_{i}")
+                entries.append({"name": name, "dir": f"teacher_{i}", "hidden_size": hidden_size(enc), "num_layers": num_layers(enc)})
+            save_tensors(stage / "model.safetensors", self.head_state(), metadata={"kind": TEACHERS_KIND})
+            write_json(
+                stage / "config.json",
+                {
+                    "kind": TEACHERS_KIND,
+                    "teachers": entries,
+                    "hidden_size": self.hidden_size,
+                    "num_labels": self.num_labels,
+                    "label_names": label_names,
+                    "run": run_config,
+                },
+            )
 
     @classmethod
     def from_pretrained_encoders(cls, sources: Sequence[str], num_labels: int) -> "Teachers":
@@ -236,6 +234,7 @@ class Teachers(nn.Module):
 def _read_run_config(d: Path, kind: str, flag: str, what: str) -> dict:
     if not d.is_dir():
         raise UsageError(f"{flag} {d}: no such directory")
+    _recover(d)
     path = d / "config.json"
     if not path.is_file():
         raise UsageError(f"{flag} {d}: no config.json; expected {what}")
@@ -248,7 +247,16 @@ def _read_run_config(d: Path, kind: str, flag: str, what: str) -> dict:
     return cfg
 
 
+def _recover(d: Path) -> None:
+    try:
+        recover(d)  # finish (or drop) a save that was killed half-way
+    except OSError:
+        pass  # a read-only dir: read what is there
+
+
 def read_run_kind(d: str | Path) -> str | None:
+    if Path(d).is_dir():
+        _recover(Path(d))
     try:
         cfg = read_json(Path(d) / "config.json")
     except (OSError, ValueError):
@@ -302,9 +310,11 @@ class Student(nn.Module):
         return logits, torch.stack(all_hidden[1:])
 
     def save(self, out_dir: str | Path, run_config: dict, label_names: list[str], extra: dict | None = None) -> None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_pretrained_files(self.tokenizer, out_dir)
+        with staged_set(out_dir) as stage:
+            self._save_into(stage, run_config, label_names, extra)
+
+    def _save_into(self, out_dir: Path, run_config: dict, label_names: list[str], extra: dict | None) -> None:
+        self.tokenizer.save_pretrained(out_dir)
         save_tensors(out_dir / "model.safetensors", self.state_dict(), metadata={"kind": STUDENT_KIND})
         cfg = {
             "kind": STUDENT_KIND,

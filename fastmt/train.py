@@ -154,9 +154,13 @@ def check_out_dir(out: str, overwrite: bool, resume: bool = False) -> Path:
     """Refuse an --out that holds a run (unless --overwrite, or --resume with a checkpoint there)."""
     from fastmt.checkpoint import checkpoint_meta
 
+    from fastmt.io import recover
+
     d = Path(out)
     if d.exists() and not d.is_dir():
         raise UsageError(f"--out {out}: exists and is not a directory")
+    if d.is_dir():
+        recover(d)  # a save killed half-way: finished or dropped before anything looks at the dir
     meta = checkpoint_meta(d) if d.is_dir() else None
     finished = d.is_dir() and any((d / f).exists() for f in ("config.json", "model.safetensors"))
     if resume:

@@ -335,3 +335,66 @@ def test_non_finite_step_changes_nothing(fused):
     assert torch.equal(p.detach(), before)
     for k, v in opt.state[p].items():
         assert torch.equal(v, state[k]), k
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. A model is saved as one unit: weights, tokenizer and config.json never from two different saves
+
+
+def test_staged_set_rolls_forward_or_back(tmp_path):
+    from fastmt.io import STAGING, recover, staged_set
+
+    out = tmp_path / "run"
+    with staged_set(out) as st:
+        (st / "model.bin").write_text("v1")
+        (st / "sub").mkdir()
+        (st / "sub" / "w").write_text("v1")
+        (st / "config.json").write_text("v1")
+    assert (out / "model.bin").read_text() == (out / "sub" / "w").read_text() == (out / "config.json").read_text() == "v1"
+    assert not (out / STAGING).exists()
+    # A writer killed before its set was complete: the old set stays.
+    stage = out / STAGING
+    stage.mkdir()
+    (stage / "model.bin").write_text("v2")
+    recover(out)
+    assert (out / "model.bin").read_text() == "v1" and not stage.exists()
+    # A writer killed while moving a complete set into place: the move is finished.
+    stage.mkdir()
+    for name in ("model.bin", "config.json"):
+        (stage / name).write_text("v2")
+    (stage / "sub").mkdir()
+    (stage / "sub" / "w").write_text("v2")
+    (stage / ".complete").write_text("complete\n")
+    (out / ".trash").mkdir()
+    os.replace(out / "model.bin", out / ".trash" / "model.bin")  # killed between the two renames of one name
+    recover(out)
+    assert (out / "model.bin").read_text() == (out / "sub" / "w").read_text() == (out / "config.json").read_text() == "v2"
+    assert not stage.exists() and not (out / ".trash").exists()
+    # An exception inside the block leaves the old set.
+    with pytest.raises(RuntimeError), staged_set(out) as st:
+        (st / "model.bin").write_text("v3")
+        raise RuntimeError("disk full")
+    assert (out / "model.bin").read_text() == "v2" and not stage.exists()
+
+
+@pytest.mark.parametrize("kind", ["distill", "cofinetune"])
+def test_kill_while_saving_the_model_then_read(kind, tiny_task, tiny_encoders, teachers_dir, tmp_path):
+    """SIGKILL after the weights moved into place but before config.json: the next reader finishes
+    the save, and the dir evaluates to what the run logged."""
+    out = tmp_path / "run"
+    if kind == "distill":
+        argv = _distill_argv(tiny_task, teachers_dir, out)
+    else:
+        argv = ["cofinetune", "--teacher", tiny_encoders["a"], "--train", tiny_task["train"], "--dev", tiny_task["dev"],
+                "--out", out, *FAST]
+    killed = subprocess.run([sys.executable, "-m", "fastmt", *map(str, argv)], cwd=REPO, capture_output=True, text=True,
+                            env=_run_env(FASTMT_FAULT_KILL_IN_COMMIT="model.safetensors"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (out / ".staging" / "config.json").exists() and not (out / "config.json").exists()
+    metrics = out / "metrics.jsonl"
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
+    assert not [r for r in rows if r["event"] == "eval"]  # killed in the first save, before its eval row
+    r = run_cli("eval", "--model", out, "--data", tiny_task["dev"], "--json", tmp_path / "e.json")
+    assert r.returncode == 0, r.stderr
+    assert (out / "config.json").exists() and not (out / ".staging").exists()
+    assert 0.0 <= json.loads((tmp_path / "e.json").read_text())["accuracy"] <= 1.0
