@@ -48,14 +48,18 @@ class Mode:
     compile: bool = False
     precision: str = "fp32"
     stack: bool = False  # same-architecture teachers as one vmapped module
+    graphs: bool = False  # compiled graphs replayed as CUDA graphs
 
 
 def modes_for(device: torch.device) -> dict[str, Mode]:
     """The ladder from the reference to everything on; each step adds one thing."""
     if device.type == "cuda":
-        ladder = [Mode("reference"), Mode("stacked", stack=True), Mode("fused", "fused"),
-                  Mode("fused+compile", "fused", True), Mode("fused+compile+bf16", "fused", True, "bf16"),
-                  Mode("fast", "fused", True, "fp16")]
+        # "eager-fp16" is what a hand-rolled trainer does: autocast fp16, reference losses, no compile.
+        ladder = [Mode("reference"), Mode("eager-fp16", precision="fp16"), Mode("stacked", stack=True),
+                  Mode("fused", "fused"), Mode("fused+compile", "fused", True),
+                  Mode("fused+compile+graphs", "fused", True, graphs=True),
+                  Mode("fast-bf16", "fused", True, "bf16", stack=True, graphs=True),
+                  Mode("fast", "fused", True, "fp16", stack=True, graphs=True)]
     else:
         # On a CPU the Triton kernels only run in the interpreter, so the CPU ladder keeps the
         # reference losses and lets Inductor compile them with the rest of the step.
@@ -157,9 +161,9 @@ def run_mode(p: Preset, mode: Mode, device: torch.device, steps: int, warmup: in
         losses_mod = reference_losses
     torch._dynamo.reset()
     teachers, student = build_models(p, device, workdir)
-    args = DistillArgs(train="-", dev="-", out="-", teachers="-", student_layers=p.student_layers,
+    args = DistillArgs(train="-", dev="-", out="-", teachers="-", student_layers=p.student_layers, device=str(device),
                        precision=mode.precision, temperature=2.0, kernels=mode.kernels, compile=mode.compile,
-                       stack_teachers=mode.stack)
+                       stack_teachers=mode.stack, cuda_graphs=mode.graphs)
     step = DistillStep(student, teachers, layer_maps(p.student_layers, teachers), args, losses_mod, device,
                        compile=mode.compile)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -198,7 +202,7 @@ def run_mode(p: Preset, mode: Mode, device: torch.device, steps: int, warmup: in
     peak = matmul_peak_tflops(device, dtype)
     return {
         "name": mode.name, "kernels": mode.kernels, "compile": mode.compile, "precision": mode.precision,
-        "stacked_teachers": mode.stack,
+        "stacked_teachers": mode.stack, "cuda_graphs": mode.graphs,
         "samples_per_s": p.batch / p50, "tokens_per_s": p.batch * p.seq / p50,
         "step_ms_p50": 1e3 * q[0], "step_ms_p20": 1e3 * q[1], "step_ms_p80": 1e3 * q[2],
         "compile_s": compile_s, "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,

@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-hidden", action="store_true", help="weight the hidden loss by the teacher weights too")
     p.add_argument("--kernels", default="reference", help="fused or reference")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
+                   help="replay the compiled step as CUDA graphs (needs --compile and --device cuda)")
     p.add_argument("--alpha-task", type=float, default=1.0)
     p.add_argument("--alpha-kd", type=float, default=1.0)
     p.add_argument("--alpha-hidden", type=float, default=1.0)

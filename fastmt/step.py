@@ -2,7 +2,8 @@
 
 The same two functions serve the eager reference and the compiled path (``--compile``): compiled,
 each is one ``torch.compile(fullgraph=True)`` graph per sequence-length bucket (a handful, by design
-of the length buckets). Backward and the optimizer step stay in ``fastmt.train``.
+of the length buckets); with ``--cuda-graphs`` each is also recorded and replayed as a CUDA graph.
+Backward and the optimizer step stay in ``fastmt.train``.
 """
 
 from __future__ import annotations
@@ -39,10 +40,15 @@ class DistillStep:
         self._student = self.student_loss
         # Steps in which each teacher gave a non-finite logit, counted on the device (read when logging).
         self.teacher_faults = torch.zeros(len(teachers), dtype=torch.int64, device=device)
+        # CUDA graphs: Inductor's graph trees record each compiled graph (teachers' forward, student
+        # forward + loss, and its backward) once per length bucket into a static memory pool and
+        # replay it with one launch; new inputs are copied into the recorded buffers.
+        self.cuda_graphs = bool(getattr(args, "cuda_graphs", False)) and compile and device.type == "cuda"
         if compile:
             _install_output_hooks([student.encoder, *teachers.encoders], device)
-            self._teachers = torch.compile(self.teachers_forward, fullgraph=True, dynamic=False)
-            self._student = torch.compile(self.student_loss, fullgraph=True, dynamic=False)
+            mode = "reduce-overhead" if self.cuda_graphs else None
+            self._teachers = torch.compile(self.teachers_forward, fullgraph=True, dynamic=False, mode=mode)
+            self._student = torch.compile(self.student_loss, fullgraph=True, dynamic=False, mode=mode)
 
     def teachers_forward(self, inputs):
         """Teacher logits ``[T,N,C]`` and, for the hidden loss, the mapped hidden states ``[T,K,N,S,D]``."""
@@ -118,6 +124,9 @@ class DistillStep:
         return ("non-finite teacher logits: " + ", ".join(bad)) if bad else ""
 
     def __call__(self, inputs, labels):
+        if self.cuda_graphs:
+            # A new training step: outputs of the previous replay may be overwritten from here on.
+            torch.compiler.cudagraph_mark_step_begin()
         t_logits, t_hidden = self.teacher_outputs(inputs)
         return self._student(inputs, labels, t_logits, t_hidden)
 

@@ -122,8 +122,10 @@ class DistillArgs(TrainArgs):
             raise UsageError(f"--hidden-loss {self.hidden_loss}: choose tokens, cls or none")
         if self.kernels not in ("fused", "reference"):
             raise UsageError(f"--kernels {self.kernels}: choose fused or reference")
-        if self.cuda_graphs:
-            raise UsageError("--cuda-graphs: CUDA-graph capture of the step is not part of this version; leave it off")
+        if self.cuda_graphs and not self.device.startswith("cuda"):
+            raise UsageError(f"--cuda-graphs: CUDA graphs need --device cuda (this run is on {self.device})")
+        if self.cuda_graphs and not self.compile:
+            raise UsageError("--cuda-graphs replays the compiled step: add --compile")
         for name in ("alpha_task", "alpha_kd", "alpha_hidden"):
             v = getattr(self, name)
             if not (v >= 0 and math.isfinite(v)):

@@ -93,7 +93,8 @@ def test_train_args_rejected(kw, needle, tiny_task, tmp_path):
         (dict(hidden_loss="all"), "--hidden-loss"),
         (dict(kernels="magic"), "--kernels"),
         (dict(student_layers=0), "--student-layers"),
-        (dict(cuda_graphs=True), "--cuda-graphs"),
+        (dict(cuda_graphs=True, compile=True), "--cuda-graphs: CUDA graphs need --device cuda"),
+        (dict(cuda_graphs=True, device="cuda"), "add --compile"),
     ],
 )
 def test_distill_args_rejected(kw, needle, tiny_task, tmp_path):
