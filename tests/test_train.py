@@ -205,3 +205,35 @@ def test_stacked_teachers_equal_sequential(tiny_encoders):
     torch.testing.assert_close(out[True][0], out[False][0])
     torch.testing.assert_close(out[True][1], out[False][1])
     assert not torch.allclose(out[False][0][0], out[False][0][2])  # the stacked pair really are two teachers
+
+
+@pytest.mark.parametrize("kernels", ["reference", "fused"])
+def test_bucket_padding_gives_the_same_loss(kernels, tiny_task, tiny_encoders):
+    """Padding a batch to its length bucket (extra masked positions) leaves every loss term unchanged."""
+    from fastmt.data import encode, read_dataset
+    from fastmt.models import StudentSpec, Teachers, build_student, layer_maps
+    from fastmt.step import DistillStep
+
+    teachers = Teachers.from_pretrained_encoders([str(tiny_encoders["a"]), str(tiny_encoders["b"])], 2)
+    student, _ = build_student(StudentSpec(1, "teacher:1"), teachers)
+    teachers.eval().requires_grad_(False)
+    student.eval()
+    args = T.DistillArgs(**_args(tiny_task, "unused"), teachers="x", student_layers=1, kernels=kernels, temperature=2.0)
+    step = DistillStep(student, teachers, layer_maps(1, teachers), args, T._loss_module(kernels), torch.device("cpu"))
+    enc = encode(student.tokenizer, read_dataset(tiny_task["train"]), 16)
+    rows = enc.input_ids[:12]
+    labels = torch.tensor([0, 1] * 6)
+
+    def batch(width):
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        return {student.key: {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}}
+
+    longest = max(map(len, rows))
+    with torch.no_grad():
+        loss_a, parts_a = step(batch(longest), labels)
+        loss_b, parts_b = step(batch(longest + 13), labels)
+    assert set(parts_a) == {"task", "kd", "hidden"}
+    for k in parts_a:
+        assert torch.allclose(parts_a[k], parts_b[k], rtol=1e-5, atol=1e-6), k
+    assert torch.allclose(loss_a, loss_b, rtol=1e-5, atol=1e-6)
