@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -398,3 +399,22 @@ def test_kill_while_saving_the_model_then_read(kind, tiny_task, tiny_encoders, t
     assert r.returncode == 0, r.stderr
     assert (out / "config.json").exists() and not (out / ".staging").exists()
     assert 0.0 <= json.loads((tmp_path / "e.json").read_text())["accuracy"] <= 1.0
+
+
+def test_fp16_overflow_is_absorbed_and_logged(tiny_task, teachers_dir, tmp_path, monkeypatch):
+    """A loss scale far too large: the first steps overflow in fp16, are skipped, counted in
+    metrics.jsonl, the scale comes down, and the run trains on to a finite loss."""
+    real = torch.amp.GradScaler
+
+    def huge_scale(device, enabled=True, **kw):
+        return real(device, init_scale=2.0**24, enabled=enabled)
+
+    monkeypatch.setattr(T.torch.amp, "GradScaler", huge_scale)
+    T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "run", log_every=2, epochs=3), teachers=str(teachers_dir),
+                            student_layers=1, precision="fp16"))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["event"] == "train"]
+    assert train[0]["skipped_steps"] >= 1 and train[0]["loss_scale"] < 2.0**24
+    assert train[-1]["skipped_steps"] < 24  # not every step: the scale came down
+    assert all(np.isfinite(r["loss"]) for r in train)
+    assert rows[-1]["event"] == "done" and rows[-1]["skipped_steps"] == train[-1]["skipped_steps"]
