@@ -14,7 +14,7 @@ python -c "import fastmt" 2>/dev/null || pip install -q -e . --no-deps --no-buil
 status=0
 DEVICE=$device bash benches/gpu_kernels.sh "$out" || status=1
 gpu=$(python -c "import torch; print(torch.cuda.get_device_name().split()[1].lower() if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo unknown)
-timeout 240 python -m fastmt bench --device "$device" --preset "$preset" --json "$out/bench-$preset-$gpu.json" \
+timeout 300 python -m fastmt bench --device "$device" --preset "$preset" --json "$out/bench-$preset-$gpu.json" \
     > "$out/bench-$preset.txt" 2>&1 || status=1
 tail -n 12 "$out/bench-$preset.txt"
 timeout 120 python -m fastmt memory --device "$device" --preset "$preset" --out "$out/memory" \

@@ -19,7 +19,20 @@ def test_bench_tiny_writes_the_schema(tmp_path):
         assert m["step_ms_p20"] <= m["step_ms_p50"] <= m["step_ms_p80"] and 0 < m["mfu"] < 1
         assert m["final_loss"] == m["final_loss"]  # finite, not NaN
     assert result["modes"][1]["compile"] and result["modes"][1]["precision"] == "bf16"
+    assert result["complete"] is True
     assert "vs ref" in r.stdout
+
+
+def test_cuda_ladder_has_every_rung():
+    import torch
+
+    from fastmt.bench import modes_for
+
+    ladder = modes_for(torch.device("cuda"))
+    assert list(ladder)[:3] == ["reference", "eager-fp16", "fast"]  # what the targets compare, first
+    fast = ladder["fast"]
+    assert fast.kernels == "fused" and fast.compile and fast.graphs and fast.precision == "fp16" and fast.stack
+    assert {"fused", "fused+compile", "fused+compile+graphs", "stacked", "fast-bf16"} <= set(ladder)
 
 
 def test_bench_rejects_unknown_mode_and_preset():
