@@ -34,6 +34,9 @@ class DistillStep:
         self.use_teachers = args.alpha_kd > 0 or (args.hidden_loss != "none" and args.alpha_hidden > 0)
         self.want_hidden = args.hidden_loss != "none" and args.alpha_hidden > 0
         stack = getattr(args, "stack_teachers", False)
+        if compile:
+            # Before stacking: the stacked module's template is a copy of a teacher, hooks included.
+            _install_output_hooks([student.encoder, *teachers.encoders], device)
         self.groups = teacher_groups(teachers) if stack else [(i,) for i in range(len(teachers))]
         self.stacked = {g: StackedTeachers(teachers, g) for g in self.groups if len(g) > 1}
         self._teachers = self.teachers_forward
@@ -45,7 +48,6 @@ class DistillStep:
         # replay it with one launch; new inputs are copied into the recorded buffers.
         self.cuda_graphs = bool(getattr(args, "cuda_graphs", False)) and compile and device.type == "cuda"
         if compile:
-            _install_output_hooks([student.encoder, *teachers.encoders], device)
             mode = "reduce-overhead" if self.cuda_graphs else None
             self._teachers = torch.compile(self.teachers_forward, fullgraph=True, dynamic=False, mode=mode)
             self._student = torch.compile(self.student_loss, fullgraph=True, dynamic=False, mode=mode)
