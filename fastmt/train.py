@@ -462,9 +462,17 @@ def _fit(
         bar = progress_bar(steps_per_epoch, f"{desc} epoch {epoch}/{args.epochs}", args.progress)
         bar.update(done_in_epoch)
         done = done_in_epoch
+        t_mark = time.perf_counter()  # training time is read at the logging interval, where the host waits anyway
+
+        def lap() -> None:
+            nonlocal train_time, t_mark
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            train_time, t_mark = train_time + (now - t_mark), now
+
         for batch in iterate_batches(encodings_for(splits, keys), splits.train_labels, args.batch_size, splits.buckets, True, gen,
                                      skip_batches=done_in_epoch):
-            t0 = time.perf_counter()
             shard_inputs, shard_labels = shard(batch.inputs, batch.labels, world)
             inputs = to_device(shard_inputs, device)
             labels = shard_labels.to(device, non_blocking=True)
@@ -486,9 +494,6 @@ def _fit(
                 v = v.detach().float()
                 window_parts[k] = window_parts.get(k, 0.0) + torch.where(torch.isfinite(v), v, 0.0)
             window_n += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            train_time += time.perf_counter() - t0
             bar.update(1)
             log_now = step % args.log_every == 0 or step == total
             if (device.type != "cuda" and world.size == 1) or log_now:  # else read at the logging interval only
@@ -496,6 +501,7 @@ def _fit(
                     worst_run = max_over_world(worst_run, world)
                 stop_if_diverged(epoch)
             if log_now:
+                lap()
                 # The one host sync of the logging interval.
                 # Means over the finite steps of the window (and over processes).
                 good = float(mean_over_world(window_good.float(), world))
@@ -523,8 +529,11 @@ def _fit(
                 window_loss, window_n, window_good = torch.zeros((), device=device), 0, zero()
                 window_parts = {}
             if args.save_every and step % args.save_every == 0 and int(bad_run) == 0:
+                lap()
                 checkpoint(epoch, done)
+                t_mark = time.perf_counter()  # the checkpoint's own time is not training time
             fault_after_step(step)
+        lap()
         bar.close()
         scores = evaluate()  # every process: the same replica on the same dev set
         score = scores["dev_accuracy"]
