@@ -240,3 +240,17 @@ def test_bucket_padding_gives_the_same_loss(kernels, tiny_task, tiny_encoders):
     for k in parts_a:
         assert torch.allclose(parts_a[k], parts_b[k], rtol=1e-5, atol=1e-6), k
     assert torch.allclose(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+
+
+def test_student_init_indexes_the_teachers_dir_under_a_subset(tiny_encoders):
+    """teacher:0 with --teacher-subset 1 still copies teacher 0: every variant starts from the same weights."""
+    from fastmt.models import StudentSpec, Teachers, build_student
+
+    teachers = Teachers.from_pretrained_encoders([str(tiny_encoders["a"]), str(tiny_encoders["b"])], 2)
+    full, _ = build_student(StudentSpec(1, "teacher:0"), teachers)
+    only_b = T._subset(teachers, [1])
+    sub, _ = build_student(StudentSpec(1, "teacher:0"), only_b, init_from=teachers)
+    a, b = full.encoder.state_dict(), sub.encoder.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sub.proj_weight.shape[0] == 1 and full.proj_weight.shape[0] == 2
+    assert sub.proj_weight.shape[-1] == only_b.hidden_size
