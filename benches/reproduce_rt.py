@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -53,25 +51,12 @@ STUDENT_FLAGS = {
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import torch
 
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu}, {os.cpu_count()} cores"
-    return f"{dev}, torch {torch.__version__}"
+    from fastmt.bench import device_name
 
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return f"{device_name(dev)}, torch {torch.__version__}"
 
 
 class Results:
@@ -145,6 +130,8 @@ def run_all(a) -> None:
         if not p.exists():
             raise SystemExit(f"--shared {a.shared}: {p} not found")
     res = Results(Path(a.results))
+    from fastmt.bench import git_sha
+
     meta = {"machine": machine(), "git_sha": git_sha(),
             "settings": {"epochs_teachers": a.teacher_epochs, "epochs_students": a.student_epochs, "batch_size": a.batch_size,
                          "max_length": a.max_length, "precision": a.precision, "lr_teachers": a.teacher_lr,
