@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmt import losses as reference_losses
+from fastmt.stacked import make_stacked, teacher_groups
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -38,7 +39,8 @@ class DistillStep:
             # Before stacking: the stacked module's template is a copy of a teacher, hooks included.
             _install_output_hooks([student.encoder, *teachers.encoders], device)
         self.groups = teacher_groups(teachers) if stack else [(i,) for i in range(len(teachers))]
-        self.stacked = {g: StackedTeachers(teachers, g) for g in self.groups if len(g) > 1}
+        impl = getattr(args, "stack_impl", "auto")
+        self.stacked = {g: make_stacked(teachers, g, impl) for g in self.groups if len(g) > 1}
         self._teachers = self.teachers_forward
         self._student = self.student_loss
         # Steps in which each teacher gave a non-finite logit, counted on the device (read when logging).
@@ -143,74 +145,3 @@ def _install_output_hooks(encoders, device: torch.device) -> None:
             ids = torch.zeros(1, 2, dtype=torch.long, device=device)
             enc(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
             enc.train(was_training)
-
-
-def teacher_groups(teachers) -> list[tuple[int, ...]]:
-    """Teachers that can run as one stacked module: same architecture, same tokenizer, same adapter kind."""
-    groups: dict[str, list[int]] = {}
-    for i, enc in enumerate(teachers.encoders):
-        cfg = enc.config.to_diff_dict()
-        cfg.pop("_name_or_path", None)
-        sig = f"{type(enc).__name__}|{teachers.keys[i]}|{type(teachers.adapters[i]).__name__}|{sorted(cfg.items())}"
-        groups.setdefault(sig, []).append(i)
-    return [tuple(g) for g in groups.values()]
-
-
-class StackedTeachers:
-    """Teachers of one architecture as one module: weights stacked on a leading teacher dimension,
-    run with ``vmap(functional_call)`` so each layer is one batched GEMM for all of them.
-
-    The teachers' own parameters are re-pointed at slices of the stacked tensors: no second copy.
-    """
-
-    def __init__(self, teachers, idx: tuple[int, ...]):
-        import copy
-
-        from torch.func import stack_module_state
-
-        self.teachers, self.idx = teachers, idx
-        encoders = [teachers.encoders[i] for i in idx]
-        adapters = [teachers.adapters[i] for i in idx]
-        self.params, self.buffers = stack_module_state(encoders)
-        self.adapter_params, _ = stack_module_state(adapters) if any(True for _ in adapters[0].parameters()) else ({}, {})
-        for j, enc in enumerate(encoders):
-            for name, p in enc.named_parameters():
-                p.data = self.params[name][j]
-        self.base = copy.deepcopy(encoders[0]).to("meta")
-        self.adapter_base = copy.deepcopy(adapters[0]).to("meta")
-
-    def forward(self, inputs, hidden_indices):
-        from torch.func import functional_call
-
-        from fastmt.models import encode_hidden
-
-        want = hidden_indices is not None
-        layers = sorted({j for m in hidden_indices for j in m}) if want else []
-
-        def one(params, buffers, adapter_params):
-            last, all_hidden = encode_hidden(_Bound(self.base, params, buffers), inputs, want)
-            adapt = (lambda x: functional_call(self.adapter_base, adapter_params, (x,))) if adapter_params else (lambda x: x)
-            first = adapt(last[:, 0])
-            hid = tuple(adapt(all_hidden[j]) for j in layers) if want else ()
-            return first, hid
-
-        first, hid = torch.vmap(one, in_dims=(0, 0, 0 if self.adapter_params else None))(
-            self.params, self.buffers, self.adapter_params if self.adapter_params else None)
-        out = {}
-        for j, i in enumerate(self.idx):
-            logits = self.teachers.head(first[j])
-            h = [hid[layers.index(k)][j] for k in hidden_indices[j]] if want else None
-            out[i] = (logits, h)
-        return out
-
-
-class _Bound:
-    """Call a meta-device module with given parameters and buffers (for ``encode_hidden``)."""
-
-    def __init__(self, module, params, buffers):
-        self.module, self.params, self.buffers, self.config = module, params, buffers, module.config
-
-    def __call__(self, **kwargs):
-        from torch.func import functional_call
-
-        return functional_call(self.module, (self.params, self.buffers), (), kwargs)

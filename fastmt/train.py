@@ -197,26 +197,69 @@ def start_out_dir(d: Path, resume_metrics_bytes: int | None = None) -> None:
             f.truncate(resume_metrics_bytes)
 
 
+class LinearSchedule:
+    """Linear warm-up then linear decay to 0, kept in ONE device tensor that every parameter group's
+    ``lr`` points at. Each step writes the new value in place (a scalar fill, no host read), so the
+    optimizer always reads its learning rate from device memory: a captured or compiled step
+    replays with the new rate instead of one baked in at record time."""
+
+    def __init__(self, opt: torch.optim.Optimizer, base_lr: float, warm: int, total: int, device: torch.device):
+        self.opt, self.base_lr, self.warm, self.total = opt, base_lr, warm, total
+        self.lr = torch.zeros((), dtype=torch.float32, device=device)
+        self.last_epoch = 0
+        self.attach()
+
+    def factor(self, step: int) -> float:
+        if self.warm and step < self.warm:
+            return (step + 1) / self.warm
+        return max(0.0, (self.total - step) / max(1, self.total - self.warm))
+
+    def value(self) -> float:
+        return self.base_lr * self.factor(self.last_epoch)
+
+    def attach(self) -> None:
+        """Point every group at the shared tensor (again after ``opt.load_state_dict`` replaced it)."""
+        self.lr.fill_(self.value())
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr
+
+    def step(self) -> None:
+        self.last_epoch += 1
+        self.lr.fill_(self.value())
+
+    def get_last_lr(self) -> list[float]:
+        return [self.value()]  # computed on the host: reading it costs no device sync
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch, "base_lr": self.base_lr, "warm": self.warm, "total": self.total}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_epoch = int(state["last_epoch"])
+        self.attach()
+
+
 def make_optimizer(model: nn.Module, args: TrainArgs, total_steps: int, device: torch.device):
-    """AdamW (no decay on biases and norms) with linear warm-up then linear decay to 0."""
+    """AdamW (no decay on biases and norms) with linear warm-up then linear decay to 0.
+
+    On CUDA: the fused, capturable AdamW (step counts, learning rate and the fp16 skip flag all live on
+    the device, nothing is read back). ``zero_grad(set_to_none=False)`` in the loop keeps every
+    gradient buffer at one address from step to step.
+    """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 or "LayerNorm" in name or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
     # Fused AdamW takes the fp16 scaler's found-inf flag itself: an overflowed step is skipped on the
     # device, with no read-back (the unfused path asks the host).
     fused = device.type == "cuda" or args.precision == "fp16"
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused)
+    extra = {"capturable": True} if device.type == "cuda" else {}
+    lr0 = torch.tensor(args.lr, dtype=torch.float32, device=device)
+    opt = torch.optim.AdamW(groups, lr=lr0, betas=(0.9, 0.999), eps=1e-8, fused=fused, **extra)
     warm = max(1, int(args.warmup * total_steps)) if args.warmup > 0 else 0
-
-    def factor(step: int) -> float:
-        if warm and step < warm:
-            return (step + 1) / warm
-        return max(0.0, (total_steps - step) / max(1, total_steps - warm))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return opt, LinearSchedule(opt, args.lr, warm, total_steps, device)
 
 
 def optimizer_step(opt, scaler, params, max_grad_norm: float, loss: torch.Tensor | None = None) -> torch.Tensor:
@@ -477,7 +520,7 @@ def _fit(
             inputs = to_device(shard_inputs, device)
             labels = shard_labels.to(device, non_blocking=True)
             loss, parts = loss_fn(inputs, labels)
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=False)
             scaler.scale(loss).backward()
             skipped += optimizer_step(opt, scaler, params, args.max_grad_norm, loss)
             sched.step()

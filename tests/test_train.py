@@ -254,3 +254,30 @@ def test_student_init_indexes_the_teachers_dir_under_a_subset(tiny_encoders):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert sub.proj_weight.shape[0] == 1 and full.proj_weight.shape[0] == 2
     assert sub.proj_weight.shape[-1] == only_b.hidden_size
+
+
+def test_learning_rate_lives_in_one_device_tensor_updated_in_place():
+    """The schedule writes the rate into one tensor that every group reads (so a replayed graph sees it)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    args = T.TrainArgs(train="-", dev="-", out="-", lr=1e-3, warmup=0.25)
+    opt, sched = T.make_optimizer(model, args, total_steps=8, device=torch.device("cpu"))
+    lr = sched.lr
+    assert len(opt.param_groups) == 2 and all(g["lr"] is lr for g in opt.param_groups)
+    ptr = lr.data_ptr()
+    seen = []
+    for _ in range(8):
+        seen.append(float(lr))
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+        sched.step()
+    # Warm-up over 2 steps, then linear decay to 0 at step 8.
+    assert seen == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4 * 5 / 3, 1e-3 * 4 / 6, 1e-3 * 3 / 6, 1e-3 * 2 / 6, 1e-3 / 6])
+    assert lr.data_ptr() == ptr and float(lr) == 0.0
+    # A resumed optimizer gets the rate tensor back (load_state_dict replaces group values).
+    state, sstate = opt.state_dict(), sched.state_dict()
+    opt2, sched2 = T.make_optimizer(model, args, total_steps=8, device=torch.device("cpu"))
+    opt2.load_state_dict(state)
+    sched2.load_state_dict(sstate)
+    assert all(g["lr"] is sched2.lr for g in opt2.param_groups)
+    assert sched2.last_epoch == 8 and float(sched2.lr) == 0.0 and sched2.get_last_lr() == [0.0]
