@@ -65,7 +65,9 @@ def modes_for(device: torch.device) -> dict[str, Mode]:
         # On a CPU the Triton kernels only run in the interpreter, so the CPU ladder keeps the
         # reference losses and lets Inductor compile them with the rest of the step.
         ladder = [Mode("reference"), Mode("stacked", stack=True), Mode("bf16", precision="bf16"),
-                  Mode("compile", compile=True), Mode("fast", compile=True, precision="bf16")]
+                  Mode("bf16+stacked", precision="bf16", stack=True), Mode("compile", compile=True),
+                  Mode("compile+bf16", compile=True, precision="bf16"),
+                  Mode("fast", compile=True, precision="bf16", stack=True)]
     return {m.name: m for m in ladder}
 
 
@@ -150,69 +152,94 @@ def build_models(p: Preset, device: torch.device, workdir: Path):
     return teachers, student.to(device)
 
 
-def run_mode(p: Preset, mode: Mode, device: torch.device, steps: int, warmup: int, workdir: Path) -> dict:
-    from fastmt import losses as reference_losses
-    from fastmt.models import layer_maps
-    from fastmt.step import DistillStep
-    from fastmt.train import DistillArgs
+class PreparedMode:
+    """One mode built and warmed up (compiled where it compiles): ready to time step by step."""
 
-    if mode.kernels == "fused":
-        import fastmt.kernels as losses_mod
-    else:
-        losses_mod = reference_losses
-    torch._dynamo.reset()
-    teachers, student = build_models(p, device, workdir)
-    args = DistillArgs(train="-", dev="-", out="-", teachers="-", student_layers=p.student_layers, device=str(device),
-                       precision=mode.precision, temperature=2.0, kernels=mode.kernels, compile=mode.compile,
-                       stack_teachers=mode.stack, cuda_graphs=mode.graphs)
-    step = DistillStep(student, teachers, layer_maps(p.student_layers, teachers), args, losses_mod, device,
-                       compile=mode.compile)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=mode.precision == "fp16")
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(4, p.vocab, (p.batch, p.seq), generator=g).to(device)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
-    inputs = {teachers.keys[0]: batch}
-    labels = torch.randint(0, p.classes, (p.batch,), generator=g).to(device)
+    def __init__(self, p: Preset, mode: Mode, device: torch.device, warmup: int, workdir: Path):
+        from fastmt import losses as reference_losses
+        from fastmt.models import layer_maps
+        from fastmt.step import DistillStep
+        from fastmt.train import DistillArgs, make_optimizer, optimizer_step
 
-    def one_step():
-        loss, _ = step(inputs, labels)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=False)
-        return loss
+        if mode.kernels == "fused":
+            import fastmt.kernels as losses_mod
+        else:
+            losses_mod = reference_losses
+        self.p, self.mode, self.device = p, mode, device
+        teachers, student = build_models(p, device, workdir)
+        args = DistillArgs(train="-", dev="-", out="-", teachers="-", student_layers=p.student_layers,
+                           device=str(device), precision=mode.precision, temperature=2.0, kernels=mode.kernels,
+                           compile=mode.compile, stack_teachers=mode.stack, cuda_graphs=mode.graphs, lr=1e-4)
+        step = DistillStep(student, teachers, layer_maps(p.student_layers, teachers), args, losses_mod, device,
+                           compile=mode.compile)
+        # The training loop's own optimizer and step: fused capturable AdamW on CUDA, the learning
+        # rate in a device tensor, unscale + clip + skip-on-overflow, gradients kept in place.
+        opt, sched = make_optimizer(student, args, total_steps=10**6, device=device)
+        scaler = torch.amp.GradScaler(device.type, enabled=mode.precision == "fp16")
+        params = [q for q in student.parameters() if q.requires_grad]
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(4, p.vocab, (p.batch, p.seq), generator=g).to(device)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+        inputs = {teachers.keys[0]: batch}
+        labels = torch.randint(0, p.classes, (p.batch,), generator=g).to(device)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        one_step()
-    sync(device)
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(steps):
+        def one_step():
+            loss, _ = step(inputs, labels)
+            opt.zero_grad(set_to_none=False)
+            scaler.scale(loss).backward()
+            optimizer_step(opt, scaler, params, 1.0, loss)
+            sched.step()
+            return loss
+
+        self.one_step = one_step
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        one_step()
+        for _ in range(warmup):
+            one_step()
         sync(device)
-        times.append(time.perf_counter() - t0)
-    loss = float(one_step().detach())  # the run's one read-back, after timing
-    q = torch.tensor(times).quantile(torch.tensor([0.5, 0.2, 0.8])).tolist()
-    p50 = q[0]
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mode.precision]
-    peak = matmul_peak_tflops(device, dtype)
-    return {
-        "name": mode.name, "kernels": mode.kernels, "compile": mode.compile, "precision": mode.precision,
-        "stacked_teachers": mode.stack, "cuda_graphs": mode.graphs,
-        "samples_per_s": p.batch / p50, "tokens_per_s": p.batch * p.seq / p50,
-        "step_ms_p50": 1e3 * q[0], "step_ms_p20": 1e3 * q[1], "step_ms_p80": 1e3 * q[2],
-        "compile_s": compile_s, "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
-        "mfu": step_flops(p) / p50 / 1e12 / peak, "matmul_peak_tflops": peak, "final_loss": loss,
-    }
+        self.compile_s = time.perf_counter() - t0
+        self.times: list[float] = []
+
+    def time_steps(self, n: int) -> None:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            self.one_step()
+            sync(self.device)
+            self.times.append(time.perf_counter() - t0)
+
+    def row(self) -> dict:
+        p, mode, device = self.p, self.mode, self.device
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+        loss = float(self.one_step().detach())  # the mode's one read-back, after timing
+        q = torch.tensor(self.times).quantile(torch.tensor([0.5, 0.2, 0.8])).tolist()
+        p50 = q[0]
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mode.precision]
+        peak = matmul_peak_tflops(device, dtype)
+        return {
+            "name": mode.name, "kernels": mode.kernels, "compile": mode.compile, "precision": mode.precision,
+            "stacked_teachers": mode.stack, "cuda_graphs": mode.graphs,
+            "samples_per_s": p.batch / p50, "tokens_per_s": p.batch * p.seq / p50,
+            "step_ms_p50": 1e3 * q[0], "step_ms_p20": 1e3 * q[1], "step_ms_p80": 1e3 * q[2],
+            "compile_s": self.compile_s, "peak_mb": peak_mb, "timed_steps": len(self.times),
+            "mfu": step_flops(p) / p50 / 1e12 / peak, "matmul_peak_tflops": peak, "final_loss": loss,
+        }
+
+
+def run_mode(p: Preset, mode: Mode, device: torch.device, steps: int, warmup: int, workdir: Path) -> dict:
+    """Build, warm up and time one mode on its own."""
+    torch._dynamo.reset()
+    m = PreparedMode(p, mode, device, warmup, workdir)
+    m.time_steps(steps)
+    return m.row()
 
 
 def run_bench(device_name_arg: str = "cpu", preset: str = "tiny", json_out: str | None = None, steps: int | None = None,
-              modes: str | None = None) -> dict:
+              modes: str | None = None, rounds: int | None = None) -> dict:
+    """The ladder side by side. With ``rounds`` > 1 every mode is built first, then the timed steps
+    are dealt out round-robin (``steps / rounds`` per mode per turn), so a slow spell of a shared
+    machine lands on every mode alike instead of on whichever ran then. Default: 5 on a CPU; 1 on
+    CUDA, where each mode runs alone (its peak memory is its own)."""
     from fastmt.train import resolve_device
 
     device = resolve_device(device_name_arg)
@@ -226,19 +253,39 @@ def run_bench(device_name_arg: str = "cpu", preset: str = "tiny", json_out: str 
             raise UsageError(f"--modes {n}: on {device.type} choose from {', '.join(ladder)}")
     if steps is not None and steps < 1:
         raise UsageError(f"--steps {steps}: must be at least 1")
+    if rounds is not None and rounds < 1:
+        raise UsageError(f"--rounds {rounds}: must be at least 1")
     steps = steps or (10 if preset == "tiny" else 20)
+    rounds = min(rounds or (1 if device.type == "cuda" else 5), steps)
     from fastmt.io import write_json
 
     rows = []
     result = {"device": device_name(device), "preset": preset, "preset_shape": p.__dict__, "torch": torch.__version__,
-              "git_sha": git_sha(), "steps": steps, "complete": False, "modes": rows}
+              "git_sha": git_sha(), "steps": steps, "rounds": rounds, "complete": False, "modes": rows}
+
+    def report(r: dict) -> None:
+        print(f"  {r['name']:20s} {r['step_ms_p50']:9.1f} ms/step  {r['samples_per_s']:8.1f} samples/s", flush=True)
+
     with tempfile.TemporaryDirectory(prefix="fastmt-bench-") as tmp:
-        for n in names:
-            rows.append(run_mode(p, ladder[n], device, steps, warmup=3, workdir=Path(tmp)))
-            r = rows[-1]
-            print(f"  {r['name']:20s} {r['step_ms_p50']:9.1f} ms/step  {r['samples_per_s']:8.1f} samples/s", flush=True)
-            if json_out:  # after every mode: a run stopped by a time limit keeps what it measured
-                write_json(json_out, result)
+        if rounds == 1:
+            for n in names:
+                rows.append(run_mode(p, ladder[n], device, steps, warmup=3, workdir=Path(tmp)))
+                report(rows[-1])
+                if json_out:  # after every mode: a run stopped by a time limit keeps what it measured
+                    write_json(json_out, result)
+        else:
+            torch._dynamo.reset()
+            prepared = []
+            for n in names:
+                prepared.append(PreparedMode(p, ladder[n], device, 3, Path(tmp)))
+                print(f"  {n:20s} built and warmed up in {prepared[-1].compile_s:.1f} s", flush=True)
+            share = [steps // rounds + (1 if k < steps % rounds else 0) for k in range(rounds)]
+            for k in range(rounds):
+                for m in prepared:
+                    m.time_steps(share[k])
+            for m in prepared:
+                rows.append(m.row())
+                report(rows[-1])
     result["complete"] = True
     print(format_table(result))
     if json_out:
@@ -251,8 +298,10 @@ def format_table(result: dict) -> str:
     base = next((r for r in rows if r["name"] == "reference"), rows[0])
     head = (f"{'mode':20s} {'samples/s':>10s} {'tokens/s':>10s} {'ms p50':>9s} {'[p20, p80]':>17s} "
             f"{'compile s':>9s} {'peak MB':>8s} {'MFU':>6s} {'vs ref':>7s}")
+    rounds = result.get("rounds", 1)
+    dealt = f", dealt round-robin in {rounds} rounds" if rounds > 1 else ""
     out = [f"fastmt bench --preset {result['preset']} on {result['device']}, torch {result['torch']}, "
-           f"{result['steps']} timed steps per mode", head, "-" * len(head)]
+           f"{result['steps']} timed steps per mode{dealt}", head, "-" * len(head)]
     for r in rows:
         peak = f"{r['peak_mb']:8.0f}" if r["peak_mb"] is not None else f"{'-':>8s}"
         out.append(f"{r['name']:20s} {r['samples_per_s']:10.1f} {r['tokens_per_s']:10.0f} {r['step_ms_p50']:9.1f} "

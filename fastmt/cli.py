@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="OUT")
     p.add_argument("--steps", type=int, default=None, help="timed steps per mode")
     p.add_argument("--modes", default=None, help="comma-separated subset of the ladder")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="deal each mode's timed steps out round-robin in this many turns (default 5 on CPU, 1 on CUDA)")
 
     p = sub.add_parser("memory", help="peak GPU memory by phase, fast vs reference, and the largest batch")
     p.add_argument("--device", default="cpu")
@@ -167,7 +169,7 @@ def run(ns: argparse.Namespace) -> int:
     if ns.command == "bench":
         from fastmt.bench import run_bench
 
-        run_bench(ns.device, ns.preset, ns.json, ns.steps, ns.modes)
+        run_bench(ns.device, ns.preset, ns.json, ns.steps, ns.modes, ns.rounds)
         return 0
     if ns.command == "memory":
         from fastmt.memory import run_memory

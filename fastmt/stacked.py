@@ -119,6 +119,15 @@ class StackedBert:
     def _linear(x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """``x [T, R, in] @ W[t].T + b[t]`` for every teacher t in one batched GEMM."""
         w, b = wb
+        if x.device.type == "cpu" and x.dtype == torch.float32 == w.dtype and not torch.is_autocast_enabled("cpu"):
+            # Measured on a 2-core EPYC: the CPU's fp32 batched GEMM is ~1.4x slower than one GEMM per
+            # teacher (bf16 is the other way round), so fp32 on the CPU loops.
+            if torch.compiler.is_compiling():  # Inductor writes each product straight into the stack
+                return torch.stack([F.linear(x[i], w[i], b[i]) for i in range(x.shape[0])])
+            out = x.new_empty(x.shape[0], x.shape[1], w.shape[1])
+            for i in range(x.shape[0]):
+                torch.addmm(b[i], x[i], w[i].t(), out=out[i])
+            return out
         return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
 
     def _norm(self, x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -35,6 +35,11 @@ class DistillStep:
         self.use_teachers = args.alpha_kd > 0 or (args.hidden_loss != "none" and args.alpha_hidden > 0)
         self.want_hidden = args.hidden_loss != "none" and args.alpha_hidden > 0
         stack = getattr(args, "stack_teachers", False)
+        if args.precision != "fp32" and self.use_teachers:
+            # Frozen teachers keep their weights in the half dtype: half the memory, and autocast no
+            # longer re-casts every teacher weight on every step. (The shared head stays fp32: tiny.)
+            teachers.encoders.to(PRECISIONS[args.precision])
+            teachers.adapters.to(PRECISIONS[args.precision])
         if compile:
             # Before stacking: the stacked module's template is a copy of a teacher, hooks included.
             _install_output_hooks([student.encoder, *teachers.encoders], device)

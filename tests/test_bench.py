@@ -70,3 +70,15 @@ def test_memory_phases_walk_a_whole_step(monkeypatch, tmp_path):
     peaks = memory._phased_step(step, opt, scaler, inputs, labels)
     assert list(peaks) == list(memory.PHASES) and list(peaks.values()) == [1.0, 2.0, 3.0, 4.0, 5.0]
     assert any(not torch.equal(a, b) for a, b in zip(before, step.student.parameters()))  # the step ran
+
+
+def test_bench_deals_steps_round_robin(tmp_path):
+    out = tmp_path / "bench.json"
+    r = run_cli("bench", "--preset", "tiny", "--steps", "5", "--rounds", "2", "--modes", "reference,stacked", "--json", out)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert result["rounds"] == 2 and result["complete"] is True
+    assert [m["timed_steps"] for m in result["modes"]] == [5, 5]
+    assert "round-robin in 2 rounds" in r.stdout
+    r = run_cli("bench", "--rounds", "0")
+    assert r.returncode == 2 and "--rounds 0" in r.stderr and "Traceback" not in r.stderr

@@ -74,6 +74,18 @@ def test_stacked_bert_equals_sequential_float64(shape, act, one_tokenizer):
     assert not torch.allclose(want[1][0], want[2][0])  # three different teachers, not one three times
 
 
+def test_stacked_bert_float32(one_tokenizer):
+    """float32 on the CPU takes the per-teacher GEMM path; same answer."""
+    encs = [_bert(40, 2, 5, seed=s) for s in (4, 5, 6)]
+    teachers = Teachers(encs, [None] * 3, ["a", "b", "c"], 2).eval()
+    inputs = _inputs()
+    maps = [[1, 2], [0, 2], [2]]
+    with torch.no_grad():
+        want = _sequential(teachers, (0, 1, 2), inputs, maps)
+        got = StackedBert(teachers, (0, 1, 2)).forward(inputs, maps)
+    _assert_same(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_stacked_bert_without_token_types(one_tokenizer):
     encs = [_bert(24, 2, 3, types=1, seed=s) for s in (4, 5)]
     teachers = Teachers(encs, [None] * 2, ["a", "b"], 2).double().eval()
