@@ -47,7 +47,7 @@ class Mode:
     kernels: str = "reference"
     compile: bool = False
     precision: str = "fp32"
-    stack: bool = False  # same-architecture teachers as one vmapped module
+    stack: bool = False  # same-architecture teachers as one stacked module
     graphs: bool = False  # compiled graphs replayed as CUDA graphs
 
 

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha-kd", type=float, default=1.0)
     p.add_argument("--alpha-hidden", type=float, default=1.0)
     p.add_argument("--teacher-subset", default=None, metavar="I,J", help="distil from these teachers only")
-    p.add_argument("--stack-teachers", action="store_true", help="run same-architecture teachers as one vmapped module")
+    p.add_argument("--stack-teachers", action="store_true", help="run same-architecture teachers as one stacked module (one batched GEMM per layer for all of them)")
     _add_common(p, defaults={"epochs": 3, "lr": 5e-5})
 
     p = sub.add_parser("eval", help="accuracy of a student dir, or of each teacher and the ensemble")

@@ -108,7 +108,7 @@ class DistillArgs(TrainArgs):
     alpha_kd: float = 1.0
     alpha_hidden: float = 1.0
     teacher_subset: list[int] | None = None  # distil from these teachers only
-    stack_teachers: bool = False  # run teachers of one architecture as one vmapped module
+    stack_teachers: bool = False  # run teachers of one architecture as one stacked module (fastmt.stacked)
 
     def __post_init__(self) -> None:
         super().__post_init__()

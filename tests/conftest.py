@@ -10,6 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
+try:
+    from hypothesis import settings
+
+    # The default run draws the same examples every time (a green suite stays green); set
+    # FASTMT_FUZZ=explore for fresh random examples, many more of them, to hunt for new failures.
+    settings.register_profile("default", derandomize=True, print_blob=True)
+    settings.register_profile("explore", derandomize=False, max_examples=300, print_blob=True)
+    settings.load_profile(os.environ.get("FASTMT_FUZZ", "default"))
+except ImportError:  # pragma: no cover - hypothesis is in the test extras
+    pass
+
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -202,4 +202,8 @@ def test_fused_kl_kernel_agrees_on_fuzzed_inputs(case):
     tol = 1e-4 * max(1.0, abs(float(ref))) + 8 * 2.0**-23 * spread * tau**2
     assert abs(float(out) - float(ref)) <= tol
     assert torch.isfinite(s_k.grad).all()
-    assert float((s_k.grad.double() - s_ref.grad).norm()) <= 1e-3 * float(s_ref.grad.norm()) + 1e-6
+    # The gradient is tau * sum_t w_t (p_s - p_t) / rows: with probabilities near each other (logits
+    # ~1e-4 apart) float32 can resolve p_s - p_t only to a few ulps of 1, whatever the algorithm.
+    rows = max(1, int((labels != -100).sum()))
+    floor = 4 * 2.0**-23 * tau / rows * student.numel() ** 0.5
+    assert float((s_k.grad.double() - s_ref.grad).norm()) <= 1e-3 * float(s_ref.grad.norm()) + floor + 1e-6
