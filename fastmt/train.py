@@ -205,7 +205,8 @@ class LinearSchedule:
 
     def __init__(self, opt: torch.optim.Optimizer, base_lr: float, warm: int, total: int, device: torch.device):
         self.opt, self.base_lr, self.warm, self.total = opt, base_lr, warm, total
-        self.lr = torch.zeros((), dtype=torch.float32, device=device)
+        # float64 on the CPU: the same update as a Python-float rate, bit for bit.
+        self.lr = torch.zeros((), dtype=torch.float32 if device.type == "cuda" else torch.float64, device=device)
         self.last_epoch = 0
         self.attach()
 
@@ -256,7 +257,7 @@ def make_optimizer(model: nn.Module, args: TrainArgs, total_steps: int, device: 
     # device, with no read-back (the unfused path asks the host).
     fused = device.type == "cuda" or args.precision == "fp16"
     extra = {"capturable": True} if device.type == "cuda" else {}
-    lr0 = torch.tensor(args.lr, dtype=torch.float32, device=device)
+    lr0 = torch.tensor(args.lr, dtype=torch.float32 if device.type == "cuda" else torch.float64, device=device)
     opt = torch.optim.AdamW(groups, lr=lr0, betas=(0.9, 0.999), eps=1e-8, fused=fused, **extra)
     warm = max(1, int(args.warmup * total_steps)) if args.warmup > 0 else 0
     return opt, LinearSchedule(opt, args.lr, warm, total_steps, device)
