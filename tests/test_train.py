@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastmt import train as T
 from fastmt.errors import UsageError
@@ -281,3 +282,59 @@ def test_learning_rate_lives_in_one_device_tensor_updated_in_place():
     sched2.load_state_dict(sstate)
     assert all(g["lr"] is sched2.lr for g in opt2.param_groups)
     assert sched2.last_epoch == 8 and float(sched2.lr) == 0.0 and sched2.get_last_lr() == [0.0]
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts device-to-host scalar reads (.item(), bool(), float(), int() all go through this op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_fp16_optimizer_step_reads_nothing_back():
+    """Unscale, clip, skip-on-overflow, AdamW, loss-scale update and the schedule: no host read, on
+    an overflowing step and on a good one (on a GPU each read would be a sync)."""
+    model = torch.nn.Linear(8, 3)
+    args = T.TrainArgs(train="-", dev="-", out="-", precision="fp16", lr=1e-2)
+    opt, sched = T.make_optimizer(model, args, total_steps=10, device=torch.device("cpu"))
+    assert opt.defaults["fused"]
+    params = list(model.parameters())
+    x, y = torch.randn(4, 8), torch.tensor([0, 1, 2, 0])
+    results = []
+    for init_scale in (2.0**60, 2.0**4):  # the first overflows fp16, the second does not
+        scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = torch.nn.functional.cross_entropy(model(x * 100).float(), y)
+        opt.zero_grad(set_to_none=False)
+        scaler.scale(loss).backward()
+        with _HostReads() as reads:
+            skipped = T.optimizer_step(opt, scaler, params, 1.0, loss)
+            sched.step()
+        assert reads.count == 0
+        results.append(int(skipped))
+    assert results == [1, 0]
+
+
+def test_stacked_teachers_forward_reads_nothing_back(tiny_encoders):
+    from fastmt import losses
+    from fastmt.models import StudentSpec, Teachers, build_student, layer_maps
+    from fastmt.step import DistillStep
+
+    teachers = Teachers.from_pretrained_encoders([str(tiny_encoders["a"])] * 3, 2).eval()
+    student, _ = build_student(StudentSpec(1, "teacher:0"), teachers)
+    args = T.DistillArgs(train="-", dev="-", out="-", teachers="-", student_layers=1, stack_teachers=True)
+    step = DistillStep(student, teachers, layer_maps(1, teachers), args, losses, torch.device("cpu"))
+    ids = torch.randint(4, 40, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[0, 4:] = 0
+    inputs = {teachers.keys[0]: {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}}
+    step.teacher_outputs(inputs)
+    with _HostReads() as reads:
+        t_logits, t_hidden = step.teacher_outputs(inputs)
+    assert reads.count == 0 and t_logits.shape == (3, 3, 2)
