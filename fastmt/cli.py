@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cofinetune", help="fine-tune teachers jointly through one shared head")
     p.add_argument("--teacher", action="append", required=True, metavar="M", help="HF model name or dir (repeat)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the teachers' forward and losses (one graph per length bucket)")
     _add_common(p, defaults={"epochs": 3, "lr": 3e-5})
 
     p = sub.add_parser("distill", help="distil a student from co-finetuned teachers")

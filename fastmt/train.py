@@ -68,6 +68,7 @@ class TrainArgs:
     save_every: int = 0  # [--save-every] steps between checkpoints; 0 writes none
     resume: bool = False  # [--resume] continue from DIR/checkpoint
     max_bad_steps: int = 20  # [--max-bad-steps] stop after this many non-finite losses in a row
+    compile: bool = False  # [--compile] torch.compile(fullgraph=True) the step's forward + loss
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -102,7 +103,6 @@ class DistillArgs(TrainArgs):
     hidden_loss: str = "tokens"
     weight_hidden: bool = False  # also weight the hidden loss per example by the teacher weights
     kernels: str = "reference"
-    compile: bool = False
     cuda_graphs: bool = False
     alpha_task: float = 1.0
     alpha_kd: float = 1.0
@@ -630,6 +630,13 @@ def cofinetune(teacher_sources: list[str], args: TrainArgs) -> RunResult:
             logits = teachers(inputs)  # [T, N, C]
         per_teacher = torch.stack([F.cross_entropy(z.float(), labels) for z in logits])
         return per_teacher.sum(), {f"ce_{i}": v for i, v in enumerate(per_teacher)}
+
+    if args.compile:
+        from fastmt.step import _install_output_hooks
+
+        _install_output_hooks(list(teachers.encoders), device)
+        # One graph per length bucket (forward + the T losses); backward is compiled with it.
+        loss_fn = torch.compile(loss_fn, fullgraph=True, dynamic=False)
 
     def evaluate():
         logits = teacher_logits(teachers, splits.dev_enc, len(splits.dev_labels), args.eval_batch_size, splits.buckets, device, args.precision)

@@ -156,6 +156,26 @@ def test_compiled_step_equals_eager_step(stack, tiny_task, tiny_encoders, tmp_pa
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
 
 
+def test_compiled_cofinetune_equals_eager(tiny_task, tiny_encoders, tmp_path):
+    import torch._inductor.config
+
+    runs = {}
+    with torch._inductor.config.patch(fallback_random=True):  # the same dropout masks as eager
+        for compiled in (False, True):
+            out = tmp_path / f"cofinetune-compiled-{compiled}"
+            torch._dynamo.utils.counters.clear()
+            T.cofinetune([str(tiny_encoders["a"]), str(tiny_encoders["b"])],
+                         T.TrainArgs(**_args(tiny_task, out, log_every=1, batch_size=64), compile=compiled))
+            rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+            runs[compiled] = [r for r in rows if r["event"] == "train"]
+            assert json.loads((out / "config.json").read_text())["run"]["compile"] is compiled
+            assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0) is compiled  # really compiled
+    assert len(runs[True]) == len(runs[False]) >= 3
+    for a, b in zip(runs[True], runs[False]):
+        for key in ("loss", "loss_ce_0", "loss_ce_1"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+
 def test_fp16_overflow_step_is_skipped_and_counted():
     model = torch.nn.Linear(8, 3)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
