@@ -149,8 +149,8 @@ class StackedBert:
         x = self._norm(x.reshape(t, n * s, d), self.emb_ln)
         kept = {0: x} if 0 in keep else {}
         h, dh = self.heads, d // self.heads
-        attend = mask.bool()[:, None, None, :].expand(n, 1, s, s)  # [N, 1, S(q), S(k)]
-        attend = attend.unsqueeze(0).expand(t, n, 1, s, s).reshape(t * n, 1, s, s)
+        # [T*N, 1, 1, S(k)]: broadcast over heads and queries by SDPA, never materialised as S x S.
+        attend = mask.bool()[None, :, None, None, :].expand(t, n, 1, 1, s).reshape(t * n, 1, 1, s)
         for li, layer in enumerate(self.layers, start=1):
             qkv = self._linear(x, layer["qkv"]).view(t * n, s, 3, h, dh).permute(2, 0, 3, 1, 4)  # [3, T*N, H, S, dh]
             ctx = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attend)
