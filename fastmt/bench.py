@@ -159,7 +159,8 @@ class PreparedMode:
         from fastmt import losses as reference_losses
         from fastmt.models import layer_maps
         from fastmt.step import DistillStep
-        from fastmt.train import DistillArgs, make_optimizer, optimizer_step
+        from fastmt.optim import GradBuffers, make_optimizer, optimizer_step
+        from fastmt.train import DistillArgs
 
         if mode.kernels == "fused":
             import fastmt.kernels as losses_mod
@@ -177,6 +178,7 @@ class PreparedMode:
         opt, sched = make_optimizer(student, args, total_steps=10**6, device=device)
         scaler = torch.amp.GradScaler(device.type, enabled=mode.precision == "fp16")
         params = [q for q in student.parameters() if q.requires_grad]
+        grads = GradBuffers(params)
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(4, p.vocab, (p.batch, p.seq), generator=g).to(device)
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
@@ -187,6 +189,7 @@ class PreparedMode:
             loss, _ = step(inputs, labels)
             opt.zero_grad(set_to_none=False)
             scaler.scale(loss).backward()
+            grads.adopt()
             optimizer_step(opt, scaler, params, 1.0, loss)
             sched.step()
             return loss
@@ -195,10 +198,15 @@ class PreparedMode:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        for _ in range(warmup):
-            one_step()
+        first = None
+        for _ in range(max(1, warmup)):
+            loss = one_step()
+            if first is None:
+                # Copied out now: under CUDA graphs the next replay reuses the memory the loss lives in.
+                first = loss.detach().float().clone()
         sync(device)
         self.compile_s = time.perf_counter() - t0
+        self.first_loss = float(first)  # same weights and batch in every mode: comparable across modes
         self.times: list[float] = []
 
     def time_steps(self, n: int) -> None:
@@ -222,7 +230,8 @@ class PreparedMode:
             "samples_per_s": p.batch / p50, "tokens_per_s": p.batch * p.seq / p50,
             "step_ms_p50": 1e3 * q[0], "step_ms_p20": 1e3 * q[1], "step_ms_p80": 1e3 * q[2],
             "compile_s": self.compile_s, "peak_mb": peak_mb, "timed_steps": len(self.times),
-            "mfu": step_flops(p) / p50 / 1e12 / peak, "matmul_peak_tflops": peak, "final_loss": loss,
+            "mfu": step_flops(p) / p50 / 1e12 / peak, "matmul_peak_tflops": peak,
+            "first_loss": self.first_loss, "final_loss": loss,
         }
 
 
@@ -297,7 +306,7 @@ def format_table(result: dict) -> str:
     rows = result["modes"]
     base = next((r for r in rows if r["name"] == "reference"), rows[0])
     head = (f"{'mode':20s} {'samples/s':>10s} {'tokens/s':>10s} {'ms p50':>9s} {'[p20, p80]':>17s} "
-            f"{'compile s':>9s} {'peak MB':>8s} {'MFU':>6s} {'vs ref':>7s}")
+            f"{'compile s':>9s} {'peak MB':>8s} {'MFU':>6s} {'vs ref':>7s} {'loss 1st -> last':>17s}")
     rounds = result.get("rounds", 1)
     dealt = f", dealt round-robin in {rounds} rounds" if rounds > 1 else ""
     out = [f"fastmt bench --preset {result['preset']} on {result['device']}, torch {result['torch']}, "
@@ -306,5 +315,11 @@ def format_table(result: dict) -> str:
         peak = f"{r['peak_mb']:8.0f}" if r["peak_mb"] is not None else f"{'-':>8s}"
         out.append(f"{r['name']:20s} {r['samples_per_s']:10.1f} {r['tokens_per_s']:10.0f} {r['step_ms_p50']:9.1f} "
                    f"[{r['step_ms_p20']:7.1f}, {r['step_ms_p80']:7.1f}] {r['compile_s']:9.1f} {peak} "
-                   f"{100 * r['mfu']:5.1f}% {base['step_ms_p50'] / r['step_ms_p50']:6.2f}x")
+                   f"{100 * r['mfu']:5.1f}% {base['step_ms_p50'] / r['step_ms_p50']:6.2f}x "
+                   f"{_loss_pair(r):>17s}")
     return "\n".join(out)
+
+
+def _loss_pair(r: dict) -> str:
+    first = r.get("first_loss")  # older result files have only the final loss
+    return f"{first:.4f} -> {r['final_loss']:.4f}" if first is not None else f"{r['final_loss']:.4f}"

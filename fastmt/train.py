@@ -34,6 +34,7 @@ from fastmt.errors import FastmtError, UsageError
 from fastmt.io import append_jsonl
 from fastmt.models import Student, StudentSpec, Teachers, build_student, count_parameters, layer_maps
 from fastmt.distributed import World, barrier, check_batch, local_device, max_over_world, mean_over_world, shard, world_from_env
+from fastmt.optim import GradBuffers, LinearSchedule, make_optimizer, optimizer_step  # noqa: F401 (re-exported)
 from fastmt.step import PRECISIONS, DistillStep, autocast
 
 log = logging.getLogger("fastmt")
@@ -197,99 +198,6 @@ def start_out_dir(d: Path, resume_metrics_bytes: int | None = None) -> None:
             f.truncate(resume_metrics_bytes)
 
 
-class LinearSchedule:
-    """Linear warm-up then linear decay to 0, kept in ONE device tensor that every parameter group's
-    ``lr`` points at. Each step writes the new value in place (a scalar fill, no host read), so the
-    optimizer always reads its learning rate from device memory: a captured or compiled step
-    replays with the new rate instead of one baked in at record time."""
-
-    def __init__(self, opt: torch.optim.Optimizer, base_lr: float, warm: int, total: int, device: torch.device):
-        self.opt, self.base_lr, self.warm, self.total = opt, base_lr, warm, total
-        # float64 on the CPU: the same update as a Python-float rate, bit for bit.
-        self.lr = torch.zeros((), dtype=torch.float32 if device.type == "cuda" else torch.float64, device=device)
-        self.last_epoch = 0
-        self.attach()
-
-    def factor(self, step: int) -> float:
-        if self.warm and step < self.warm:
-            return (step + 1) / self.warm
-        return max(0.0, (self.total - step) / max(1, self.total - self.warm))
-
-    def value(self) -> float:
-        return self.base_lr * self.factor(self.last_epoch)
-
-    def attach(self) -> None:
-        """Point every group at the shared tensor (again after ``opt.load_state_dict`` replaced it)."""
-        self.lr.fill_(self.value())
-        for g in self.opt.param_groups:
-            g["lr"] = self.lr
-
-    def step(self) -> None:
-        self.last_epoch += 1
-        self.lr.fill_(self.value())
-
-    def get_last_lr(self) -> list[float]:
-        return [self.value()]  # computed on the host: reading it costs no device sync
-
-    def state_dict(self) -> dict:
-        return {"last_epoch": self.last_epoch, "base_lr": self.base_lr, "warm": self.warm, "total": self.total}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.last_epoch = int(state["last_epoch"])
-        self.attach()
-
-
-def make_optimizer(model: nn.Module, args: TrainArgs, total_steps: int, device: torch.device):
-    """AdamW (no decay on biases and norms) with linear warm-up then linear decay to 0.
-
-    On CUDA: the fused, capturable AdamW (step counts, learning rate and the fp16 skip flag all live on
-    the device, nothing is read back). ``zero_grad(set_to_none=False)`` in the loop keeps every
-    gradient buffer at one address from step to step.
-    """
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "LayerNorm" in name or "norm" in name.lower() else decay).append(p)
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    # Fused AdamW takes the fp16 scaler's found-inf flag itself: an overflowed step is skipped on the
-    # device, with no read-back (the unfused path asks the host).
-    fused = device.type == "cuda" or args.precision == "fp16"
-    extra = {"capturable": True} if device.type == "cuda" else {}
-    lr0 = torch.tensor(args.lr, dtype=torch.float32 if device.type == "cuda" else torch.float64, device=device)
-    opt = torch.optim.AdamW(groups, lr=lr0, betas=(0.9, 0.999), eps=1e-8, fused=fused, **extra)
-    warm = max(1, int(args.warmup * total_steps)) if args.warmup > 0 else 0
-    return opt, LinearSchedule(opt, args.lr, warm, total_steps, device)
-
-
-def optimizer_step(opt, scaler, params, max_grad_norm: float, loss: torch.Tensor | None = None) -> torch.Tensor:
-    """Unscale, clip, step, update the loss scale. Returns 1 (a device tensor) when the step was
-    skipped, else 0: an fp16 overflow the scaler caught, or a non-finite loss or gradient.
-
-    Nothing is read back to the host on a GPU: the fused optimizer takes the skip flag itself.
-    """
-    scaler.unscale_(opt)
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    if scaler.is_enabled():
-        before = scaler._scale.clone()  # the scale only shrinks after an overflow
-        scaler.step(opt)
-        scaler.update()
-        return (scaler._scale < before).to(torch.int64)
-    bad = ~torch.isfinite(norm)
-    if loss is not None:
-        bad = bad | ~torch.isfinite(loss.detach())
-    if opt.defaults.get("fused"):
-        opt.found_inf = bad.float()  # the fused kernel leaves every parameter and its state alone when 1
-        try:
-            opt.step()
-        finally:
-            del opt.found_inf
-    elif not bool(bad):  # the unfused optimizer runs on the CPU only, where reading a flag is free
-        opt.step()
-    return bad.to(torch.int64)
-
-
 class TrainingStopped(FastmtError):
     """The loss stayed non-finite for --max-bad-steps steps in a row (exit status 1)."""
 
@@ -428,6 +336,7 @@ def _fit(
     gen = torch.Generator().manual_seed(args.seed)
     metrics = out_dir / "metrics.jsonl"
     params = [p for p in model.parameters() if p.requires_grad]
+    grads = GradBuffers(params)  # one address per gradient for the whole run (CUDA-graph safe)
     zero = lambda: torch.zeros((), dtype=torch.int64, device=device)  # noqa: E731
     best, best_epoch, step = -1.0, 0, 0
     skipped = zero()  # skipped optimizer steps (fp16 overflow, non-finite loss), counted on the device
@@ -523,6 +432,7 @@ def _fit(
             loss, parts = loss_fn(inputs, labels)
             opt.zero_grad(set_to_none=False)
             scaler.scale(loss).backward()
+            grads.adopt()
             skipped += optimizer_step(opt, scaler, params, args.max_grad_norm, loss)
             sched.step()
             step += 1

@@ -1,0 +1,176 @@
+"""Training under CUDA graphs: the gradient buffers the optimizer reads never live in a graph's pool.
+
+A backward replayed as a CUDA graph returns its gradients in the graph's private memory pool, which
+the next replay overwrites. Autograd keeps the tensor a backward returns as ``param.grad`` when the
+parameter has no gradient yet, so without care every ``.grad`` would point into the pool after the
+first step. ``fastmt.optim.GradBuffers`` moves them out right after that backward; from then on
+autograd adds into the same buffers in place.
+
+The invariant is checked here on the CPU, through the real training loop: after every backward,
+each gradient the optimizer is about to read (a) is not the tensor the backward delivered and (b)
+sits at the address it had after the first step. The mutation check switches the fix off and
+shows the same check fails. The CUDA tests (skipped without a GPU) train with the graphs for real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from fastmt import optim
+from fastmt import train as T
+
+
+def _args(tiny_task, out, **kw):
+    base = dict(train=str(tiny_task["train"]), dev=str(tiny_task["dev"]), out=str(out), epochs=1, batch_size=32,
+                lr=1e-3, max_length=16, progress=False)
+    base.update(kw)
+    return base
+
+
+@pytest.fixture(scope="module")
+def teachers_dir(tiny_task, tiny_encoders, tmp_path_factory):
+    d = tmp_path_factory.mktemp("graph-teachers") / "teachers"
+    T.cofinetune([str(tiny_encoders["a"]), str(tiny_encoders["b"])], T.TrainArgs(**_args(tiny_task, d)))
+    return d
+
+
+class _Watch:
+    """Records, per parameter, the address of the gradient each backward delivers (an int: holding
+    the tensor itself would change whether autograd may adopt it), and checks the optimizer's view."""
+
+    def __init__(self):
+        self.delivered: dict[int, int] = {}
+        self.first: dict[int, int] = {}
+        self.violations: list[str] = []
+        self.steps = 0
+
+    def watch(self, params):
+        for i, p in enumerate(params):
+            p.register_hook(lambda g, i=i: self.delivered.__setitem__(i, g.data_ptr()))
+
+    def check(self, params):
+        self.steps += 1
+        for i, p in enumerate(params):
+            if p.grad is None:
+                continue
+            ptr = p.grad.data_ptr()
+            if ptr == self.delivered.get(i):
+                self.violations.append(f"step {self.steps}: param {i} holds the backward's own output")
+            if self.first.setdefault(i, ptr) != ptr:
+                self.violations.append(f"step {self.steps}: param {i} gradient moved")
+
+
+def _train_watched(monkeypatch, tiny_task, teachers_dir, out, fixed: bool, **kw) -> _Watch:
+    watch = _Watch()
+
+    class WatchedBuffers(optim.GradBuffers):
+        def __init__(self, params):
+            super().__init__(params)
+            watch.watch(self.params)
+
+        if not fixed:
+            def adopt(self):  # the fix switched off: autograd keeps what the backward returned
+                pass
+
+    real_step = T.optimizer_step
+
+    def checked_step(opt, scaler, params, *a, **k):
+        watch.check(params)
+        return real_step(opt, scaler, params, *a, **k)
+
+    monkeypatch.setattr(T, "GradBuffers", WatchedBuffers)
+    monkeypatch.setattr(T, "optimizer_step", checked_step)
+    T.distill(T.DistillArgs(**_args(tiny_task, out, **kw), teachers=str(teachers_dir), student_layers=1))
+    return watch
+
+
+def test_gradients_keep_one_buffer_of_their_own(monkeypatch, tiny_task, teachers_dir, tmp_path):
+    watch = _train_watched(monkeypatch, tiny_task, teachers_dir, tmp_path / "s", fixed=True, epochs=2)
+    assert watch.steps == 16 and len(watch.first) > 10
+    assert not watch.violations, watch.violations[:5]
+
+
+def test_the_check_catches_gradients_left_where_backward_put_them(monkeypatch, tiny_task, teachers_dir, tmp_path):
+    # Mutation check: without GradBuffers.adopt the first backward's outputs become the .grad tensors.
+    watch = _train_watched(monkeypatch, tiny_task, teachers_dir, tmp_path / "s", fixed=False)
+    assert any("backward's own output" in v for v in watch.violations), watch.violations[:5]
+
+
+def test_a_moved_buffer_is_reported():
+    p = torch.nn.Parameter(torch.ones(3))
+    buffers = optim.GradBuffers([p])
+    (p * 2).sum().backward()
+    buffers.adopt()
+    p.grad = None  # what zero_grad(set_to_none=True) would do
+    (p * 2).sum().backward()
+    with pytest.raises(RuntimeError, match="moved between steps"):
+        buffers.adopt()
+
+
+def test_adopted_gradients_equal_plain_autograd():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    buffers = optim.GradBuffers(b.parameters())
+    x = torch.randn(5, 4)
+    for _ in range(3):
+        for m in (a, b):
+            if m.weight.grad is not None:
+                m.zero_grad(set_to_none=False)
+            m(x).square().sum().backward()
+        buffers.adopt()
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            assert torch.equal(pa.grad, pb.grad)
+
+
+# ---------------------------------------------------------------------------------------------------
+# On a GPU: the graphs replayed for real (skipped on the CPU).
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                                reason="needs CUDA (and the Triton kernels compiled, not interpreted)")
+
+
+def _train_rows(out):
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["event"] == "train"]
+
+
+@needs_cuda
+def test_distill_under_cuda_graphs_trains_like_eager(tiny_task, tiny_encoders, tmp_path):
+    import torch._inductor.config
+
+    teachers = tmp_path / "teachers"
+    T.cofinetune([str(tiny_encoders["a"]), str(tiny_encoders["a"])],
+                 T.TrainArgs(**_args(tiny_task, teachers, device="cuda")))
+    runs = {}
+    with torch._inductor.config.patch(fallback_random=True):  # the same dropout masks as eager
+        for name, kw in {"eager": {}, "graphs": dict(compile=True, cuda_graphs=True)}.items():
+            out = tmp_path / name
+            T.distill(T.DistillArgs(**_args(tiny_task, out, device="cuda", precision="fp16", kernels="fused", epochs=4,
+                                            log_every=1), teachers=str(teachers), student_layers=1,
+                                    stack_teachers=True, temperature=2.0, **kw))
+            runs[name] = _train_rows(out)
+    eager, graphs = runs["eager"], runs["graphs"]
+    assert len(graphs) == len(eager) == 32
+    for key in ("loss", "loss_task", "loss_kd", "loss_hidden"):
+        assert graphs[0][key] == pytest.approx(eager[0][key], rel=1e-2, abs=1e-4), key
+    first = sum(r["loss"] for r in graphs[:4]) / 4
+    last = sum(r["loss"] for r in graphs[-4:]) / 4
+    assert last < 0.9 * first, (first, last)
+    assert all(r["loss"] == r["loss"] for r in graphs)  # no NaN
+
+
+@needs_cuda
+def test_bench_fast_mode_runs_under_cuda_graphs(tmp_path):
+    from fastmt.bench import run_bench
+
+    result = run_bench("cuda", "tiny", json_out=str(tmp_path / "b.json"), steps=20, modes="eager-fp16,fast")
+    eager, fast = result["modes"]
+    assert fast["cuda_graphs"] and fast["compile"]
+    # Same weights and batch; dropout masks differ between eager and compiled modes, hence the margin.
+    assert fast["first_loss"] == pytest.approx(eager["first_loss"], rel=5e-2)
+    assert fast["final_loss"] < fast["first_loss"]
