@@ -116,12 +116,18 @@ class DistillStep:
         return self.losses_from(inputs, labels, s_logits, s_hidden, t_logits, t_hidden)
 
     def teacher_outputs(self, inputs):
-        """Teachers' outputs as ordinary tensors (made in inference mode, then copied out of it)."""
+        """Teachers' outputs as ordinary tensors (made without autograd, then copied out).
+
+        The copy matters twice: tensors made in inference mode cannot be saved for backward, and
+        under CUDA graphs the teachers' outputs live in the graph pool that the next replay reuses.
+        Under CUDA graphs the teachers run under ``no_grad`` rather than inference mode: the graph
+        trees share one memory pool between the teachers' graph and the student's training graphs,
+        and graphs recorded in inference mode are a known trouble spot for them (PyTorch #135892).
+        """
         if not self.use_teachers:
             return None, None
-        with torch.inference_mode():
+        with torch.no_grad() if self.cuda_graphs else torch.inference_mode():
             t_logits, t_hidden = self._teachers(inputs)
-        # Out of inference mode: autograd may save these for backward.
         t_logits = t_logits.clone()
         self.teacher_faults += (~torch.isfinite(t_logits)).flatten(1).any(1)
         return t_logits, (t_hidden.clone() if t_hidden is not None else None)

@@ -19,6 +19,7 @@ import os
 
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from fastmt import optim
 from fastmt import train as T
@@ -39,18 +40,20 @@ def teachers_dir(tiny_task, tiny_encoders, tmp_path_factory):
 
 
 class _Watch:
-    """Records, per parameter, the address of the gradient each backward delivers (an int: holding
-    the tensor itself would change whether autograd may adopt it), and checks the optimizer's view."""
+    """Records, per parameter, the gradient each backward delivers, by address and a weak reference
+    to its storage (holding the tensor itself would change whether autograd may adopt it; the weak
+    reference tells a live storage from a freed one whose address the allocator handed out again),
+    and checks what the optimizer is about to read."""
 
     def __init__(self):
-        self.delivered: dict[int, int] = {}
+        self.delivered: dict[int, tuple[int, StorageWeakRef]] = {}
         self.first: dict[int, int] = {}
         self.violations: list[str] = []
         self.steps = 0
 
     def watch(self, params):
         for i, p in enumerate(params):
-            p.register_hook(lambda g, i=i: self.delivered.__setitem__(i, g.data_ptr()))
+            p.register_hook(lambda g, i=i: self.delivered.__setitem__(i, (g.data_ptr(), StorageWeakRef(g.untyped_storage()))))
 
     def check(self, params):
         self.steps += 1
@@ -58,7 +61,8 @@ class _Watch:
             if p.grad is None:
                 continue
             ptr = p.grad.data_ptr()
-            if ptr == self.delivered.get(i):
+            got = self.delivered.get(i)
+            if got is not None and ptr == got[0] and not got[1].expired():
                 self.violations.append(f"step {self.steps}: param {i} holds the backward's own output")
             if self.first.setdefault(i, ptr) != ptr:
                 self.violations.append(f"step {self.steps}: param {i} gradient moved")
