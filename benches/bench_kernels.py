@@ -2,6 +2,7 @@
 
     python benches/bench_kernels.py                      # GPU: the target shapes, bf16 and fp16
     python benches/bench_kernels.py --quick              # CPU (Triton interpreter): tiny shapes, a smoke
+    python benches/bench_kernels.py --dtypes bf16 --modes full   # the short set the GPU suite runs
 
 For each op x provider x mode (fwd, bwd, full) x dtype x shape it records median/p20/p80 ms
 (``triton.testing.do_bench`` on CUDA, wall-clock quantiles on the CPU), GB/s from the bytes the op
@@ -23,11 +24,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from fastmt.bench import git_sha
-
 ROOT = Path(__file__).resolve().parents[1]
+# The checkout this script sits in, installed or not, is the code it measures.
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from fastmt.bench import git_sha  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -191,12 +196,12 @@ def measure(case: Case, provider: str, mode: str, device: torch.device, copy_gbp
     }
 
 
-def default_cases(quick: bool) -> list[Case]:
+def default_cases(quick: bool, dtypes: tuple[str, ...] = ("bf16", "fp16")) -> list[Case]:
     if quick:  # CPU interpreter: keeps the script working, says nothing about speed
         return [Case("mt_kl_loss", {"T": 3, "N": 8, "C": 37}, torch.float32),
                 Case("mt_hidden_loss", {"T": 2, "K": 2, "R": 24, "Ds": 32, "Dt": 48}, torch.float32)]
     cases = []
-    for dt in (torch.bfloat16, torch.float16):
+    for dt in (DTYPES[d] for d in dtypes):
         cases += [Case("mt_kl_loss", {"T": 3, "N": 8192, "C": 30522}, dt),
                   Case("mt_kl_loss", {"T": 3, "N": 64, "C": 2}, dt),
                   Case("mt_hidden_loss", {"T": 3, "K": 4, "R": 8192, "Ds": 768, "Dt": 768}, dt)]
@@ -256,15 +261,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny shapes (the CPU smoke)")
     p.add_argument("--providers", default="fused,eager,compiled,liger")
     p.add_argument("--modes", default="fwd,bwd,full")
+    p.add_argument("--dtypes", default="bf16,fp16", help="of the GPU shapes: bf16, fp16 or both")
     p.add_argument("--out", default=str(ROOT / "benches" / "results" / "kernels.jsonl"), help="JSONL to append to ('' for none)")
     a = p.parse_args(argv)
+    dtypes = tuple(d for d in a.dtypes.split(",") if d)
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad or not dtypes:
+        p.error(f"--dtypes {a.dtypes}: choose from {', '.join(DTYPES)}")
     device = torch.device(a.device)
     if device.type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
         import warnings
 
         warnings.filterwarnings("ignore", category=RuntimeWarning)  # interpreter numpy on masked lanes
-    run(default_cases(a.quick or device.type == "cpu"), a.providers.split(","), a.modes.split(","), device,
+    run(default_cases(a.quick or device.type == "cpu", dtypes), a.providers.split(","), a.modes.split(","), device,
         Path(a.out) if a.out else None)
     return 0
 

@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny", help="tiny or base")
     p.add_argument("--out", default=None, metavar="DIR", help="report dir (default ./memory-report)")
     p.add_argument("--budget-gb", type=float, default=None, help="memory budget for the largest batch (default 90%% of the GPU)")
+    p.add_argument("--search-s", type=float, default=10.0, metavar="S",
+                   help="time for the largest-batch search, per mode (default 10; 0 tries the preset's batch only)")
+    p.add_argument("--snapshot-mb", type=float, default=15.0, metavar="MB",
+                   help="largest allocator snapshot to write; stack frames are cut to fit (default 15; 0: none)")
     for p in sub.choices.values():
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
         p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings and errors")
@@ -178,7 +182,7 @@ def run(ns: argparse.Namespace) -> int:
 
         if ns.budget_gb is not None and not ns.budget_gb > 0:
             raise UsageError(f"--budget-gb {ns.budget_gb}: must be positive")
-        run_memory(ns.device, ns.preset, ns.out, ns.budget_gb)
+        run_memory(ns.device, ns.preset, ns.out, ns.budget_gb, search_s=ns.search_s, snapshot_mb=ns.snapshot_mb)
         return 0
     raise UsageError("no command given (see fastmt --help)")
 

@@ -21,7 +21,10 @@ try:
 except ImportError:  # pragma: no cover - hypothesis is in the test extras
     pass
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# FASTMT_TEST_DEVICE=cuda runs the kernel tests on the GPU, compiled; by default they run on CPU
+# tensors in Triton's interpreter, which must be switched on before Triton is first imported.
+if os.environ.get("FASTMT_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]

@@ -82,3 +82,133 @@ def test_bench_deals_steps_round_robin(tmp_path):
     assert "round-robin in 2 rounds" in r.stdout
     r = run_cli("bench", "--rounds", "0")
     assert r.returncode == 2 and "--rounds 0" in r.stderr and "Traceback" not in r.stderr
+
+
+def _linear(fixed_mb, per_row_mb, oom_above=None):
+    """A stand-in for one training step's peak: linear in the batch, out of memory past a size."""
+    calls = []
+
+    def peak_of(batch):
+        calls.append(batch)
+        if oom_above is not None and batch > oom_above:
+            return None
+        return fixed_mb + per_row_mb * batch
+
+    return peak_of, calls
+
+
+def test_batch_search_aims_at_the_budget_in_a_few_steps():
+    from fastmt.memory import search_largest
+
+    peak_of, calls = _linear(2000.0, 37.5)
+    s = search_largest(peak_of, 64, budget_mb=60000, cap=8192)
+    # 2000 + 37.5 b <= 60000  ->  b <= 1546.7; in multiples of 16: 1536 fits, 1552 does not.
+    assert s["largest_batch"] == 1536 and s["first_failing_batch"] == 1552 and s["stopped"] == "resolved"
+    assert len(calls) <= 4 and calls[:2] == [64, 128]
+    assert [p["batch"] for p in s["probes"]] == calls and all(b % 16 == 0 for b in calls)
+
+
+def test_batch_search_survives_curvature_and_out_of_memory():
+    from fastmt.memory import search_largest
+
+    def peak_of(b):
+        calls.append(b)
+        return None if b > 2600 else 1000 + 10 * b + 0.004 * b * b
+
+    for budget in (9000.0, 30000.0, 40000.0):
+        calls = []
+        truth = max(b for b in range(16, 8193, 16) if b <= 2600 and 1000 + 10 * b + 0.004 * b * b <= budget)
+        s = search_largest(peak_of, 64, budget_mb=budget, cap=8192, max_probes=10)
+        assert s["largest_batch"] == truth and s["stopped"] == "resolved", (budget, calls)
+        assert len(calls) <= 10 and len(set(calls)) == len(calls)
+
+
+def test_batch_search_stops_at_the_cap_the_probe_limit_and_the_clock():
+    from fastmt.memory import search_largest
+
+    peak_of, calls = _linear(100.0, 1.0)
+    s = search_largest(peak_of, 64, budget_mb=1e9, cap=1000)
+    assert s["largest_batch"] == 992 and s["stopped"] == "at the cap" and max(calls) <= 1000 and len(calls) <= 4
+
+    peak_of, calls = _linear(100.0, 100.0)  # even the first batch is over budget
+    s = search_largest(peak_of, 64, budget_mb=1000, cap=8192)
+    assert s["largest_batch"] == 0 and s["first_failing_batch"] == 16 and calls == [64, 32, 16]
+
+    peak_of, calls = _linear(0.0, 1.0, oom_above=50_000)
+    s = search_largest(peak_of, 64, budget_mb=1e9, cap=10**6, max_probes=3)
+    assert calls == [64, 128, 4096] and s["stopped"] == "max probes" and s["largest_batch"] == 4096  # 32x at most
+
+    now = [0.0]
+
+    def slow_peak(b):  # a step takes b/100 seconds
+        now[0] += b / 100
+        return 1.0 * b
+
+    s = search_largest(slow_peak, 64, budget_mb=1e9, cap=10**6, time_limit_s=5.0, clock=lambda: now[0])
+    assert s["stopped"] == "time limit" and now[0] <= 5.0 and s["largest_batch"] > 0
+
+
+def test_snapshot_is_shrunk_to_fit():
+    import pickle
+
+    from fastmt.memory import compact_snapshot
+
+    def frames(i):
+        return [{"filename": "/very/long/path/to/site-packages/torch/nn/modules/" + "x" * 40 + ".py",
+                 "line": j, "name": "forward_" + str(j % 7)} for j in range(40)]
+
+    snap = {"segments": [{"blocks": [{"size": 512, "frames": frames(i)} for i in range(200)]}],
+            "device_traces": [[{"action": "alloc", "size": 512, "frames": frames(i)} for i in range(2000)]]}
+    whole = len(pickle.dumps(snap))
+    data, depth = compact_snapshot(snap, max_bytes=whole // 20)
+    assert data is not None and len(data) <= whole // 20
+    back = pickle.loads(data)
+    assert len(back["device_traces"][0]) == 2000 and back["device_traces"][0][0]["action"] == "alloc"
+    assert depth is None or len(back["device_traces"][0][0]["frames"]) == depth
+    assert compact_snapshot(snap, max_bytes=100) == (None, None)
+
+
+def test_memory_report_is_printed_and_written_as_it_goes(monkeypatch, tmp_path, capsys):
+    """The whole report on the CPU: a stand-in allocator whose step peak is 100 MB + 2 MB per row."""
+    import torch
+
+    from fastmt import memory
+    from fastmt.bench import Preset
+
+    rows = {"n": 0}
+    real_batch = memory._batch
+
+    def batch_spy(preset, step, batch, device, seed=0):
+        rows["n"] = batch
+        return real_batch(preset, step, batch, device, seed)
+
+    monkeypatch.setattr(memory, "_batch", batch_spy)
+    monkeypatch.setattr(memory, "MODES", {"reference": ("reference", "fp32"), "fast": ("reference", "bf16")})
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: (100 + 2 * rows["n"]) * 2**20)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stand-in GPU")
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda.memory, "_snapshot", lambda *a: {"segments": [], "device_traces": [[]]})
+    out = tmp_path / "mem"
+    micro = Preset(teachers=2, teacher_layers=1, hidden=32, heads=2, student_layers=1, seq=8, batch=16, vocab=500)
+    report = memory.measure(micro, "micro", torch.device("cpu"), out, budget_mb=300, search_s=300, max_batch=512)
+    text = capsys.readouterr().out
+    for mode in ("reference", "fast"):
+        r = report["modes"][mode]
+        assert r["largest_batch"] == 96 and r["search"]["first_failing_batch"] == 112  # 100 + 2 b <= 300
+        assert len(r["search"]["probes"]) <= 5 and list(r["phases_mb"]) == list(memory.PHASES)
+    on_disk = json.loads((out / "memory.json").read_text())
+    assert on_disk["complete"] and on_disk["modes"]["fast"]["largest_batch"] == 96
+    assert (out / "memory.png").stat().st_size > 0 and (out / "snapshot-fast.pickle").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["memory.json", "memory.png", "snapshot-fast.pickle"]
+    # Printed in the order it became known: a mode's phases, then its search, then the next mode.
+    order = [text.index(s) for s in ("reference (", "reference: largest batch", "fast (", "fast: largest batch",
+                                      "whole step (abs.)")]
+    assert order == sorted(order)
+
+
+def test_memory_flags_are_checked_in_one_line():
+    r = run_cli("memory", "--search-s", "-1")
+    assert r.returncode == 2 and "--search-s -1" in r.stderr and "Traceback" not in r.stderr

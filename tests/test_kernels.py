@@ -1,7 +1,10 @@
-"""The fused kernels (``fastmt.kernels``, run by Triton's interpreter here) against the one reference.
+"""The fused kernels (``fastmt.kernels``) against the one reference.
 
 Each case draws inputs in float64, rounds them to the dtype under test, and compares the kernel's
-value and gradients with the reference evaluated in float64 on the same rounded inputs.
+value and gradients with the reference evaluated in float64 on the same rounded inputs. By default
+the tensors live on the CPU and the kernels run in Triton's interpreter; ``FASTMT_TEST_DEVICE=cuda``
+puts them on the GPU, where the kernels are compiled (inputs are still drawn on the CPU, so both
+see the same numbers).
 """
 
 from __future__ import annotations
@@ -15,9 +18,14 @@ import torch
 import fastmt.kernels as fused
 from fastmt import losses as ref
 
+DEVICE = torch.device(os.environ.get("FASTMT_TEST_DEVICE", "cpu"))
+if DEVICE.type not in ("cpu", "cuda"):
+    raise ValueError(f"FASTMT_TEST_DEVICE={DEVICE}: use cpu or cuda")
+
 pytestmark = [
-    pytest.mark.skipif(not fused.available("cuda") and os.environ.get("TRITON_INTERPRET") != "1",
-                       reason="needs CUDA or TRITON_INTERPRET=1"),
+    pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(),
+                       reason="FASTMT_TEST_DEVICE=cuda, but CUDA is not available here"),
+    pytest.mark.skipif(not fused.available(DEVICE), reason="Triton is missing, or CPU tensors without TRITON_INTERPRET=1"),
     pytest.mark.filterwarnings("ignore::RuntimeWarning"),  # the interpreter's numpy on masked -inf lanes
 ]
 
@@ -40,8 +48,8 @@ def _kl_case(t, n, c, dtype, scheme, ignore, seed, spread=3.0):
         labels[::3] = -100
     weights = scheme
     if scheme == "tensor":
-        weights = torch.rand(t, n, generator=g, dtype=torch.float64).to(dtype)
-    return s, tl, labels, weights
+        weights = torch.rand(t, n, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
+    return s.to(DEVICE), tl.to(DEVICE), labels.to(DEVICE), weights
 
 
 KL_SHAPES = [(1, 4, 2), (3, 7, 5), (2, 9, 37), (3, 5, 1000), (4, 3, 4097), (2, 2, 50257)]
@@ -77,7 +85,7 @@ def test_kl_ignored_rows_do_not_count():
     assert torch.all(grad[:3] == 0) and torch.any(grad[3:] != 0)
     kept = fused.mt_kl_loss(s[3:], tl[:, 3:], "paper", labels=labels[3:])
     assert float(loss) == pytest.approx(float(kept), rel=1e-6)
-    all_ignored = fused.mt_kl_loss(s, tl, "paper", labels=torch.full((6,), -100))
+    all_ignored = fused.mt_kl_loss(s, tl, "paper", labels=torch.full((6,), -100, device=DEVICE))
     assert float(all_ignored) == 0.0
 
 
@@ -106,7 +114,7 @@ def _hidden_case(t, k, n, s, ds, dt, dtype, seed, mask=True, weights=True):
     if m is not None:
         m[:, 0] = 1
     tw = torch.rand(t, n, generator=g, dtype=torch.float64).to(dtype) if weights else None
-    return hs, ht, w, b, m, tw
+    return tuple(x.to(DEVICE) if x is not None else None for x in (hs, ht, w, b, m, tw))
 
 
 HIDDEN_SHAPES = [(1, 1, 2, 3, 16, 16), (2, 2, 3, 5, 12, 20), (3, 2, 4, 17, 40, 70), (2, 3, 1, 1, 33, 17)]
@@ -143,7 +151,7 @@ def test_hidden_converged_regime_keeps_its_digits(dtype):
     b = torch.randn(t, k, dt, generator=g, dtype=torch.float64)
     ht = torch.einsum("knsd,tkde->tknse", hs, w) + b[:, :, None, None, :]
     ht = ht + 1e-3 * torch.randn(ht.shape, generator=g, dtype=torch.float64)
-    hs, ht, w, b = (x.to(dtype) for x in (hs, ht, w, b))
+    hs, ht, w, b = (x.to(dtype).to(DEVICE) for x in (hs, ht, w, b))
     xs = [x.clone().requires_grad_() for x in (hs, w, b)]
     got = fused.mt_hidden_loss(xs[0], ht, xs[1], xs[2])
     grads = torch.autograd.grad(got, xs)
@@ -177,13 +185,16 @@ def test_no_gradient_into_teacher_tensors():
 
 
 def test_bad_arguments_raise_like_the_reference():
-    s = torch.randn(4, 3)
+    def randn(*shape):
+        return torch.randn(*shape, device=DEVICE)
+
+    s = randn(4, 3)
     with pytest.raises(ValueError, match="teacher_logits"):
-        fused.mt_kl_loss(s, torch.randn(2, 5, 3))
+        fused.mt_kl_loss(s, randn(2, 5, 3))
     with pytest.raises(ValueError, match="weights"):
-        fused.mt_kl_loss(s, torch.randn(2, 4, 3), weights="best", labels=torch.zeros(4, dtype=torch.long))
+        fused.mt_kl_loss(s, randn(2, 4, 3), weights="best", labels=torch.zeros(4, dtype=torch.long, device=DEVICE))
     with pytest.raises(ValueError, match="proj_weight"):
-        fused.mt_hidden_loss(torch.randn(1, 2, 3, 8), torch.randn(1, 1, 2, 3, 8), torch.randn(1, 1, 9, 8), torch.randn(1, 1, 8))
+        fused.mt_hidden_loss(randn(1, 2, 3, 8), randn(1, 1, 2, 3, 8), randn(1, 1, 9, 8), randn(1, 1, 8))
 
 
 def test_compiled_step_equals_eager_without_graph_break():
@@ -214,7 +225,7 @@ def test_compiled_step_equals_eager_without_graph_break():
 def test_fallback_without_cuda_or_interpreter(monkeypatch, caplog):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(fused, "_warned", False)
-    s, tl, labels, _ = _kl_case(2, 4, 6, torch.float32, None, ignore=False, seed=8)
+    s, tl, labels = (x.cpu() for x in _kl_case(2, 4, 6, torch.float32, None, ignore=False, seed=8)[:3])
     with caplog.at_level(logging.WARNING, logger="fastmt"):
         a = fused.mt_kl_loss(s, tl, "paper", labels=labels)
         fused.mt_kl_loss(s, tl, "paper", labels=labels)
@@ -225,7 +236,7 @@ def test_fallback_without_cuda_or_interpreter(monkeypatch, caplog):
 def test_fastmt_check_passes_on_this_machine(tmp_path):
     from conftest import run_cli
 
-    r = run_cli("check", "--quick", "--json", tmp_path / "check.json")
+    r = run_cli("check", "--quick", "--device", DEVICE.type, "--json", tmp_path / "check.json")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "FAIL" not in r.stdout and "cases pass" in r.stdout
     import json
@@ -244,7 +255,8 @@ def test_kl_large_logits_keep_their_digits(scale):
     off_s = torch.randn(16, 1, generator=g, dtype=torch.float64) * scale
     t = (torch.randn(2, 16, 37, generator=g, dtype=torch.float64) * 2 + off_t).float()
     s = (torch.randn(16, 37, generator=g, dtype=torch.float64) * 2 + off_s).float()
-    labels = torch.randint(0, 37, (16,), generator=g)
+    labels = torch.randint(0, 37, (16,), generator=g).to(DEVICE)
+    t, s = t.to(DEVICE), s.to(DEVICE)
     s_ref = s.double().requires_grad_(True)  # the reference sees exactly the float32 inputs
     want = ref.mt_kl_loss(s_ref, t.double(), weights="paper", temperature=1.0, labels=labels)
     want.backward()
