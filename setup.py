@@ -18,7 +18,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.6"],
         "plot": ["matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.6", "matplotlib"],
+        # numpy < 2.4: Triton 3.6's CPU interpreter (how the kernels are tested) fails with numpy 2.4.
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.6", "numpy<2.4", "matplotlib"],
     },
     entry_points={"console_scripts": ["fastmt = fastmt.cli:main"]},
 )
