@@ -9,6 +9,7 @@ matmul peak measured in the same run, in the mode's precision.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import platform
 import subprocess
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fastmt.errors import UsageError
+from fastmt.errors import FastmtError, UsageError
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,10 @@ class PreparedMode:
         else:
             losses_mod = reference_losses
         self.p, self.mode, self.device = p, mode, device
-        teachers, student = build_models(p, device, workdir)
+        # On a GPU the weights are created there: initialising BERT-base-sized encoders on the host
+        # and copying them over costs seconds per mode.
+        with torch.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            teachers, student = build_models(p, device, workdir)
         args = DistillArgs(train="-", dev="-", out="-", teachers="-", student_layers=p.student_layers,
                            device=str(device), precision=mode.precision, temperature=2.0, kernels=mode.kernels,
                            compile=mode.compile, stack_teachers=mode.stack, cuda_graphs=mode.graphs, lr=1e-4)
@@ -278,8 +282,19 @@ def run_bench(device_name_arg: str = "cpu", preset: str = "tiny", json_out: str 
     with tempfile.TemporaryDirectory(prefix="fastmt-bench-") as tmp:
         if rounds == 1:
             for n in names:
-                rows.append(run_mode(p, ladder[n], device, steps, warmup=3, workdir=Path(tmp)))
-                report(rows[-1])
+                try:
+                    rows.append(run_mode(p, ladder[n], device, steps, warmup=3, workdir=Path(tmp)))
+                    report(rows[-1])
+                except Exception as e:  # noqa: BLE001 - one broken mode must not cost the others' numbers
+                    if isinstance(e, UsageError):
+                        raise
+                    import traceback
+
+                    traceback.print_exc()
+                    rows.append({"name": n, "error": f"{type(e).__name__}: {' '.join(str(e).split())[:500]}"})
+                    print(f"  {n:20s} FAILED: {rows[-1]['error'][:200]}", flush=True)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
                 if json_out:  # after every mode: a run stopped by a time limit keeps what it measured
                     write_json(json_out, result)
         else:
@@ -299,11 +314,18 @@ def run_bench(device_name_arg: str = "cpu", preset: str = "tiny", json_out: str 
     print(format_table(result))
     if json_out:
         write_json(json_out, result)
+    failed = [r["name"] for r in rows if "error" in r]
+    if failed:
+        raise FastmtError(f"fastmt bench: mode(s) {', '.join(failed)} failed (traceback above; the others' results "
+                          f"are {'in ' + json_out if json_out else 'printed'})")
     return result
 
 
 def format_table(result: dict) -> str:
-    rows = result["modes"]
+    failed = [r for r in result["modes"] if "error" in r]
+    rows = [r for r in result["modes"] if "error" not in r]
+    if not rows:
+        return "\n".join(f"{r['name']:20s} FAILED: {r['error']}" for r in failed)
     base = next((r for r in rows if r["name"] == "reference"), rows[0])
     head = (f"{'mode':20s} {'samples/s':>10s} {'tokens/s':>10s} {'ms p50':>9s} {'[p20, p80]':>17s} "
             f"{'compile s':>9s} {'peak MB':>8s} {'MFU':>6s} {'vs ref':>7s} {'loss 1st -> last':>17s}")
@@ -317,6 +339,7 @@ def format_table(result: dict) -> str:
                    f"[{r['step_ms_p20']:7.1f}, {r['step_ms_p80']:7.1f}] {r['compile_s']:9.1f} {peak} "
                    f"{100 * r['mfu']:5.1f}% {base['step_ms_p50'] / r['step_ms_p50']:6.2f}x "
                    f"{_loss_pair(r):>17s}")
+    out += [f"{r['name']:20s} FAILED: {r['error'][:150]}" for r in failed]
     return "\n".join(out)
 
 

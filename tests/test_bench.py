@@ -212,3 +212,27 @@ def test_memory_report_is_printed_and_written_as_it_goes(monkeypatch, tmp_path, 
 def test_memory_flags_are_checked_in_one_line():
     r = run_cli("memory", "--search-s", "-1")
     assert r.returncode == 2 and "--search-s -1" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_failing_mode_costs_only_its_own_row(monkeypatch, tmp_path, capsys):
+    import pytest
+
+    from fastmt import bench
+    from fastmt.errors import FastmtError
+
+    def fake_run_mode(p, mode, device, steps, warmup, workdir):
+        if mode.name == "stacked":
+            raise RuntimeError("accessing tensor output of CUDAGraphs that has been overwritten")
+        return {"name": mode.name, "samples_per_s": 10.0, "tokens_per_s": 320.0, "step_ms_p50": 100.0,
+                "step_ms_p20": 90.0, "step_ms_p80": 110.0, "compile_s": 1.0, "peak_mb": None, "mfu": 0.1,
+                "first_loss": 0.7, "final_loss": 0.6}
+
+    monkeypatch.setattr(bench, "run_mode", fake_run_mode)
+    out = tmp_path / "b.json"
+    with pytest.raises(FastmtError, match="mode\\(s\\) stacked failed"):
+        bench.run_bench("cpu", "tiny", json_out=str(out), steps=2, modes="reference,stacked,bf16", rounds=1)
+    result = json.loads(out.read_text())
+    assert [m["name"] for m in result["modes"]] == ["reference", "stacked", "bf16"]
+    assert "CUDAGraphs" in result["modes"][1]["error"] and result["complete"]
+    printed = capsys.readouterr().out
+    assert "stacked" in printed and "FAILED" in printed and "0.7000 -> 0.6000" in printed
