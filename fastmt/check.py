@@ -163,19 +163,35 @@ def run_check(device_name: str = "cpu", quick: bool = False, json_out: str | Non
     # The interpreter's numpy warns about -inf - -inf in masked-off lanes, which are discarded.
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton")
 
-    for make in tqdm(list(cases(device, quick)), desc="check", leave=False, file=sys.stderr):
-        rows.append(make())
+    from dataclasses import asdict
+
+    from fastmt.io import write_json
+
+    crashed: list[str] = []
+
+    def save(complete: bool) -> None:
+        # After every case: a run stopped by a time limit (or a crash) keeps what it checked.
+        if json_out:
+            write_json(json_out, {"device": _device_name(device), "torch": torch.__version__, "complete": complete,
+                                  "rows": [asdict(r) for r in rows], "crashed": crashed})
+
+    for k, make in enumerate(tqdm(list(cases(device, quick)), desc="check", leave=False, file=sys.stderr)):
+        try:
+            rows.append(make())
+        except Exception as e:  # noqa: BLE001 - one case that cannot run must not hide the others
+            import traceback
+
+            traceback.print_exc()
+            crashed.append(f"case {k}: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
+            print(f"fastmt check: {crashed[-1]}", file=sys.stderr, flush=True)
+        save(False)
     print(f"fused kernels vs float64 truth (norm-wise relative error), device {_device_name(device)}, "
           f"torch {torch.__version__}")
     print(format_table(rows))
-    failed = sum(not r.ok for r in rows)
-    print(f"{len(rows) - failed}/{len(rows)} cases pass")
-    if json_out:
-        from dataclasses import asdict
-
-        from fastmt.io import write_json
-
-        write_json(json_out, {"device": _device_name(device), "torch": torch.__version__, "rows": [asdict(r) for r in rows]})
+    failed = sum(not r.ok for r in rows) + len(crashed)
+    print(f"{len(rows) - (failed - len(crashed))}/{len(rows) + len(crashed)} cases pass"
+          + (f"; {len(crashed)} could not run: " + "; ".join(crashed) if crashed else ""))
+    save(True)
     return failed
 
 
