@@ -170,11 +170,15 @@ def test_distill_under_cuda_graphs_trains_like_eager(tiny_task, tiny_encoders, t
 
 @needs_cuda
 def test_bench_fast_mode_runs_under_cuda_graphs(tmp_path):
+    import torch._inductor.config
+
     from fastmt.bench import run_bench
 
-    result = run_bench("cuda", "tiny", json_out=str(tmp_path / "b.json"), steps=20, modes="eager-fp16,fast")
+    with torch._inductor.config.patch(fallback_random=True):  # the same dropout masks as eager
+        result = run_bench("cuda", "tiny", json_out=str(tmp_path / "b.json"), steps=20, modes="eager-fp16,fast")
     eager, fast = result["modes"]
     assert fast["cuda_graphs"] and fast["compile"]
-    # Same weights and batch; dropout masks differ between eager and compiled modes, hence the margin.
-    assert fast["first_loss"] == pytest.approx(eager["first_loss"], rel=5e-2)
+    # Same weights, batch and dropout masks; fused kernels, stacked teachers and compiled fp16 differ
+    # from eager fp16 only by rounding.
+    assert fast["first_loss"] == pytest.approx(eager["first_loss"], rel=1e-2)
     assert fast["final_loss"] < fast["first_loss"]
