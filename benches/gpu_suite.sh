@@ -5,8 +5,8 @@
 # and charts). Stages, in priority order; each has its own time limit, writes as it goes, and runs
 # even when an earlier one failed:
 #   check   fastmt check --device cuda: every kernel case against float64           -> check.json
-#   tests   the kernel tests on the GPU (FASTMT_TEST_DEVICE=cuda tests/test_kernels.py), then the
-#           CUDA tests of the files in CUDA_TESTS (default tests/test_graphs.py, when it exists)
+#   tests   the CUDA tests of the files in CUDA_TESTS (default tests/test_graphs.py: training under
+#           CUDA graphs), then the kernel tests on the GPU (FASTMT_TEST_DEVICE=cuda tests/test_kernels.py)
 #   kbench  benches/bench_kernels.py: target shapes, bf16, fwd+bwd (then fwd alone)  -> kernels.jsonl, kernels.png
 #   bench   fastmt bench --preset base: reference, eager-fp16, fast, then the rest    -> bench-PRESET-GPU.json
 #   memory  fastmt memory --preset base                                               -> memory.json, memory.png,
@@ -109,21 +109,20 @@ stage_tests() {
     if [ "$device" = cpu ]; then
         sel=(-k "(float32 and (3x7x5 or 2x2x3x5x12x20)) or ignored_rows or minus_inf")
     fi
-    local f reserve=0
-    for f in $cuda_tests; do
-        [ -f "$f" ] && reserve=60
-    done
-    within $reserve python -m pytest -p no:cacheprovider --disable-warnings -v -rfEs tests/test_kernels.py "${sel[@]}"
-    keep $?
+    # The CUDA-graph training tests first: the check stage has already compared every kernel with
+    # float64 on this GPU, so the kernel tests get what is left (at least 60 s).
+    local f
     for f in $cuda_tests; do
         if [ ! -f "$f" ]; then
             echo "[suite] $f: not in this checkout, skipped"
             continue
         fi
         # Only the GPU tests of these files: their CPU tests are CI's.
-        within 0 python -m pytest -p no:cacheprovider --disable-warnings -v -rfEs "$f" -k cuda
+        within 60 python -m pytest -p no:cacheprovider --disable-warnings -v -rfEs "$f" -k cuda
         keep $?
     done
+    within 0 python -m pytest -p no:cacheprovider --disable-warnings -v -rfEs tests/test_kernels.py "${sel[@]}"
+    keep $?
     return $rc
 }
 
