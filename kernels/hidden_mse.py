@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastmt.kernels.kl import Launch
+
 
 @triton.jit
 def _row_coef(mask_ptr, tw_ptr, i, offs_r, r_ok, S, N, HAS_MASK: tl.constexpr, HAS_TW: tl.constexpr):
@@ -146,8 +148,23 @@ def _blocks(rows: int, ds: int, dt: int) -> tuple[int, int, int]:
     return block_r, block_d, block_k
 
 
-def _prepare(hs, ht, w, b, mask, tw):
-    """Contiguous views, the dot dtype and the launch grid shared by forward and backward."""
+def hidden_config(rows: int, ds: int, dt: int, dot_fp32: bool, backward: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_R, BLOCK_D, BLOCK_K, num_warps) for one direction of the loss."""
+    block_r, block_d, block_k = _blocks(rows, ds, dt)
+    # Spills seen by ``python -m fastmt.kernels.aot`` (sm_80 and sm_90) at 4 warps: hundreds of bytes
+    # in backward's float32 products (FMA, no tensor cores), a few in forward with float64 inputs.
+    # Backward in float32 holds the error tile, dE and two products at once: 32 rows and 16 columns of
+    # hs per step over 8 warps keep it in registers; in half precision it sat at the 255-register
+    # ceiling with 4 warps, 8 leave ~100 registers of room. Forward in half precision keeps 4 warps.
+    if backward:
+        if dot_fp32:
+            return min(block_r, 32), block_d, 16, 8
+        return block_r, block_d, block_k, 8
+    return block_r, block_d, block_k, 8 if dot_fp32 else 4
+
+
+def _prepare(hs, ht, w, b, mask, tw, backward: bool):
+    """Contiguous views, the dot dtype and the launch grid of one direction."""
     k, n, s, ds = hs.shape
     t, dt = ht.shape[0], ht.shape[-1]
     rows = n * s
@@ -162,11 +179,11 @@ def _prepare(hs, ht, w, b, mask, tw):
     if m is not None and m.dtype == torch.bool:
         m = m.to(torch.uint8)
     tw_in = tw.contiguous() if tw is not None else None
-    br, bd, bk = _blocks(rows, ds, dt)
+    br, bd, bk, num_warps = hidden_config(rows, ds, dt, dot_fp32, backward)
     grid = (t * k, triton.cdiv(rows, br), triton.cdiv(dt, bd))
     meta = dict(HAS_MASK=m is not None, HAS_TW=tw_in is not None, DOT_FP32=dot_fp32, BLOCK_R=br, BLOCK_D=bd, BLOCK_K=bk)
     dims = (k, rows, s, n, ds, dt)
-    return hs.contiguous(), ht.contiguous(), w_in, b.contiguous(), m, tw_in, grid, meta, dims
+    return hs.contiguous(), ht.contiguous(), w_in, b.contiguous(), m, tw_in, grid, meta, dims, num_warps
 
 
 def _denominator(mask, rows: int, dt: int, device) -> torch.Tensor:
@@ -175,25 +192,43 @@ def _denominator(mask, rows: int, dt: int, device) -> torch.Tensor:
     return torch.where(denom > 0, denom, torch.ones_like(denom))
 
 
-def hidden_forward(hs, ht, w, b, mask=None, tw=None) -> torch.Tensor:
-    hs_c, ht_c, w_c, b_c, m, tw_c, grid, meta, dims = _prepare(hs, ht, w, b, mask, tw)
+def hidden_fwd_launch(hs, ht, w, b, mask=None, tw=None) -> tuple[Launch | None, torch.Tensor | None]:
+    """The forward launch and its buffer of partial sums (allocated, not written); ``(None, None)`` for
+    empty inputs. Nothing runs on the inputs' data, so meta tensors give the exact launch."""
+    hs_c, ht_c, w_c, b_c, m, tw_c, grid, meta, dims, num_warps = _prepare(hs, ht, w, b, mask, tw, backward=False)
     if hs.numel() == 0 or ht.numel() == 0:
-        return hs.new_zeros((), dtype=torch.float32)
+        return None, None
     parts = torch.empty(grid[0] * grid[1] * grid[2], dtype=torch.float32, device=hs.device)
-    _hidden_fwd_kernel[grid](hs_c, ht_c, w_c, b_c, m if m is not None else hs_c, tw_c if tw_c is not None else hs_c,
-                             parts, *dims, **meta)
-    return parts.sum() / _denominator(mask, dims[1], dims[5], hs.device)
+    args = (hs_c, ht_c, w_c, b_c, m if m is not None else hs_c, tw_c if tw_c is not None else hs_c, parts, *dims)
+    return Launch(_hidden_fwd_kernel, grid, args, meta, num_warps), parts
 
 
-def hidden_backward(grad, hs, ht, w, b, mask=None, tw=None):
-    hs_c, ht_c, w_c, b_c, m, tw_c, grid, meta, dims = _prepare(hs, ht, w, b, mask, tw)
+def hidden_bwd_launch(grad, hs, ht, w, b, mask=None, tw=None):
+    """The backward launch (None for empty inputs) and its float32 accumulators ``dhs, dw, db``, zeroed."""
+    hs_c, ht_c, w_c, b_c, m, tw_c, grid, meta, dims, num_warps = _prepare(hs, ht, w, b, mask, tw, backward=True)
     dhs = torch.zeros(hs.shape, dtype=torch.float32, device=hs.device)
     dw = torch.zeros(w.shape, dtype=torch.float32, device=hs.device)
     db = torch.zeros(b.shape, dtype=torch.float32, device=hs.device)
-    if hs.numel() and ht.numel():
-        scale = (grad.to(torch.float32) * 2.0 / _denominator(mask, dims[1], dims[5], hs.device)).reshape(())
-        _hidden_bwd_kernel[grid](hs_c, ht_c, w_c, b_c, m if m is not None else hs_c, tw_c if tw_c is not None else hs_c,
-                                 scale, dhs, dw, db, *dims, **meta)
+    if not (hs.numel() and ht.numel()):
+        return None, dhs, dw, db
+    scale = (grad.to(torch.float32) * 2.0 / _denominator(mask, dims[1], dims[5], hs.device)).reshape(())
+    args = (hs_c, ht_c, w_c, b_c, m if m is not None else hs_c, tw_c if tw_c is not None else hs_c,
+            scale, dhs, dw, db, *dims)
+    return Launch(_hidden_bwd_kernel, grid, args, meta, num_warps), dhs, dw, db
+
+
+def hidden_forward(hs, ht, w, b, mask=None, tw=None) -> torch.Tensor:
+    launch, parts = hidden_fwd_launch(hs, ht, w, b, mask, tw)
+    if launch is None:
+        return hs.new_zeros((), dtype=torch.float32)
+    launch()
+    return parts.sum() / _denominator(mask, hs.shape[1] * hs.shape[2], ht.shape[-1], hs.device)
+
+
+def hidden_backward(grad, hs, ht, w, b, mask=None, tw=None):
+    launch, dhs, dw, db = hidden_bwd_launch(grad, hs, ht, w, b, mask, tw)
+    if launch is not None:
+        launch()
     return dhs.to(hs.dtype), dw.to(w.dtype), db.to(b.dtype)
 
 

@@ -12,6 +12,8 @@ Bytes moved per row: 2 x (1 + T) x C logits read, C gradient written.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -20,7 +22,9 @@ from fastmt.losses import SCHEMES
 
 # 0: a weight tensor (or none = 1); then one code per scheme name.
 _SCHEME_CODE = {"paper": 1, "softmax": 2, "uniform": 3}
-_NEG = -1.0e30  # finite floor for running maxima: exp(-inf - floor) is 0, never NaN
+# Finite floor for running maxima: exp(-inf - floor) is 0, never NaN. A constexpr, because compiled
+# (non-interpreted) kernels may only read module globals that are constexpr instances.
+_NEG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
@@ -141,8 +145,93 @@ def _mt_kl_fwd_kernel(
         tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=c_ok)
 
 
+class Launch(NamedTuple):
+    """One kernel launch, fully decided from the inputs: the launchers run it, and the ahead-of-time
+    build (``fastmt.kernels.aot``) specializes and compiles exactly these arguments, so the two cannot
+    drift apart."""
+
+    kernel: Any  # the @triton.jit function
+    grid: tuple[int, ...]
+    args: tuple  # positional, in the kernel's parameter order
+    constexprs: dict[str, Any]
+    num_warps: int
+    options: dict[str, Any] | None = None  # further Triton compile options (ptx_options, ...)
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps, **(self.options or {}))
+
+
 def _block_c(c: int, t_pad: int) -> int:
     return max(16, min(triton.next_power_of_2(c), max(1024, 8192 // t_pad)))
+
+
+def _ptxas_options() -> str:
+    # At its default register-usage level (5) ptxas 12.8 spills 4-32 bytes around the class loop in a
+    # scattered few of this kernel's specializations (T=8, C=37 on sm_80; C=1000 with T=2..8 on sm_90),
+    # at 56-168 registers and whatever the warps; level 10 keeps them in registers. Options the user
+    # gives Triton through PTXAS_OPTIONS still apply.
+    from triton import knobs
+
+    return " ".join(filter(None, [knobs.nvidia.ptxas_options, "--register-usage-level 10"]))
+
+
+def kl_config(c: int, num_t: int) -> tuple[int, int, int]:
+    """(T_PAD, BLOCK_C, num_warps) for ``num_t`` teachers over ``c`` classes."""
+    t_pad = max(2, triton.next_power_of_2(num_t))
+    block_c = _block_c(c, t_pad)
+    tile = t_pad * block_c  # elements of the teacher tile held per program
+    # Warps that build without spills on sm_80 and sm_90 (``python -m fastmt.kernels.aot``): with 8
+    # warps for tiles of 4096-8192, ptxas aimed at 64-80 registers a thread and spilled 8-24 bytes;
+    # with 4, eight teachers' rows of 1024 classes spilled at 168 registers, which 8 warps hold.
+    # Tiles over 8192 (more than 8 teachers) keep 16 warps and are not in that build's set.
+    if tile > 8192:
+        num_warps = 16
+    elif t_pad >= 8 and tile > 4096:
+        num_warps = 8
+    else:
+        num_warps = 4
+    return t_pad, block_c, num_warps
+
+
+def kl_launch(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    weights: torch.Tensor | None,
+    scheme: str | None,
+    temperature: float,
+    labels: torch.Tensor | None,
+    ignore_index: int,
+) -> tuple[Launch | None, torch.Tensor, torch.Tensor]:
+    """The launch for these inputs and its outputs ``(row_loss, grad)``, allocated but not yet written.
+
+    Nothing runs on the inputs' data, so meta tensors give the exact launch without a device. With
+    no rows there is nothing to launch: ``(None, zero loss, empty grad)``.
+    """
+    s = student_logits.contiguous()
+    t = teacher_logits.contiguous()
+    n, c = s.shape
+    num_t = t.shape[0]
+    grad = torch.empty_like(s)
+    if n == 0:
+        return None, s.new_zeros((), dtype=torch.float32), grad
+    if labels is not None:
+        labels = labels.contiguous()
+        n_valid = (labels != ignore_index).sum().to(torch.float32)
+    else:
+        n_valid = torch.full((), float(n), dtype=torch.float32, device=s.device)
+    row_loss = torch.empty(n, dtype=torch.float32, device=s.device)
+    w = weights.contiguous() if weights is not None else None
+    t_pad, block_c, num_warps = kl_config(c, num_t)
+    args = (
+        s, t, w if w is not None else s, labels if labels is not None else s, n_valid, row_loss, grad,
+        num_t, c, s.stride(0), t.stride(0), t.stride(1), w.stride(0) if w is not None else 0, grad.stride(0),
+        1.0 / temperature, float(temperature), ignore_index,
+    )
+    constexprs = dict(
+        SCHEME=_SCHEME_CODE.get(scheme, 0) if w is None else 0,
+        HAS_W=w is not None, HAS_LABELS=labels is not None, T_PAD=t_pad, BLOCK_C=block_c,
+    )
+    return Launch(_mt_kl_fwd_kernel, (n,), args, constexprs, num_warps, {"ptx_options": _ptxas_options()}), row_loss, grad
 
 
 def kl_forward(
@@ -155,32 +244,11 @@ def kl_forward(
     ignore_index: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the kernel: returns (loss float32 scalar, gradient w.r.t. student logits)."""
-    s = student_logits.contiguous()
-    t = teacher_logits.contiguous()
-    n, c = s.shape
-    num_t = t.shape[0]
-    grad = torch.empty_like(s)
-    if n == 0:
-        return s.new_zeros((), dtype=torch.float32), grad
-    if labels is not None:
-        labels = labels.contiguous()
-        n_valid = (labels != ignore_index).sum().to(torch.float32)
-    else:
-        n_valid = torch.full((), float(n), dtype=torch.float32, device=s.device)
-    row_loss = torch.empty(n, dtype=torch.float32, device=s.device)
-    w = weights.contiguous() if weights is not None else None
-    t_pad = max(2, triton.next_power_of_2(num_t))
-    block_c = _block_c(c, t_pad)
-    tile = t_pad * block_c  # elements of the teacher tile held per program
-    num_warps = 4 if tile <= 2048 else 8 if tile <= 8192 else 16
-    _mt_kl_fwd_kernel[(n,)](
-        s, t, w if w is not None else s, labels if labels is not None else s, n_valid, row_loss, grad,
-        num_t, c, s.stride(0), t.stride(0), t.stride(1), w.stride(0) if w is not None else 0, grad.stride(0),
-        1.0 / temperature, float(temperature), ignore_index,
-        SCHEME=_SCHEME_CODE.get(scheme, 0) if w is None else 0,
-        HAS_W=w is not None, HAS_LABELS=labels is not None, T_PAD=t_pad, BLOCK_C=block_c,
-        num_warps=num_warps,
-    )
+    launch, row_loss, grad = kl_launch(student_logits, teacher_logits, weights, scheme, temperature, labels,
+                                       ignore_index)
+    if launch is None:
+        return row_loss, grad
+    launch()
     return row_loss.sum(), grad
 
 

@@ -1,0 +1,224 @@
+"""The fused kernels built ahead of time for real GPUs (sm_90, sm_80), on this CPU.
+
+The interpreter-run tests execute the kernels' Python; they cannot see what only Triton's compiler
+checks (a non-constexpr global read inside a kernel) or what only ptxas decides (register spills,
+shared memory). ``fastmt.kernels.aot`` compiles every specialization the launchers produce down to a
+cubin, with Triton's own compiler and ptxas, and reads each one's resources. ``pytest -s`` prints the
+table.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import itertools
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="Triton is not installed: there is nothing to build")
+
+from fastmt.kernels import aot, hidden_mse, kl  # noqa: E402
+
+_why = aot.toolchain_problem()
+pytestmark = pytest.mark.skipif(_why is not None, reason=f"cannot build GPU kernels here: {_why}")
+
+ARCHS = (90, 80)
+
+
+@pytest.fixture(scope="module")
+def ci_build():
+    start = time.perf_counter()
+    rows = aot.run(ARCHS, level="ci", workers=min(8, max(2, os.cpu_count() or 2)))
+    return rows, time.perf_counter() - start
+
+
+def test_every_specialization_builds_for_sm90_and_sm80_without_spills(ci_build):
+    rows, seconds = ci_build
+    print("\n" + aot.format_table(rows) + "\n" + aot.summary(rows, seconds))
+    bad = [r for r in rows if not r["ok"]]
+    assert not bad, (f"{len(bad)} of {len(rows)} kernel builds would fail or spill on a GPU:\n"
+                     + aot.format_table(bad) + "\n\n" + "\n\n".join(r["error"] or "" for r in bad if r["error"]))
+    # Every kernel the launchers use, for every target, all the way to a cubin's resource report.
+    assert {(r["kernel"], r["arch"]) for r in rows} == {
+        (k, a) for k in ("mt_kl_fwd_kernel", "hidden_fwd_kernel", "hidden_bwd_kernel") for a in ARCHS}
+    assert all(r["regs"] and r["smem"] is not None and r["spill_stores"] == 0 for r in rows)
+
+
+def test_ci_set_holds_every_pair_of_axis_values():
+    chosen = aot.cases("ci")
+    for op, axes in (("kl", aot.KL_AXES), ("hidden", aot.HIDDEN_AXES)):
+        got = [c.p for c in chosen if c.op == op]
+        for a, b in itertools.combinations(axes, 2):
+            for va, vb in itertools.product(axes[a], axes[b]):
+                assert any(r[a] == va and r[b] == vb for r in got), (op, a, va, b, vb)
+
+
+def _old_neg_module(tmp_path: Path) -> str:
+    """The KL kernel as it is now, with ``_NEG`` turned back into a plain float global; the module
+    holds only the imports, constants and the kernel (the rest registers torch ops)."""
+    src = Path(kl.__file__).read_text()
+    m = re.search(r"^_NEG = tl\.constexpr\((.+)\)$", src, re.M)
+    if m is None:
+        pytest.skip("kernels/kl.py no longer defines _NEG as a tl.constexpr")
+    src = src.replace(m.group(0), f"_NEG = {m.group(1)}")
+    end = next(node.end_lineno for node in ast.parse(src).body
+               if isinstance(node, ast.FunctionDef) and node.name == "_mt_kl_fwd_kernel")
+    (tmp_path / "kl_old_neg.py").write_text("\n".join(src.splitlines()[:end]) + "\n")
+    return "kl_old_neg"
+
+
+def _meta(shape, dtype=torch.float32):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def test_a_non_constexpr_global_is_a_build_failure(tmp_path, monkeypatch):
+    """The same checker reports the old ``_NEG = -1.0e30`` (and any kernel written that way) as a
+    failed build, with Triton's NameError: the failure the first H100 run hit."""
+    import aot_old_global
+
+    monkeypatch.syspath_prepend(str(tmp_path))  # the build workers get this process's sys.path
+    old_kl = importlib.import_module(_old_neg_module(tmp_path))
+    s, t = _meta((32, 30522), torch.float16), _meta((2, 32, 30522), torch.float16)
+    launch, _, _ = kl.kl_launch(s, t, None, "paper", 2.0, _meta((32,), torch.int64), -100)
+    toy = kl.Launch(aot_old_global.old_global_kernel, (1,), (_meta((64,)), 40), {"BLOCK": 64}, 4)
+    specs = [aot.specialize(launch._replace(kernel=old_kl._mt_kl_fwd_kernel), 90, "kl with the old _NEG"),
+             aot.specialize(toy, 80, "plain float global")]
+    rows = aot.build(specs, workers=2)
+    print("\n" + aot.format_table(rows))
+    for row, name in zip(rows, ("_NEG", "_FLOOR")):
+        assert not row["ok"] and row["problems"][0].startswith("build failed")
+        assert "NameError" in row["error"] and f"Cannot access global variable {name}" in row["error"], row["error"]
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # ... while the interpreter, which every other kernel test uses, runs it without a word.
+        x = torch.arange(8, dtype=torch.float32) - 4
+        aot_old_global.old_global_kernel[(1,)](x, 8, BLOCK=64)
+        assert torch.equal(x, torch.arange(8, dtype=torch.float32) - 4)
+
+
+class _NoGpuDriver:
+    """The driver calls ``JITFunction.run`` makes before compiling, answered as an sm_90 GPU would."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, aot.WARP_SIZE)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+def _jit(kernel):
+    from triton.runtime.jit import JITFunction
+
+    return kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn, **kernel.kwargs)
+
+
+def _real_and_meta(shapes_dtypes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    real = [None if sd is None else torch.randn(sd[0], generator=g).to(sd[1]) if sd[1].is_floating_point
+            else torch.randint(0, 2, sd[0], generator=g).to(sd[1]) for sd in shapes_dtypes]
+    return real, [None if x is None else torch.empty_like(x, device="meta") for x in real]
+
+
+KL_REAL = [  # (T, N, C, dtype, weights: "tensor" / scheme / None, labels)
+    (1, 32, 37, torch.float32, "tensor", False),  # T == 1 becomes a constant; N*C and N divisible by 16
+    (3, 7, 1000, torch.float16, "softmax", True),
+    (2, 5, 64, torch.float32, None, True),  # C divisible by 16
+    (4, 3, 4097, torch.float64, "paper", True),
+]
+HIDDEN_REAL = [  # (T, K, N, S, Ds, Dt, dtype, mask dtype, tw)
+    (2, 2, 3, 5, 12, 20, torch.float32, torch.int64, True),
+    (1, 1, 2, 3, 16, 16, torch.float16, torch.bool, False),  # K == 1, Ds/Dt divisible by 16
+    (2, 3, 1, 1, 33, 17, torch.float32, None, True),  # one row: N == S == R == 1
+    (2, 2, 4, 16, 32, 48, torch.float16, None, False),
+]
+
+
+def test_specialization_is_what_a_real_launch_compiles(monkeypatch):
+    """Real tensors through the real launchers into ``JITFunction.run`` itself (a stand-in driver, and
+    Triton's pre-compile hook to stop before compiling) give the signature, constexprs, attributes
+    and options that ``aot.specialize`` derives from meta tensors of the same shapes."""
+    from triton import knobs
+    from triton.runtime.driver import driver
+
+    seen = []
+
+    def hook(*, key, repr, fn, compile, is_manual_warmup, already_compiled):
+        seen.append(compile)
+        return True  # handled: JITFunction.run returns before compiling or launching
+
+    for mod, name in ((kl, "_mt_kl_fwd_kernel"), (hidden_mse, "_hidden_fwd_kernel"), (hidden_mse, "_hidden_bwd_kernel")):
+        monkeypatch.setattr(mod, name, _jit(getattr(mod, name)))
+    monkeypatch.setattr(knobs.runtime, "jit_cache_hook", hook)
+    saved = driver._active
+    driver.set_active(_NoGpuDriver(90))
+    try:
+        pairs = []
+        for t, n, c, dtype, weights, with_labels in KL_REAL:
+            real, meta = _real_and_meta([((n, c), dtype), ((t, n, c), dtype),
+                                         ((t, n), dtype) if weights == "tensor" else None,
+                                         ((n,), torch.int64) if with_labels else None])
+            scheme = weights if isinstance(weights, str) and weights != "tensor" else None
+            kl.kl_forward(real[0], real[1], real[2], scheme, 2.0, real[3], -100)
+            launch, _, _ = kl.kl_launch(meta[0], meta[1], meta[2], scheme, 2.0, meta[3], -100)
+            pairs.append((f"kl T={t} N={n} C={c} {dtype}", launch))
+        for t, k, n, s, ds, dt, dtype, mdt, with_tw in HIDDEN_REAL:
+            real, meta = _real_and_meta([((k, n, s, ds), dtype), ((t, k, n, s, dt), dtype), ((t, k, ds, dt), dtype),
+                                         ((t, k, dt), dtype), ((n, s), mdt) if mdt else None,
+                                         ((t, n), dtype) if with_tw else None, ((), torch.float32)])
+            hidden_mse.hidden_forward(*real[:6])
+            pairs.append((f"hidden-fwd {t, k, n, s, ds, dt} {dtype}", hidden_mse.hidden_fwd_launch(*meta[:6])[0]))
+            hidden_mse.hidden_backward(real[6], *real[:6])
+            pairs.append((f"hidden-bwd {t, k, n, s, ds, dt} {dtype}", hidden_mse.hidden_bwd_launch(meta[6], *meta[:6])[0]))
+    finally:
+        driver._active = saved
+    assert len(seen) == len(pairs)
+    for got, (label, launch) in zip(seen, pairs):
+        spec = aot.specialize(launch, 90, label)
+        assert got["signature"] == spec.signature, label
+        assert got["constants"] == spec.constexprs, label
+        assert got["configs"] == [spec.attrs], label
+        for opt in ("num_warps", "num_ctas", "num_stages", "enable_fp_fusion"):
+            assert got[opt] == spec.options[opt], (label, opt)
+    # What that means for one launch, spelled out: T == 1 is compiled in as a constant, every pointer
+    # (a fresh allocation) is 16-byte aligned, and of the ints only N*C = 1184 and N = 32 divide by 16.
+    first = aot.specialize(pairs[0][1], 90)
+    assert first.shown["ints"] == "T=1 %16:stride_ti,stride_wi"
+    assert all(spec == [["tt.divisibility", 16]] for k, spec in first.attrs.items()
+               if first.signature[list(first.signature)[k[0]]].startswith("*"))
+
+
+def test_misaligned_input_is_a_different_specialization():
+    """Meta tensors keep a view's offset, so an input that starts off a 16-byte boundary specializes
+    (and would compile) differently; the ahead-of-time set covers fresh, aligned allocations."""
+    s = torch.empty(8 * 37 + 1, device="meta")[1:].view(8, 37)
+    launch, _, _ = kl.kl_launch(s, _meta((2, 8, 37)), None, None, 1.0, None, -100)
+    assert "unaligned:s_ptr" in aot.specialize(launch, 90).shown["ints"]
+
+
+def test_nothing_in_the_project_allows_non_constexpr_globals():
+    """Kernels must build as they are: the escape hatch may be named only where the build strips it."""
+    root = Path(__file__).resolve().parents[1]
+    allowed = {root / "kernels" / "aot.py", Path(__file__).resolve()}
+    name = "TRITON_ALLOW_NON_CONSTEXPR" + "_GLOBALS"
+    hits = []
+    for sub in ("fastmt", "kernels", "tests", "benches", ".ci"):
+        for path in sorted((root / sub).rglob("*")):
+            if path.is_file() and path.resolve() not in allowed and path.suffix not in (".pyc", ".png", ".jsonl"):
+                if name in path.read_text(errors="ignore"):
+                    hits.append(str(path.relative_to(root)))
+    for path in root.glob("*"):
+        if path.is_file() and name in path.read_text(errors="ignore"):
+            hits.append(path.name)
+    assert not hits, f"{name} appears in {hits}"
