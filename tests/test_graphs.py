@@ -23,13 +23,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from fastmt import optim
 from fastmt import train as T
-
-
-def _args(tiny_task, out, **kw):
-    base = dict(train=str(tiny_task["train"]), dev=str(tiny_task["dev"]), out=str(out), epochs=1, batch_size=32,
-                lr=1e-3, max_length=16, progress=False)
-    base.update(kw)
-    return base
+from test_train import _args  # the tiny task's training flags, shared
 
 
 @pytest.fixture(scope="module")
