@@ -159,8 +159,8 @@ def cases(level: str = "ci") -> list[Case]:
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64"}
 
 
-def launch_of(case: Case):
-    """The launcher's own Launch for this case's inputs, built from meta tensors."""
+def launches_of(case: Case) -> list:
+    """The launcher's own Launches for this case's inputs, in launch order, built from meta tensors."""
     import torch
 
     from fastmt.kernels import hidden_mse, kl
@@ -179,7 +179,7 @@ def launch_of(case: Case):
         labels = meta((n,), torch.int64) if scheme or w.endswith("+labels") else None
         # As fastmt.kernels.mt_kl_loss calls it (default ignore_index; the temperature is not specialized).
         launch, _, _ = kl.kl_launch(meta((n, c), dt), meta((t, n, c), dt), weights, scheme, 2.0, labels, -100)
-        return launch
+        return [launch] if launch is not None else []
     t, k, n, s, ds, dt_ = HIDDEN_SHAPES[p["shape"]]
     name = p["dtype"]
     act = getattr(torch, _DTYPES[name.split("-")[0]])
@@ -190,9 +190,9 @@ def launch_of(case: Case):
     tw = meta((t, n), par) if p["tw"] else None
     if p["direction"] == "fwd":
         launch, _ = hidden_mse.hidden_fwd_launch(hs, ht, w, b, mask, tw)
-    else:
-        launch, *_ = hidden_mse.hidden_bwd_launch(meta((), torch.float32), hs, ht, w, b, mask, tw)
-    return launch
+        return [launch] if launch is not None else []
+    launches, *_ = hidden_mse.hidden_bwd_launch(meta((), torch.float32), hs, ht, w, b, mask, tw)
+    return launches
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -299,14 +299,12 @@ def plan(case_list: list[Case], archs=(90, 80)) -> list[Spec]:
     """One Spec per distinct compilation, each listing the cases that launch it."""
     specs: dict[tuple, Spec] = {}
     for case in case_list:
-        launch = launch_of(case)
-        if launch is None:
-            continue
-        for arch in archs:
+        for launch, arch in itertools.product(launches_of(case), archs):
             spec = specialize(launch, arch, case.label)
             k = (spec.kernel, arch, spec.key)
             if k in specs:
-                specs[k].cases.append(case.label)
+                if case.label not in specs[k].cases:  # (a chunked launch repeats its kernel)
+                    specs[k].cases.append(case.label)
             else:
                 specs[k] = spec
     return list(specs.values())
@@ -344,6 +342,48 @@ def _cubin_usage(cuobjdump: str, cubin: bytes, name: str, tmp: str) -> dict[str,
     raise RuntimeError(f"cuobjdump shows no resource usage for {name}:\n{out}")
 
 
+_SASS_OP = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", re.M)
+
+
+def _width(op: str) -> int:
+    """Bits moved by one global load/store opcode (``LDG.E.128`` 128, ``LDG.E.U16`` 16, ``LDG.E`` 32)."""
+    for part in op.split(".")[1:]:
+        if part in ("128", "64"):
+            return int(part)
+        if part in ("U16", "S16"):
+            return 16
+        if part in ("U8", "S8"):
+            return 8
+    return 32
+
+
+def sass_counts(sass: str) -> dict[str, Any]:
+    """Instruction counts read from a kernel's SASS: global atomics and reductions (``ATOMG``, ``ATOM``,
+    ``RED``), global loads and stores by width in bits, tensor-core instructions (``HGMMA``, ``HMMA``)."""
+    ops = _SASS_OP.findall(sass)
+    loads: dict[str, int] = {}
+    stores: dict[str, int] = {}
+    for op in ops:
+        if op.startswith("LDG"):
+            loads[str(_width(op))] = loads.get(str(_width(op)), 0) + 1
+        elif op.startswith("STG"):
+            stores[str(_width(op))] = stores.get(str(_width(op)), 0) + 1
+    atomics = sum(1 for op in ops if op.split(".")[0] in ("ATOMG", "ATOM", "RED", "REDG"))
+    # Tensor-core products: warpgroup MMAs (sm_90's wgmma) and warp-level MMAs.
+    wgmma = sum(1 for op in ops if op.split(".")[0] == "HGMMA")
+    mma = sum(1 for op in ops if op.split(".")[0] == "HMMA")
+    return {"atomics": atomics, "loads": loads, "stores": stores, "wgmma": wgmma, "mma": mma, "instructions": len(ops)}
+
+
+def _sass(cuobjdump: str, cubin: bytes, tmp: str) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", dir=tmp, delete=False) as f:
+        f.write(cubin)
+    try:
+        return subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+
+
 def _compile(spec: Spec, tmp: str, cuobjdump: str) -> dict[str, Any]:
     import importlib
 
@@ -367,6 +407,7 @@ def _compile(spec: Spec, tmp: str, cuobjdump: str) -> dict[str, Any]:
         "regs": usage.get("REG"), "stack": usage.get("STACK", 0), "local": usage.get("LOCAL", 0),
         "smem_dynamic": int(kernel.metadata.shared), "smem_static": usage.get("SHARED", 0),
         "spill_stores": None, "spill_loads": None,
+        "sass": sass_counts(_sass(cuobjdump, kernel.asm["cubin"], tmp)),
     }
     m = _PTXAS.search(log.getvalue())
     if m:
@@ -480,7 +521,7 @@ def _row(spec: Spec, res: dict[str, Any]) -> dict[str, Any]:
         "cases": len(spec.cases), "pointers": spec.shown.get("pointers", ""), "constexprs": spec.shown.get("constexprs", ""),
         "ints": spec.shown.get("ints", ""), "num_warps": spec.num_warps, "regs": None, "smem_dynamic": None,
         "smem_static": None, "spill_stores": None, "spill_loads": None, "stack": None, "local": None,
-        "error": None, "seconds": None,
+        "sass": None, "error": None, "seconds": None,
     }
     row.update(res)
     row["smem"] = None if row["smem_dynamic"] is None else row["smem_dynamic"] + (row["smem_static"] or 0)

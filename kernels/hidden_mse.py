@@ -1,17 +1,23 @@
 """Fused projection + masked, weighted MSE: ``fastmt.losses.mt_hidden_loss`` as Triton kernels.
 
-For every (teacher i, student layer k) the error ``E = hs[k] @ W[i,k] + b[i,k] - ht[i,k]`` lives only
-in registers, one ``[BLOCK_R, BLOCK_D]`` tile at a time; all T*K pairs are one launch.
+For every (teacher i, student layer k) the error ``E = hs[k] @ W[i,k] + b[i,k] - ht[i,k]`` is formed
+one ``[BLOCK_R, BLOCK_D]`` tile at a time; all T*K pairs are one launch. Rows are the flattened
+``(n, s)`` positions, ``R = N * S``; ``c_r = mask[n,s] * w[i,n]`` weighs row r for teacher i.
 
-- forward: each program builds its tile of E with a K-loop of ``tl.dot`` and writes one partial sum
-  of ``c_r * E^2`` (``c_r = mask[n,s] * w[i,n]``); the loss is their sum over ``sum(mask) * Dt``.
-- backward: each program recomputes its tile of E (flash-attention style: no saved activation),
-  forms ``dE = 2 c E g / denom`` and accumulates ``d hs += dE @ W^T``, ``d W += hs^T @ dE``,
-  ``d b += sum_r dE`` into float32 buffers with atomic adds. Three GEMMs' worth of work, as unfused.
+- forward: each program builds its tile of E with a loop of ``tl.dot`` over Ds and writes one
+  partial sum of ``c_r * E^2``; the loss is their sum over ``sum(mask) * Dt``. E never reaches memory.
+- backward, no atomics: the rows are cut into chunks whose ``dE = c E`` fits a bounded buffer
+  (``DE_BUDGET_BYTES``). Per chunk, one kernel recomputes E and stores ``dE`` (in the student's
+  dtype for half precision, as the products consume it), then two GEMM kernels read it:
+  ``dW[i,k] (+)= hs[k]^T dE[i,k]`` with ``db[i,k] (+)= sum_r dE[i,k]`` (the sum over rows runs inside
+  one program, so every output tile has exactly one writer) and ``d hs[k] = sum_i dE[i,k] W[i,k]^T``
+  (the sum over teachers is the GEMM's own reduction: the teachers' Dt columns are one long K).
+  The upstream scale ``g * 2 / (sum(mask) Dt)`` is a device scalar applied in the epilogues, after
+  the float32 accumulation (folded into a half-precision dE, a converged error would underflow).
 
-Rows are the flattened ``(n, s)`` positions, ``R = N * S``. Products run in the student's dtype on
-tensor cores for fp16/bf16 (the weight is cast to it, as autocast would) and in exact float32
-(``input_precision="ieee"``, no TF32) for float32 and float64 inputs; accumulation is float32.
+Products run in the student's dtype on tensor cores for fp16/bf16 (the weight is cast to it, as
+autocast would) and in exact float32 (``input_precision="ieee"``, no TF32) for float32 and float64
+inputs; accumulation is float32.
 """
 
 from __future__ import annotations
@@ -21,6 +27,10 @@ import triton
 import triton.language as tl
 
 from fastmt.kernels.kl import Launch
+
+# Most bytes the backward's dE chunk may take (64 MiB: 2,816 of 8,192 rows for 3 teachers x 4 layers
+# x 768 columns in bf16). Smaller budgets only mean more, shorter launches.
+DE_BUDGET_BYTES = 64 << 20
 
 
 @triton.jit
@@ -57,25 +67,26 @@ def _error_tile(hs_ptr, ht_ptr, w_ptr, b_ptr, i, k, K, R, Ds, Dt, offs_r, offs_d
 
 
 @triton.jit
-def _program_tile(hs_ptr, ht_ptr, w_ptr, b_ptr, mask_ptr, tw_ptr, K, R, S, N, Ds, Dt,
+def _program_tile(hs_ptr, ht_ptr, w_ptr, b_ptr, mask_ptr, tw_ptr, r0, r_end, K, R, S, N, Ds, Dt,
                   HAS_MASK: tl.constexpr, HAS_TW: tl.constexpr, DOT_FP32: tl.constexpr,
                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
-    """This program's (teacher, layer), its rows and columns, its error tile and row coefficients."""
+    """This program's (teacher, layer), its rows (from ``r0``, before ``r_end``) and columns, its error
+    tile and row coefficients."""
     pid_ik = tl.program_id(0).to(tl.int64)
     pid_r = tl.program_id(1).to(tl.int64)
     pid_d = tl.program_id(2).to(tl.int64)
     i = pid_ik // K
     k = pid_ik % K
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_r = r0 + pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    r_ok = offs_r < R
+    r_ok = offs_r < r_end
     d_ok = offs_d < Dt
     e = _error_tile(hs_ptr, ht_ptr, w_ptr, b_ptr, i, k, K, R, Ds, Dt, offs_r, offs_d, r_ok, d_ok,
                     DOT_FP32, BLOCK_R, BLOCK_D, BLOCK_K)
     c = _row_coef(mask_ptr, tw_ptr, i, offs_r, r_ok, S, N, HAS_MASK, HAS_TW)
     # Rows with c == 0 (padding) are dropped, not multiplied: non-finite values there stay out.
     keep = (c[:, None] != 0) & d_ok[None, :]
-    return i, k, offs_r, offs_d, r_ok, d_ok, e, c, keep
+    return offs_r, offs_d, r_ok, d_ok, e, c, keep
 
 
 @triton.jit
@@ -91,8 +102,8 @@ def _hidden_fwd_kernel(
     HAS_MASK: tl.constexpr, HAS_TW: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    i, k, offs_r, offs_d, r_ok, d_ok, e, c, keep = _program_tile(
-        hs_ptr, ht_ptr, w_ptr, b_ptr, mask_ptr, tw_ptr, K, R, S, N, Ds, Dt,
+    offs_r, offs_d, r_ok, d_ok, e, c, keep = _program_tile(
+        hs_ptr, ht_ptr, w_ptr, b_ptr, mask_ptr, tw_ptr, 0, R, K, R, S, N, Ds, Dt,
         HAS_MASK, HAS_TW, DOT_FP32, BLOCK_R, BLOCK_D, BLOCK_K)
     sq = tl.where(keep, c[:, None] * e * e, 0.0)
     pid = (tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
@@ -100,77 +111,159 @@ def _hidden_fwd_kernel(
 
 
 @triton.jit
-def _hidden_bwd_kernel(
+def _hidden_de_kernel(
     hs_ptr, ht_ptr, w_ptr, b_ptr, mask_ptr, tw_ptr,  # as in the forward kernel
-    scale_ptr,  # [] float32: upstream gradient * 2 / (sum(mask) * Dt)
-    dhs_ptr,  # [K, R, Ds] float32, accumulated
-    dw_ptr,  # [T, K, Ds, Dt] float32, accumulated
-    db_ptr,  # [T, K, Dt] float32, accumulated
+    de_ptr,  # [T*K, RC, Dt] this chunk's c * E (unscaled), in de's dtype
+    r0, rows,  # the chunk: its first row and its row count (<= RC)
+    RC,  # the buffer's rows per teacher and layer
     K, R, S, N, Ds, Dt,
     HAS_MASK: tl.constexpr, HAS_TW: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    i, k, offs_r, offs_d, r_ok, d_ok, e, c, keep = _program_tile(
-        hs_ptr, ht_ptr, w_ptr, b_ptr, mask_ptr, tw_ptr, K, R, S, N, Ds, Dt,
+    offs_r, offs_d, r_ok, d_ok, e, c, keep = _program_tile(
+        hs_ptr, ht_ptr, w_ptr, b_ptr, mask_ptr, tw_ptr, r0, r0 + rows, K, R, S, N, Ds, Dt,
         HAS_MASK, HAS_TW, DOT_FP32, BLOCK_R, BLOCK_D, BLOCK_K)
-    # The upstream scale (~2/(sum(mask) Dt), tiny) is applied after the products: folded into a
-    # half-precision dE first, a converged error would underflow to subnormals.
-    scale = tl.load(scale_ptr)
-    de = tl.where(keep, c[:, None] * e, 0.0)  # [BLOCK_R, BLOCK_D] float32, unscaled
+    de = tl.where(keep, c[:, None] * e, 0.0)
+    ik = tl.program_id(0).to(tl.int64)
+    local = offs_r - r0
+    tl.store(de_ptr + (ik * RC + local[:, None]) * Dt + offs_d[None, :], de.to(de_ptr.dtype.element_ty),
+             mask=r_ok[:, None] & d_ok[None, :])
 
-    tl.atomic_add(db_ptr + (i * K + k) * Dt + offs_d, tl.sum(de, axis=0) * scale, mask=d_ok)
-    x_base = hs_ptr + k * R * Ds
-    w_base = w_ptr + (i * K + k) * Ds * Dt
-    if not DOT_FP32:
-        de_lo = de.to(hs_ptr.dtype.element_ty)
-    for k0 in range(0, Ds, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < Ds
-        x = tl.load(x_base + offs_r[:, None] * Ds + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_base + offs_k[:, None] * Dt + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+
+@triton.jit
+def _hidden_dw_kernel(
+    hs_ptr,  # [K, R, Ds] student hidden
+    de_ptr,  # [T*K, RC, Dt] the chunk's dE
+    scale_ptr,  # [] float32: upstream gradient * 2 / (sum(mask) * Dt)
+    dw_ptr,  # [T*K, Ds, Dt] float32
+    db_ptr,  # [T*K, Dt] float32
+    r0, rows,  # the chunk: its first row and its row count (<= RC)
+    RC, K, R, Ds, Dt,
+    ACCUMULATE: tl.constexpr,  # add to dw/db (every chunk after the first) instead of storing
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # over Ds
+    BLOCK_N: tl.constexpr,  # over Dt
+    BLOCK_R: tl.constexpr,  # over the chunk's rows (the reduction)
+):
+    """``dW[i,k] = scale * hs[k]^T dE[i,k]`` over one chunk's rows; programs of the first Ds block
+    also write ``db[i,k] = scale * sum_r dE[i,k]``. One writer per output tile: no atomics."""
+    ik = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    pid_n = tl.program_id(2).to(tl.int64)
+    k = ik % K
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < Ds
+    n_ok = offs_n < Dt
+    x_base = hs_ptr + (k * R + r0) * Ds
+    e_base = de_ptr + ik * RC * Dt
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    col = tl.zeros((BLOCK_N,), tl.float32)
+    for q0 in range(0, rows, BLOCK_R):
+        offs_q = q0 + tl.arange(0, BLOCK_R)
+        q_ok = offs_q < rows
+        xt = tl.load(x_base + offs_q[None, :] * Ds + offs_m[:, None], mask=m_ok[:, None] & q_ok[None, :], other=0.0)
+        de = tl.load(e_base + offs_q[:, None] * Dt + offs_n[None, :], mask=q_ok[:, None] & n_ok[None, :], other=0.0)
         if DOT_FP32:
-            dx = tl.dot(de, tl.trans(w.to(tl.float32)), input_precision="ieee")
-            dw = tl.dot(tl.trans(x.to(tl.float32)), de, input_precision="ieee")
+            acc = tl.dot(xt.to(tl.float32), de.to(tl.float32), acc, input_precision="ieee")
         else:
-            dx = tl.dot(de_lo, tl.trans(w.to(x.dtype)))
-            dw = tl.dot(tl.trans(x), de_lo)
-        tl.atomic_add(dhs_ptr + (k * R + offs_r[:, None]) * Ds + offs_k[None, :], dx * scale,
-                      mask=r_ok[:, None] & k_ok[None, :])
-        tl.atomic_add(dw_ptr + ((i * K + k) * Ds + offs_k[:, None]) * Dt + offs_d[None, :], dw * scale,
-                      mask=k_ok[:, None] & d_ok[None, :])
+            acc = tl.dot(xt.to(de.dtype), de, acc)
+        col += tl.sum(de.to(tl.float32), axis=0)
+    scale = tl.load(scale_ptr)
+    out = dw_ptr + (ik * Ds + offs_m[:, None]) * Dt + offs_n[None, :]
+    ok = m_ok[:, None] & n_ok[None, :]
+    acc = acc * scale
+    if ACCUMULATE:
+        acc += tl.load(out, mask=ok, other=0.0)
+    tl.store(out, acc, mask=ok)
+    if pid_m == 0:
+        col = col * scale
+        if ACCUMULATE:
+            col += tl.load(db_ptr + ik * Dt + offs_n, mask=n_ok, other=0.0)
+        tl.store(db_ptr + ik * Dt + offs_n, col, mask=n_ok)
 
 
-def _blocks(rows: int, ds: int, dt: int) -> tuple[int, int, int]:
-    # tl.dot needs every tile side >= 16.
-    block_r = max(16, min(64, triton.next_power_of_2(rows)))
-    block_d = max(16, min(64, triton.next_power_of_2(dt)))
-    block_k = max(16, min(32, triton.next_power_of_2(ds)))
-    return block_r, block_d, block_k
+@triton.jit
+def _hidden_dx_kernel(
+    de_ptr,  # [T*K, RC, Dt] the chunk's dE
+    w_ptr,  # [T, K, Ds, Dt] projection weight (the dot dtype)
+    scale_ptr,  # [] float32
+    dhs_ptr,  # [K, R, Ds] the student's gradient, in its dtype
+    r0, rows, RC, T, K, R, Ds, Dt,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # over the chunk's rows
+    BLOCK_N: tl.constexpr,  # over Ds
+    BLOCK_K: tl.constexpr,  # over Dt, for each teacher in turn
+):
+    """``d hs[k] = scale * sum_i dE[i,k] W[i,k]^T`` for one chunk's rows: the teachers' columns are
+    one reduction, so each output tile is written once."""
+    k = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1).to(tl.int64)
+    pid_n = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < rows
+    n_ok = offs_n < Ds
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for i in range(0, T):
+        e_base = de_ptr + (i * K + k) * RC * Dt
+        w_base = w_ptr + (i * K + k) * Ds * Dt
+        for d0 in range(0, Dt, BLOCK_K):
+            offs_d = d0 + tl.arange(0, BLOCK_K)
+            d_ok = offs_d < Dt
+            de = tl.load(e_base + offs_m[:, None] * Dt + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            wt = tl.load(w_base + offs_n[None, :] * Dt + offs_d[:, None], mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+            if DOT_FP32:
+                acc = tl.dot(de.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(de, wt.to(de.dtype), acc)
+    scale = tl.load(scale_ptr)
+    out = dhs_ptr + (k * R + r0 + offs_m[:, None]) * Ds + offs_n[None, :]
+    tl.store(out, (acc * scale).to(dhs_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _fit(n: int, most: int) -> int:
+    """A power-of-two tile side for a dimension of ``n``: at least 16 (``tl.dot``'s minimum), at most ``most``."""
+    return max(16, min(most, triton.next_power_of_2(n)))
 
 
 def hidden_config(rows: int, ds: int, dt: int, dot_fp32: bool, backward: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_R, BLOCK_D, BLOCK_K, num_warps) for one direction of the loss."""
-    block_r, block_d, block_k = _blocks(rows, ds, dt)
-    # Spills seen by ``python -m fastmt.kernels.aot`` (sm_80 and sm_90) at 4 warps: hundreds of bytes
-    # in backward's float32 products (FMA, no tensor cores), a few in forward with float64 inputs.
-    # Backward in float32 holds the error tile, dE and two products at once: 32 rows and 16 columns of
-    # hs per step over 8 warps keep it in registers; in half precision it sat at the 255-register
-    # ceiling with 4 warps, 8 leave ~100 registers of room. Forward in half precision keeps 4 warps.
-    if backward:
-        if dot_fp32:
-            return min(block_r, 32), block_d, 16, 8
-        return block_r, block_d, block_k, 8
-    return block_r, block_d, block_k, 8 if dot_fp32 else 4
+    """(BLOCK_R, BLOCK_D, BLOCK_K, num_warps) of the error kernels (forward, and dE in backward)."""
+    if dot_fp32:
+        # Exact float32 products run on FMA units: small tiles, 8 warps keep them in registers.
+        return _fit(rows, 64 if not backward else 32), _fit(dt, 64), _fit(ds, 32 if not backward else 16), 8
+    # Half precision on tensor cores: 128 x 128 tiles with a 64-deep step, Hopper's wgmma shape.
+    return _fit(rows, 128), _fit(dt, 128), _fit(ds, 64), 8
 
 
-def _prepare(hs, ht, w, b, mask, tw, backward: bool):
-    """Contiguous views, the dot dtype and the launch grid of one direction."""
+def gemm_config(m: int, n: int, red: int, dot_fp32: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_RED, num_warps) of the backward's GEMM kernels."""
+    if dot_fp32:
+        return _fit(m, 64), _fit(n, 64), _fit(red, 16), 8
+    return _fit(m, 128), _fit(n, 128), _fit(red, 64), 8
+
+
+def chunk_rows(rows: int, pairs: int, dt: int, itemsize: int, budget: int = DE_BUDGET_BYTES) -> int:
+    """Rows per backward chunk: near-equal chunks whose dE fits ``budget``, in whole 128-row tiles
+    (16-row steps when the budget holds fewer than 128 rows)."""
+    per_row = max(1, pairs * dt * itemsize)
+    fit = budget // per_row
+    unit = 128 if fit >= 128 else 16
+    most = max(unit, fit // unit * unit)
+    if rows <= most:
+        return rows
+    n_chunks = triton.cdiv(rows, most)
+    return min(most, triton.cdiv(triton.cdiv(rows, n_chunks), unit) * unit)
+
+
+def _prepare(hs, ht, w, b, mask, tw):
+    """Contiguous views, the dot dtype, and the dims every kernel takes."""
     k, n, s, ds = hs.shape
     t, dt = ht.shape[0], ht.shape[-1]
     rows = n * s
     dot_fp32 = hs.dtype not in (torch.float16, torch.bfloat16)
     if hs.dtype == torch.bfloat16 and hs.device.type == "cpu":
-        # Triton's CPU interpreter (3.9) returns garbage from a bfloat16 tl.dot (numpy has no bfloat16):
+        # Triton's CPU interpreter returns garbage from a bfloat16 tl.dot (numpy has no bfloat16):
         # there the products run in float32. On a GPU bfloat16 takes the same path as float16.
         dot_fp32 = True
     # Half-precision students multiply on tensor cores: the weight joins their dtype, as under autocast.
@@ -179,11 +272,7 @@ def _prepare(hs, ht, w, b, mask, tw, backward: bool):
     if m is not None and m.dtype == torch.bool:
         m = m.to(torch.uint8)
     tw_in = tw.contiguous() if tw is not None else None
-    br, bd, bk, num_warps = hidden_config(rows, ds, dt, dot_fp32, backward)
-    grid = (t * k, triton.cdiv(rows, br), triton.cdiv(dt, bd))
-    meta = dict(HAS_MASK=m is not None, HAS_TW=tw_in is not None, DOT_FP32=dot_fp32, BLOCK_R=br, BLOCK_D=bd, BLOCK_K=bk)
-    dims = (k, rows, s, n, ds, dt)
-    return hs.contiguous(), ht.contiguous(), w_in, b.contiguous(), m, tw_in, grid, meta, dims, num_warps
+    return hs.contiguous(), ht.contiguous(), w_in, b.contiguous(), m, tw_in, dot_fp32, (t, k, rows, s, n, ds, dt)
 
 
 def _denominator(mask, rows: int, dt: int, device) -> torch.Tensor:
@@ -195,26 +284,52 @@ def _denominator(mask, rows: int, dt: int, device) -> torch.Tensor:
 def hidden_fwd_launch(hs, ht, w, b, mask=None, tw=None) -> tuple[Launch | None, torch.Tensor | None]:
     """The forward launch and its buffer of partial sums (allocated, not written); ``(None, None)`` for
     empty inputs. Nothing runs on the inputs' data, so meta tensors give the exact launch."""
-    hs_c, ht_c, w_c, b_c, m, tw_c, grid, meta, dims, num_warps = _prepare(hs, ht, w, b, mask, tw, backward=False)
+    hs_c, ht_c, w_c, b_c, m, tw_c, dot_fp32, (t, k, rows, s, n, ds, dt) = _prepare(hs, ht, w, b, mask, tw)
     if hs.numel() == 0 or ht.numel() == 0:
         return None, None
+    br, bd, bk, num_warps = hidden_config(rows, ds, dt, dot_fp32, backward=False)
+    grid = (t * k, triton.cdiv(rows, br), triton.cdiv(dt, bd))
     parts = torch.empty(grid[0] * grid[1] * grid[2], dtype=torch.float32, device=hs.device)
-    args = (hs_c, ht_c, w_c, b_c, m if m is not None else hs_c, tw_c if tw_c is not None else hs_c, parts, *dims)
+    args = (hs_c, ht_c, w_c, b_c, m if m is not None else hs_c, tw_c if tw_c is not None else hs_c, parts,
+            k, rows, s, n, ds, dt)
+    meta = dict(HAS_MASK=m is not None, HAS_TW=tw_c is not None, DOT_FP32=dot_fp32, BLOCK_R=br, BLOCK_D=bd, BLOCK_K=bk)
     return Launch(_hidden_fwd_kernel, grid, args, meta, num_warps), parts
 
 
-def hidden_bwd_launch(grad, hs, ht, w, b, mask=None, tw=None):
-    """The backward launch (None for empty inputs) and its float32 accumulators ``dhs, dw, db``, zeroed."""
-    hs_c, ht_c, w_c, b_c, m, tw_c, grid, meta, dims, num_warps = _prepare(hs, ht, w, b, mask, tw, backward=True)
-    dhs = torch.zeros(hs.shape, dtype=torch.float32, device=hs.device)
-    dw = torch.zeros(w.shape, dtype=torch.float32, device=hs.device)
-    db = torch.zeros(b.shape, dtype=torch.float32, device=hs.device)
+def hidden_bwd_launch(grad, hs, ht, w, b, mask=None, tw=None, budget: int = DE_BUDGET_BYTES):
+    """The backward's launches, in order (three per chunk of rows; none for empty inputs), and the
+    gradients they write: ``dhs`` (the student's dtype), ``dw``, ``db`` (float32)."""
+    hs_c, ht_c, w_c, b_c, m, tw_c, dot_fp32, (t, k, rows, s, n, ds, dt) = _prepare(hs, ht, w, b, mask, tw)
+    dev = hs.device
     if not (hs.numel() and ht.numel()):
-        return None, dhs, dw, db
-    scale = (grad.to(torch.float32) * 2.0 / _denominator(mask, dims[1], dims[5], hs.device)).reshape(())
-    args = (hs_c, ht_c, w_c, b_c, m if m is not None else hs_c, tw_c if tw_c is not None else hs_c,
-            scale, dhs, dw, db, *dims)
-    return Launch(_hidden_bwd_kernel, grid, args, meta, num_warps), dhs, dw, db
+        return [], torch.zeros(hs.shape, dtype=hs.dtype, device=dev), \
+            torch.zeros(w.shape, dtype=torch.float32, device=dev), torch.zeros(b.shape, dtype=torch.float32, device=dev)
+    dhs = torch.empty(hs.shape, dtype=hs.dtype, device=dev)
+    dw = torch.empty(w.shape, dtype=torch.float32, device=dev)
+    db = torch.empty(b.shape, dtype=torch.float32, device=dev)
+    de_dtype = torch.float32 if dot_fp32 else hs.dtype
+    rc = chunk_rows(rows, t * k, dt, torch.empty((), dtype=de_dtype).element_size(), budget)
+    de = torch.empty((t * k, rc, dt), dtype=de_dtype, device=dev)
+    scale = (grad.to(torch.float32) * 2.0 / _denominator(mask, rows, dt, dev)).reshape(())
+    mask_arg = m if m is not None else hs_c
+    tw_arg = tw_c if tw_c is not None else hs_c
+    br, bd, bk, warps_e = hidden_config(rc, ds, dt, dot_fp32, backward=True)
+    meta_e = dict(HAS_MASK=m is not None, HAS_TW=tw_c is not None, DOT_FP32=dot_fp32, BLOCK_R=br, BLOCK_D=bd, BLOCK_K=bk)
+    wm, wn, wr, warps_w = gemm_config(ds, dt, rc, dot_fp32)
+    xm, xn, xk, warps_x = gemm_config(rc, ds, dt, dot_fp32)
+    launches = []
+    for r0 in range(0, rows, rc):
+        nr = min(rc, rows - r0)
+        launches.append(Launch(_hidden_de_kernel, (t * k, triton.cdiv(nr, br), triton.cdiv(dt, bd)),
+                               (hs_c, ht_c, w_c, b_c, mask_arg, tw_arg, de, r0, nr, rc, k, rows, s, n, ds, dt),
+                               meta_e, warps_e))
+        launches.append(Launch(_hidden_dw_kernel, (t * k, triton.cdiv(ds, wm), triton.cdiv(dt, wn)),
+                               (hs_c, de, scale, dw, db, r0, nr, rc, k, rows, ds, dt),
+                               dict(ACCUMULATE=r0 > 0, DOT_FP32=dot_fp32, BLOCK_M=wm, BLOCK_N=wn, BLOCK_R=wr), warps_w))
+        launches.append(Launch(_hidden_dx_kernel, (k, triton.cdiv(nr, xm), triton.cdiv(ds, xn)),
+                               (de, w_c, scale, dhs, r0, nr, rc, t, k, rows, ds, dt),
+                               dict(DOT_FP32=dot_fp32, BLOCK_M=xm, BLOCK_N=xn, BLOCK_K=xk), warps_x))
+    return launches, dhs, dw, db
 
 
 def hidden_forward(hs, ht, w, b, mask=None, tw=None) -> torch.Tensor:
@@ -225,11 +340,11 @@ def hidden_forward(hs, ht, w, b, mask=None, tw=None) -> torch.Tensor:
     return parts.sum() / _denominator(mask, hs.shape[1] * hs.shape[2], ht.shape[-1], hs.device)
 
 
-def hidden_backward(grad, hs, ht, w, b, mask=None, tw=None):
-    launch, dhs, dw, db = hidden_bwd_launch(grad, hs, ht, w, b, mask, tw)
-    if launch is not None:
+def hidden_backward(grad, hs, ht, w, b, mask=None, tw=None, budget: int = DE_BUDGET_BYTES):
+    launches, dhs, dw, db = hidden_bwd_launch(grad, hs, ht, w, b, mask, tw, budget)
+    for launch in launches:
         launch()
-    return dhs.to(hs.dtype), dw.to(w.dtype), db.to(b.dtype)
+    return dhs, dw.to(w.dtype), db.to(b.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------

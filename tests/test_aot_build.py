@@ -44,9 +44,48 @@ def test_every_specialization_builds_for_sm90_and_sm80_without_spills(ci_build):
     assert not bad, (f"{len(bad)} of {len(rows)} kernel builds would fail or spill on a GPU:\n"
                      + aot.format_table(bad) + "\n\n" + "\n\n".join(r["error"] or "" for r in bad if r["error"]))
     # Every kernel the launchers use, for every target, all the way to a cubin's resource report.
-    assert {(r["kernel"], r["arch"]) for r in rows} == {
-        (k, a) for k in ("mt_kl_fwd_kernel", "hidden_fwd_kernel", "hidden_bwd_kernel") for a in ARCHS}
+    assert {(r["kernel"], r["arch"]) for r in rows} == {(k, a) for k in KERNELS for a in ARCHS}
     assert all(r["regs"] and r["smem"] is not None and r["spill_stores"] == 0 for r in rows)
+
+
+KERNELS = ("mt_kl_fwd_kernel", "hidden_fwd_kernel", "hidden_de_kernel", "hidden_dw_kernel", "hidden_dx_kernel")
+
+
+def test_hidden_backward_has_no_atomics_and_half_precision_runs_on_tensor_cores(ci_build):
+    """Read from the SASS of every build: no global atomic or reduction instruction anywhere in the
+    hidden loss (each output tile has one writer), and on sm_90 every half-precision hidden kernel
+    multiplies with warpgroup MMAs (HGMMA), sm_80 with HMMA."""
+    rows, _ = ci_build
+    hidden = [r for r in rows if r["kernel"].startswith("hidden")]
+    assert {r["kernel"] for r in hidden} == {k for k in KERNELS if k.startswith("hidden")}
+    atomic = [(r["kernel"], r["case"], r["sass"]["atomics"]) for r in hidden if r["sass"]["atomics"]]
+    assert not atomic, atomic
+    for r in hidden:
+        half = "DOT_FP32=0" in r["constexprs"]
+        counts = r["sass"]
+        if half and r["arch"] == 90:
+            assert counts["wgmma"] > 0, (r["kernel"], r["case"])
+        elif half:
+            assert counts["mma"] > 0, (r["kernel"], r["case"])
+        else:
+            assert counts["wgmma"] == counts["mma"] == 0, (r["kernel"], r["case"])  # exact float32: FMA
+
+
+def test_sass_counts_read_widths_and_atomics():
+    sass = """
+        /*0080*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0090*/              @!P0 LDG.E.U16 R9, desc[UR4][R6.64] ;
+        /*00a0*/                   LDG.E.EL.64 R10, desc[UR4][R6.64] ;
+        /*00b0*/                   LDG.E R12, desc[UR4][R6.64] ;
+        /*00c0*/               @P1 RED.E.ADD.F32.FTZ.RN.STRONG.GPU desc[UR4][R2.64], R5 ;
+        /*00d0*/                   ATOMG.E.ADD.F32.FTZ.RN.STRONG.GPU PT, R3, desc[UR4][R2.64], R5 ;
+        /*00e0*/                   STG.E.128 desc[UR4][R2.64], R4 ;
+        /*00f0*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0100*/                   ATOMS.ADD R1, [R2], R3 ;
+    """
+    c = aot.sass_counts(sass)
+    assert c["loads"] == {"128": 1, "16": 1, "64": 1, "32": 1} and c["stores"] == {"128": 1}
+    assert c["atomics"] == 2 and c["wgmma"] == 1 and c["mma"] == 0  # ATOMS is shared memory
 
 
 def test_ci_set_holds_every_pair_of_axis_values():
@@ -158,7 +197,7 @@ def test_specialization_is_what_a_real_launch_compiles(monkeypatch):
         seen.append(compile)
         return True  # handled: JITFunction.run returns before compiling or launching
 
-    for mod, name in ((kl, "_mt_kl_fwd_kernel"), (hidden_mse, "_hidden_fwd_kernel"), (hidden_mse, "_hidden_bwd_kernel")):
+    for mod, name in ((kl, "_mt_kl_fwd_kernel"), *((hidden_mse, f"_{k}") for k in KERNELS if k.startswith("hidden"))):
         monkeypatch.setattr(mod, name, _jit(getattr(mod, name)))
     monkeypatch.setattr(knobs.runtime, "jit_cache_hook", hook)
     saved = driver._active
@@ -180,7 +219,8 @@ def test_specialization_is_what_a_real_launch_compiles(monkeypatch):
             hidden_mse.hidden_forward(*real[:6])
             pairs.append((f"hidden-fwd {t, k, n, s, ds, dt} {dtype}", hidden_mse.hidden_fwd_launch(*meta[:6])[0]))
             hidden_mse.hidden_backward(real[6], *real[:6])
-            pairs.append((f"hidden-bwd {t, k, n, s, ds, dt} {dtype}", hidden_mse.hidden_bwd_launch(meta[6], *meta[:6])[0]))
+            pairs += [(f"hidden-bwd {t, k, n, s, ds, dt} {dtype}", launch)
+                      for launch in hidden_mse.hidden_bwd_launch(meta[6], *meta[:6])[0]]
     finally:
         driver._active = saved
     assert len(seen) == len(pairs)

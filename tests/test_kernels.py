@@ -139,6 +139,35 @@ def test_hidden_matches_reference(shape, dtype, mask, weights):
         assert rel_err(g, gw) < TOL[dtype], name
 
 
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+def test_hidden_backward_in_chunks_matches_reference(dtype):
+    """A dE budget of ~1/4 of the rows: five chunks (the last one short), every gradient still within
+    tolerance of the float64 reference and of the one-chunk run. The student hidden state is a non-contiguous view, as a transposed activation would be."""
+    from fastmt.kernels import hidden_mse
+
+    t, k, n, s, ds, dt = 3, 2, 4, 17, 40, 70
+    hs, ht, w, b, m, tw = _hidden_case(t, k, n, s, ds, dt, dtype, seed=11)
+    hs = hs.transpose(1, 2).contiguous().transpose(1, 2)  # same values, strides of a transposed tensor
+    assert not hs.is_contiguous()
+    item = 2 if dtype in (torch.float16,) else 4  # dE's dtype: the student's for fp16, else float32
+    budget = 16 * t * k * dt * item  # 16 rows per chunk
+    launches, *_ = hidden_mse.hidden_bwd_launch(torch.ones(()), hs, ht, w, b, m, tw, budget=budget)
+    chunks = [launch.args[7:9] for launch in launches if launch.kernel is hidden_mse._hidden_de_kernel]
+    assert len(chunks) == 5 and chunks[-1] == (64, n * s - 64)
+    upstream = torch.tensor(-0.75, device=DEVICE)
+    got = hidden_mse.hidden_backward(upstream, hs, ht, w, b, m, tw, budget=budget)
+    whole = hidden_mse.hidden_backward(upstream, hs, ht, w, b, m, tw)
+    xr = [x.double().requires_grad_() for x in (hs, w, b)]
+    want = ref.mt_hidden_loss(xr[0], ht.double(), xr[1], xr[2], m, tw.double())
+    grads_want = torch.autograd.grad(float(upstream) * want, xr)
+    tol = TOL.get(dtype, 1e-4)
+    for name, g, gw, x in zip(("hs", "proj_weight", "proj_bias"), got, grads_want, (hs, w, b)):
+        assert g.dtype == x.dtype and g.shape == x.shape, name
+        assert rel_err(g, gw) < tol, name
+    for g, h in zip(got, whole):  # chunking changes summation order only
+        assert rel_err(g, h) < (1e-5 if dtype in (torch.float32, torch.float64) else tol)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_hidden_converged_regime_keeps_its_digits(dtype):
     # Teacher = projection of the student + 1e-3 noise: the loss is ~1e-6 of the squares it would be
