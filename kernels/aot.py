@@ -65,6 +65,7 @@ KL_AXES: dict[str, list] = {
     "C": [2, 37, 1000, 30522, 50257],
     # 32: a full batch (strides divisible by 16); 7: a ragged last batch; 1: one example.
     "N": [32, 7, 1],
+    "tau": [1.0, 2.0],  # temperature 1 is its own specialization (TAU_ONE)
 }
 
 HIDDEN_SHAPES: dict[str, tuple[int, int, int, int, int, int]] = {  # (T, K, N, S, Ds, Dt)
@@ -138,9 +139,9 @@ def cases(level: str = "ci") -> list[Case]:
         # Registers grow with the tile and the dtype: every dtype at the largest tiles, with the most
         # inputs, whatever pairs the greedy cover happened to pick.
         for dtype in KL_AXES["dtype"]:
-            for weights in ("tensor+labels", "softmax"):
+            for weights, tau in (("tensor+labels", 2.0), ("softmax", 1.0), ("softmax", 2.0)):
                 for t, c in ((2, 30522), (4, 50257)):
-                    kl_rows.append(dict(dtype=dtype, weights=weights, T=t, C=c, N=32))
+                    kl_rows.append(dict(dtype=dtype, weights=weights, T=t, C=c, N=32, tau=tau))
         for dtype in HIDDEN_AXES["dtype"]:
             for direction in HIDDEN_AXES["direction"]:
                 for shape in ("384>768", "40>70"):
@@ -177,9 +178,12 @@ def launches_of(case: Case) -> list:
         scheme = w if w in ("paper", "softmax", "uniform") else None
         weights = meta((t, n), dt) if w.startswith("tensor") else None
         labels = meta((n,), torch.int64) if scheme or w.endswith("+labels") else None
-        # As fastmt.kernels.mt_kl_loss calls it (default ignore_index; the temperature is not specialized).
-        launch, _, _ = kl.kl_launch(meta((n, c), dt), meta((t, n, c), dt), weights, scheme, 2.0, labels, -100)
-        return [launch] if launch is not None else []
+        # As fastmt.kernels.mt_kl_loss calls it (default ignore_index; the temperature's value is not
+        # specialized, only whether it is 1).
+        s, tl_ = meta((n, c), dt), meta((t, n, c), dt)
+        fwd, _, stats = kl.kl_launch(s, tl_, weights, scheme, p["tau"], labels, -100)
+        bwd, _ = kl.kl_bwd_launch(meta((), torch.float32), s, tl_, stats, p["tau"])
+        return [x for x in (fwd, bwd) if x is not None]
     t, k, n, s, ds, dt_ = HIDDEN_SHAPES[p["shape"]]
     name = p["dtype"]
     act = getattr(torch, _DTYPES[name.split("-")[0]])

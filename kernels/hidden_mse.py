@@ -232,15 +232,26 @@ def hidden_config(rows: int, ds: int, dt: int, dot_fp32: bool, backward: bool) -
     if dot_fp32:
         # Exact float32 products run on FMA units: small tiles, 8 warps keep them in registers.
         return _fit(rows, 64 if not backward else 32), _fit(dt, 64), _fit(ds, 32 if not backward else 16), 8
-    # Half precision on tensor cores: 128 x 128 tiles with a 64-deep step, Hopper's wgmma shape.
-    return _fit(rows, 128), _fit(dt, 128), _fit(ds, 64), 8
+    if _vector_rows(ds, dt):
+        # Half precision on tensor cores: 128 x 128 tiles with a 64-deep step, Hopper's wgmma shape.
+        return _fit(rows, 128), _fit(dt, 128), _fit(ds, 64), 8
+    return _fit(rows, 64), _fit(dt, 64), _fit(ds, 32), 8
 
 
-def gemm_config(m: int, n: int, red: int, dot_fp32: bool) -> tuple[int, int, int, int]:
+def _vector_rows(ds: int, dt: int) -> bool:
+    # Widths that Triton specializes as multiples of 16 get vector loads. Other widths load element by
+    # element, each with its own 64-bit address: at 128 x 128 tiles that spilled hundreds of bytes
+    # (``python -m fastmt.kernels.aot``, e.g. Ds=40, Dt=70), at 64 x 64 nothing.
+    return ds % 16 == 0 and dt % 16 == 0
+
+
+def gemm_config(m: int, n: int, red: int, dot_fp32: bool, vector: bool = True) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_RED, num_warps) of the backward's GEMM kernels."""
     if dot_fp32:
         return _fit(m, 64), _fit(n, 64), _fit(red, 16), 8
-    return _fit(m, 128), _fit(n, 128), _fit(red, 64), 8
+    if vector:
+        return _fit(m, 128), _fit(n, 128), _fit(red, 64), 8
+    return _fit(m, 64), _fit(n, 64), _fit(red, 32), 8
 
 
 def chunk_rows(rows: int, pairs: int, dt: int, itemsize: int, budget: int = DE_BUDGET_BYTES) -> int:
@@ -315,8 +326,8 @@ def hidden_bwd_launch(grad, hs, ht, w, b, mask=None, tw=None, budget: int = DE_B
     tw_arg = tw_c if tw_c is not None else hs_c
     br, bd, bk, warps_e = hidden_config(rc, ds, dt, dot_fp32, backward=True)
     meta_e = dict(HAS_MASK=m is not None, HAS_TW=tw_c is not None, DOT_FP32=dot_fp32, BLOCK_R=br, BLOCK_D=bd, BLOCK_K=bk)
-    wm, wn, wr, warps_w = gemm_config(ds, dt, rc, dot_fp32)
-    xm, xn, xk, warps_x = gemm_config(rc, ds, dt, dot_fp32)
+    wm, wn, wr, warps_w = gemm_config(ds, dt, rc, dot_fp32, _vector_rows(ds, dt))
+    xm, xn, xk, warps_x = gemm_config(rc, ds, dt, dot_fp32, _vector_rows(ds, dt))
     launches = []
     for r0 in range(0, rows, rc):
         nr = min(rc, rows - r0)

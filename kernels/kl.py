@@ -1,13 +1,23 @@
-"""Fused multi-teacher softmax-KL: ``fastmt.losses.mt_kl_loss`` as one Triton kernel.
+"""Fused multi-teacher softmax-KL: ``fastmt.losses.mt_kl_loss`` as two Triton kernels.
 
-One program per row. Pass 1 streams the row's student logits and all T teachers' logits (a
-``[T_PAD, BLOCK_C]`` tile) once, keeping online log-sum-exps (tempered for the KL, untempered for
-the teacher weights) and the running ``sum_c p_t (t - s) / tau``, so any row width works without
-materialising probabilities. The per-example teacher weights (paper / softmax / uniform) come out
-of the same pass. Pass 2 streams the row again and writes ``d loss / d student_logits``, so backward
-is only a multiply by the upstream gradient.
+Forward, one program per row: a single pass streams the row's student logits and all T teachers'
+logits (a ``[T_PAD, BLOCK_C]`` tile) once, keeping online log-sum-exps (tempered for the KL,
+untempered for the teacher weights; one and the same at temperature 1) and the running
+``sum_c p_t (t - s) / tau``, so any row width works without materialising probabilities. The
+per-example teacher weights (paper / softmax / uniform) come out of the same pass. It writes the row's
+loss and a few float32 statistics per row (maxima, log-sum-exps, each teacher's coefficient).
 
-Bytes moved per row: 2 x (1 + T) x C logits read, C gradient written.
+Backward, one program per row: streams the row again and writes ``d loss / d student_logits`` with
+the upstream gradient (a device scalar) folded into the store: no separate scaling pass, no host read,
+and no ``[N, C]`` buffer held between forward and backward.
+
+Bytes per row: forward reads (1 + T) x C logits; backward reads them again and writes C.
+
+Loads are 16 bytes wide where the rows allow it (``ALIGNED``): when every row of the student, the
+teachers and the gradient starts at the same offset from a 16-byte boundary (contiguous rows of one
+width, 16-byte-aligned bases, teacher blocks a multiple of 16 bytes apart), each row is cut into a
+short unaligned head, whole unmasked ``BLOCK_C`` blocks that start on a 16-byte boundary, and a
+tail; only head and tail are masked element by element.
 """
 
 from __future__ import annotations
@@ -28,6 +38,66 @@ _NEG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
+def _row_split(row, stride, C, ALIGNED: tl.constexpr, VEC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``(lead, n_main)``: the row's first ``lead`` elements precede a 16-byte boundary, then come
+    ``n_main`` elements of whole blocks; the rest is the tail. Without ``ALIGNED``: ``(0, 0)``."""
+    if ALIGNED:
+        lead = tl.minimum((VEC - (row * stride) % VEC) % VEC, C)
+        n_main = (C - lead) // BLOCK_C * BLOCK_C
+    else:
+        lead = row * 0
+        n_main = row * 0
+    return lead, n_main
+
+
+@triton.jit
+def _edge_cols(e0, lead, n_main, n_edge, ALIGNED: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Columns of one block of the head-and-tail elements, and which of them exist."""
+    j = e0 + tl.arange(0, BLOCK_C)
+    if ALIGNED:
+        cols = tl.where(j < lead, j, j + n_main)
+    else:
+        cols = j
+    return cols, j < n_edge
+
+
+@triton.jit
+def _stats_update(s, t, inv_tau, m_s, d_s, m_t, d_t, a_t, m_u, d_u,
+                  SCHEME: tl.constexpr, TAU_ONE: tl.constexpr):
+    """Fold one block of a row (``s`` ``[BLOCK_C]``, ``t`` ``[T_PAD, BLOCK_C]``, float32, -inf where
+    absent) into the running statistics."""
+    if TAU_ONE:
+        ts = t
+    else:
+        s = s * inv_tau
+        ts = t * inv_tau
+    m_new = tl.maximum(m_s, tl.max(s, axis=0))
+    d_s = d_s * tl.exp(m_s - m_new) + tl.sum(tl.exp(s - m_new), axis=0)
+    ds_shift = m_new - m_s  # >= 0
+    m_s = m_new
+
+    # Logits are kept relative to their running maxima (t/tau - m_t, s/tau - m_s) and the KL sum is
+    # accumulated as sum e * ((t/tau - m_t) - (s/tau - m_s)): with large logits, forming t - s and then
+    # subtracting the log-sum-exps would lose the float32 digits the answer is made of.
+    mt_new = tl.maximum(m_t, tl.max(ts, axis=1))
+    rescale = tl.exp(m_t - mt_new)
+    e = tl.exp(ts - mt_new[:, None])
+    # p_t = 0 (a -inf teacher logit) contributes nothing, even where s is -inf too.
+    diff = tl.where(e > 0, (ts - mt_new[:, None]) - (s - m_s)[None, :], 0.0)
+    # Re-express the sum so far against the new maxima (d_t = 0 before any finite logit).
+    shift = tl.where(d_t > 0, (mt_new - m_t) - ds_shift, 0.0)
+    a_t = (a_t - d_t * shift) * rescale + tl.sum(e * diff, axis=1)
+    d_t = d_t * rescale + tl.sum(e, axis=1)
+    m_t = mt_new
+
+    if (SCHEME == 1 or SCHEME == 2) and not TAU_ONE:  # at temperature 1 these are m_t, d_t
+        mu_new = tl.maximum(m_u, tl.max(t, axis=1))
+        d_u = d_u * tl.exp(m_u - mu_new) + tl.sum(tl.exp(t - mu_new[:, None]), axis=1)
+        m_u = mu_new
+    return m_s, d_s, m_t, d_t, a_t, m_u, d_u
+
+
+@triton.jit
 def _mt_kl_fwd_kernel(
     s_ptr,  # [N, C] student logits
     t_ptr,  # [T, N, C] teacher logits
@@ -35,29 +105,32 @@ def _mt_kl_fwd_kernel(
     y_ptr,  # [N] labels (read when HAS_LABELS)
     nvalid_ptr,  # [] float32: rows that count in the mean
     loss_ptr,  # [N] float32: each row's share of the loss
-    grad_ptr,  # [N, C] d loss / d student logits, student dtype
+    stats_ptr,  # [2 + 3T, N] float32: m_s, log d_s, m_t[T], log d_t[T], coef[T] (for backward)
     T,
+    N,
     C,
     stride_sn,
     stride_ti,
     stride_tn,
     stride_wi,
-    stride_gn,
     inv_tau,  # 1 / temperature
     tau,
     ignore_index,
     SCHEME: tl.constexpr,  # 0 tensor/none, 1 paper, 2 softmax, 3 uniform
     HAS_W: tl.constexpr,
     HAS_LABELS: tl.constexpr,
+    TAU_ONE: tl.constexpr,  # temperature == 1: no scaling, one log-sum-exp per teacher
+    ALIGNED: tl.constexpr,  # rows share their offset from a 16-byte boundary (see the module doc)
+    VEC: tl.constexpr,  # elements in 16 bytes
     T_PAD: tl.constexpr,  # next power of two >= T
     BLOCK_C: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs_t = tl.arange(0, T_PAD)
     t_ok = offs_t < T
+    t_off = offs_t.to(tl.int64) * stride_ti + row * stride_tn  # [T_PAD]
     s_row = s_ptr + row * stride_sn
-    t_rows = t_ptr + offs_t.to(tl.int64)[:, None] * stride_ti + row * stride_tn  # [T_PAD, 1]
-    g_row = grad_ptr + row * stride_gn
+    t_rows = t_ptr + t_off
 
     valid = True
     y = 0
@@ -67,10 +140,6 @@ def _mt_kl_fwd_kernel(
         # Not range-checked on the host (that would sync): clamp so a bad label cannot read out of bounds.
         y = tl.minimum(tl.maximum(tl.where(valid, y, 0), 0), C - 1)
 
-    # ---- pass 1: online log-sum-exps and sum_c p_t * (t - s) / tau
-    # Logits are kept relative to their running maxima (t/tau - m_t, s/tau - m_s) and the KL sum is
-    # accumulated as sum e * ((t/tau - m_t) - (s/tau - m_s)): with large logits, forming t - s and then
-    # subtracting the log-sum-exps would lose the float32 digits the answer is made of.
     m_s = tl.full((), _NEG, tl.float32)
     d_s = tl.zeros((), tl.float32)
     m_t = tl.full((T_PAD,), _NEG, tl.float32)
@@ -78,33 +147,27 @@ def _mt_kl_fwd_kernel(
     a_t = tl.zeros((T_PAD,), tl.float32)
     m_u = tl.full((T_PAD,), _NEG, tl.float32)
     d_u = tl.zeros((T_PAD,), tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        offs = c0 + tl.arange(0, BLOCK_C)
-        c_ok = offs < C
-        s = tl.load(s_row + offs, mask=c_ok, other=float("-inf")).to(tl.float32) * inv_tau
-        t = tl.load(t_rows + offs[None, :], mask=t_ok[:, None] & c_ok[None, :], other=float("-inf")).to(tl.float32)
-        ts = t * inv_tau
 
-        m_new = tl.maximum(m_s, tl.max(s, axis=0))
-        d_s = d_s * tl.exp(m_s - m_new) + tl.sum(tl.exp(s - m_new), axis=0)
-        ds_shift = m_new - m_s  # >= 0
-        m_s = m_new
-
-        mt_new = tl.maximum(m_t, tl.max(ts, axis=1))
-        rescale = tl.exp(m_t - mt_new)
-        e = tl.exp(ts - mt_new[:, None])
-        # p_t = 0 (a -inf teacher logit) contributes nothing, even where s is -inf too.
-        diff = tl.where(e > 0, (ts - mt_new[:, None]) - (s - m_s)[None, :], 0.0)
-        # Re-express the sum so far against the new maxima (d_t = 0 before any finite logit).
-        shift = tl.where(d_t > 0, (mt_new - m_t) - ds_shift, 0.0)
-        a_t = (a_t - d_t * shift) * rescale + tl.sum(e * diff, axis=1)
-        d_t = d_t * rescale + tl.sum(e, axis=1)
-        m_t = mt_new
-
-        if SCHEME == 1 or SCHEME == 2:
-            mu_new = tl.maximum(m_u, tl.max(t, axis=1))
-            d_u = d_u * tl.exp(m_u - mu_new) + tl.sum(tl.exp(t - mu_new[:, None]), axis=1)
-            m_u = mu_new
+    lead, n_main = _row_split(row, stride_sn, C, ALIGNED, VEC, BLOCK_C)
+    if ALIGNED:  # whole blocks from a 16-byte boundary: unmasked along the row, 16-byte loads
+        s_al = s_ptr + tl.multiple_of(row * stride_sn + lead, VEC)
+        t_al = t_ptr + tl.multiple_of(t_off + lead, VEC)
+        for c0 in range(0, n_main, BLOCK_C):
+            offs = c0 + tl.arange(0, BLOCK_C)
+            s = tl.load(s_al + offs).to(tl.float32)
+            t = tl.load(t_al[:, None] + offs[None, :], mask=t_ok[:, None], other=float("-inf")).to(tl.float32)
+            m_s, d_s, m_t, d_t, a_t, m_u, d_u = _stats_update(s, t, inv_tau, m_s, d_s, m_t, d_t, a_t, m_u, d_u,
+                                                              SCHEME, TAU_ONE)
+    n_edge = C - n_main
+    for e0 in range(0, n_edge, BLOCK_C):  # head and tail (the whole row without ALIGNED), masked
+        cols, ok = _edge_cols(e0, lead, n_main, n_edge, ALIGNED, BLOCK_C)
+        s = tl.load(s_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
+        t = tl.load(t_rows[:, None] + cols[None, :], mask=t_ok[:, None] & ok[None, :], other=float("-inf")).to(tl.float32)
+        m_s, d_s, m_t, d_t, a_t, m_u, d_u = _stats_update(s, t, inv_tau, m_s, d_s, m_t, d_t, a_t, m_u, d_u,
+                                                          SCHEME, TAU_ONE)
+    if TAU_ONE:
+        m_u = m_t
+        d_u = d_t
 
     log_ds = tl.log(d_s)
     log_dt = tl.where(t_ok, tl.log(tl.where(t_ok, d_t, 1.0)), 0.0)
@@ -130,19 +193,83 @@ def _mt_kl_fwd_kernel(
     row_loss = tl.sum(tl.where(w != 0, w * kl, 0.0), axis=0) * (tau * tau / n_valid)
     tl.store(loss_ptr + row, tl.where(valid, row_loss, 0.0))
 
-    # ---- pass 2: d loss / d s_c = tau / N * (sum_i w_i * q_c - sum_i w_i * p_ic)
-    w_sum = tl.sum(w, axis=0)
-    g_scale = tl.where(valid, tau / n_valid, 0.0)
-    for c0 in range(0, C, BLOCK_C):
-        offs = c0 + tl.arange(0, BLOCK_C)
-        c_ok = offs < C
-        s = tl.load(s_row + offs, mask=c_ok, other=float("-inf")).to(tl.float32) * inv_tau
-        t = tl.load(t_rows + offs[None, :], mask=t_ok[:, None] & c_ok[None, :], other=float("-inf")).to(tl.float32)
-        q = tl.exp((s - m_s) - log_ds)
-        p = tl.exp((t * inv_tau - m_t[:, None]) - log_dt[:, None])
-        wp = tl.sum(tl.where(w[:, None] != 0, w[:, None] * p, 0.0), axis=0)
-        g = g_scale * (w_sum * q - wp)
-        tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=c_ok)
+    # ---- what backward needs: d loss / d s_c = sum_i coef_i * (q_c - p_ic), coef_i = w_i tau / n_valid
+    coef = w * tl.where(valid, tau / n_valid, 0.0)
+    tl.store(stats_ptr + row, m_s)
+    tl.store(stats_ptr + N + row, log_ds)
+    lanes = stats_ptr + (2 + offs_t.to(tl.int64)) * N + row
+    tl.store(lanes, m_t, mask=t_ok)
+    tl.store(lanes + T * N, log_dt, mask=t_ok)
+    tl.store(lanes + 2 * T * N, coef, mask=t_ok)
+
+
+@triton.jit
+def _grad_block(s, t, inv_tau, m_s, log_ds, m_t, log_dt, coef, coef_sum, TAU_ONE: tl.constexpr):
+    """``sum_i coef_i (q_c - p_ic)`` for one block (float32)."""
+    if not TAU_ONE:
+        s = s * inv_tau
+        t = t * inv_tau
+    q = tl.exp((s - m_s) - log_ds)
+    p = tl.exp((t - m_t[:, None]) - log_dt[:, None])
+    wp = tl.sum(tl.where(coef[:, None] != 0, coef[:, None] * p, 0.0), axis=0)
+    return coef_sum * q - wp
+
+
+@triton.jit
+def _mt_kl_bwd_kernel(
+    s_ptr,  # [N, C] student logits
+    t_ptr,  # [T, N, C] teacher logits
+    stats_ptr,  # [2 + 3T, N] float32, from the forward
+    up_ptr,  # [] the upstream gradient d out / d loss
+    grad_ptr,  # [N, C] d out / d student logits, student dtype
+    T,
+    N,
+    C,
+    stride_sn,
+    stride_ti,
+    stride_tn,
+    stride_gn,
+    inv_tau,
+    TAU_ONE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    VEC: tl.constexpr,
+    T_PAD: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs_t = tl.arange(0, T_PAD)
+    t_ok = offs_t < T
+    t_off = offs_t.to(tl.int64) * stride_ti + row * stride_tn
+    m_s = tl.load(stats_ptr + row)
+    log_ds = tl.load(stats_ptr + N + row)
+    lanes = stats_ptr + (2 + offs_t.to(tl.int64)) * N + row
+    m_t = tl.load(lanes, mask=t_ok, other=0.0)
+    log_dt = tl.load(lanes + T * N, mask=t_ok, other=0.0)
+    # The upstream gradient is folded into the coefficients: one pass, whatever its value.
+    coef = tl.load(lanes + 2 * T * N, mask=t_ok, other=0.0) * tl.load(up_ptr).to(tl.float32)
+    coef_sum = tl.sum(coef, axis=0)
+
+    lead, n_main = _row_split(row, stride_sn, C, ALIGNED, VEC, BLOCK_C)
+    if ALIGNED:
+        s_al = s_ptr + tl.multiple_of(row * stride_sn + lead, VEC)
+        t_al = t_ptr + tl.multiple_of(t_off + lead, VEC)
+        g_al = grad_ptr + tl.multiple_of(row * stride_gn + lead, VEC)
+        for c0 in range(0, n_main, BLOCK_C):
+            offs = c0 + tl.arange(0, BLOCK_C)
+            s = tl.load(s_al + offs).to(tl.float32)
+            t = tl.load(t_al[:, None] + offs[None, :], mask=t_ok[:, None], other=float("-inf")).to(tl.float32)
+            g = _grad_block(s, t, inv_tau, m_s, log_ds, m_t, log_dt, coef, coef_sum, TAU_ONE)
+            tl.store(g_al + offs, g.to(grad_ptr.dtype.element_ty))
+    n_edge = C - n_main
+    s_row = s_ptr + row * stride_sn
+    t_rows = t_ptr + t_off
+    g_row = grad_ptr + row * stride_gn
+    for e0 in range(0, n_edge, BLOCK_C):
+        cols, ok = _edge_cols(e0, lead, n_main, n_edge, ALIGNED, BLOCK_C)
+        s = tl.load(s_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
+        t = tl.load(t_rows[:, None] + cols[None, :], mask=t_ok[:, None] & ok[None, :], other=float("-inf")).to(tl.float32)
+        g = _grad_block(s, t, inv_tau, m_s, log_ds, m_t, log_dt, coef, coef_sum, TAU_ONE)
+        tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=ok)
 
 
 class Launch(NamedTuple):
@@ -161,36 +288,43 @@ class Launch(NamedTuple):
         self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps, **(self.options or {}))
 
 
-def _block_c(c: int, t_pad: int) -> int:
-    return max(16, min(triton.next_power_of_2(c), max(1024, 8192 // t_pad)))
-
-
-def _ptxas_options() -> str:
-    # At its default register-usage level (5) ptxas 12.8 spills 4-32 bytes around the class loop in a
-    # scattered few of this kernel's specializations (T=8, C=37 on sm_80; C=1000 with T=2..8 on sm_90),
-    # at 56-168 registers and whatever the warps; level 10 keeps them in registers. Options the user
-    # gives Triton through PTXAS_OPTIONS still apply.
+def _options() -> dict[str, Any]:
+    # Left to itself, ptxas 12.8 keeps some specializations at 64-80 registers a thread and spills 4-32
+    # bytes around the class loop (T=8 on sm_80; C=1000 or fp64 rows on sm_90), at its default
+    # register-usage level and at level 10 alike. An explicit cap of 128 registers (two blocks of 8
+    # warps per SM) lets it use what it needs: none of ``python -m fastmt.kernels.aot``'s builds
+    # spills. Options the user gives Triton through PTXAS_OPTIONS still apply.
     from triton import knobs
 
-    return " ".join(filter(None, [knobs.nvidia.ptxas_options, "--register-usage-level 10"]))
+    ptx = " ".join(filter(None, [knobs.nvidia.ptxas_options, "--register-usage-level 10"]))
+    return {"ptx_options": ptx, "maxnreg": 128}
 
 
-def kl_config(c: int, num_t: int) -> tuple[int, int, int]:
-    """(T_PAD, BLOCK_C, num_warps) for ``num_t`` teachers over ``c`` classes."""
+def kl_config(c: int, num_t: int, itemsize: int = 2) -> tuple[int, int, int]:
+    """(T_PAD, BLOCK_C, num_warps) for ``num_t`` teachers over ``c`` classes of ``itemsize`` bytes."""
     t_pad = max(2, triton.next_power_of_2(num_t))
-    block_c = _block_c(c, t_pad)
-    tile = t_pad * block_c  # elements of the teacher tile held per program
-    # Warps that build without spills on sm_80 and sm_90 (``python -m fastmt.kernels.aot``): with 8
-    # warps for tiles of 4096-8192, ptxas aimed at 64-80 registers a thread and spilled 8-24 bytes;
-    # with 4, eight teachers' rows of 1024 classes spilled at 168 registers, which 8 warps hold.
-    # Tiles over 8192 (more than 8 teachers) keep 16 warps and are not in that build's set.
-    if tile > 8192:
-        num_warps = 16
-    elif t_pad >= 8 and tile > 4096:
-        num_warps = 8
-    else:
-        num_warps = 4
+    # The teacher tile held per program: 4096 elements (2048 for float64, loaded as twice the
+    # registers). With two copies of the loop body (aligned blocks, masked head and tail), tiles of
+    # 8192 reached 255 registers and spilled (``python -m fastmt.kernels.aot``).
+    tile = 4096 if itemsize <= 4 else 2048
+    block_c = max(16, min(triton.next_power_of_2(c), tile // t_pad))
+    num_warps = 8 if t_pad * block_c >= 4096 else 4
     return t_pad, block_c, num_warps
+
+
+def _aligned(tensors: list[torch.Tensor], row_stride: int, teacher_stride: int, vec: int) -> bool:
+    """Whether every row of these tensors starts the same number of elements past a 16-byte boundary
+    (host-side metadata only: pointers, strides)."""
+    return (all(x.data_ptr() % 16 == 0 for x in tensors) and teacher_stride % vec == 0
+            and all(x.stride(-2) == row_stride and x.stride(-1) == 1 for x in tensors if x.dim() >= 2))
+
+
+def _common(s: torch.Tensor, t: torch.Tensor, temperature: float):
+    n, c = s.shape
+    num_t = t.shape[0]
+    vec = max(1, 16 // s.element_size())
+    t_pad, block_c, num_warps = kl_config(c, num_t, max(s.element_size(), t.element_size()))
+    return n, c, num_t, vec, t_pad, block_c, num_warps, float(temperature) == 1.0
 
 
 def kl_launch(
@@ -202,18 +336,16 @@ def kl_launch(
     labels: torch.Tensor | None,
     ignore_index: int,
 ) -> tuple[Launch | None, torch.Tensor, torch.Tensor]:
-    """The launch for these inputs and its outputs ``(row_loss, grad)``, allocated but not yet written.
-
-    Nothing runs on the inputs' data, so meta tensors give the exact launch without a device. With
-    no rows there is nothing to launch: ``(None, zero loss, empty grad)``.
+    """The forward launch for these inputs and its outputs ``(row_loss, stats)``, allocated but not
+    yet written. Nothing runs on the inputs' data, so meta tensors give the exact launch without a
+    device. With no rows there is nothing to launch: ``(None, zero loss, empty stats)``.
     """
     s = student_logits.contiguous()
     t = teacher_logits.contiguous()
-    n, c = s.shape
-    num_t = t.shape[0]
-    grad = torch.empty_like(s)
+    n, c, num_t, vec, t_pad, block_c, num_warps, tau_one = _common(s, t, temperature)
+    stats = torch.empty((2 + 3 * num_t, n), dtype=torch.float32, device=s.device)
     if n == 0:
-        return None, s.new_zeros((), dtype=torch.float32), grad
+        return None, s.new_zeros((), dtype=torch.float32), stats
     if labels is not None:
         labels = labels.contiguous()
         n_valid = (labels != ignore_index).sum().to(torch.float32)
@@ -221,17 +353,35 @@ def kl_launch(
         n_valid = torch.full((), float(n), dtype=torch.float32, device=s.device)
     row_loss = torch.empty(n, dtype=torch.float32, device=s.device)
     w = weights.contiguous() if weights is not None else None
-    t_pad, block_c, num_warps = kl_config(c, num_t)
     args = (
-        s, t, w if w is not None else s, labels if labels is not None else s, n_valid, row_loss, grad,
-        num_t, c, s.stride(0), t.stride(0), t.stride(1), w.stride(0) if w is not None else 0, grad.stride(0),
+        s, t, w if w is not None else s, labels if labels is not None else s, n_valid, row_loss, stats,
+        num_t, n, c, s.stride(0), t.stride(0), t.stride(1), w.stride(0) if w is not None else 0,
         1.0 / temperature, float(temperature), ignore_index,
     )
     constexprs = dict(
         SCHEME=_SCHEME_CODE.get(scheme, 0) if w is None else 0,
-        HAS_W=w is not None, HAS_LABELS=labels is not None, T_PAD=t_pad, BLOCK_C=block_c,
+        HAS_W=w is not None, HAS_LABELS=labels is not None, TAU_ONE=tau_one,
+        ALIGNED=_aligned([s, t], s.stride(0), t.stride(0), vec), VEC=vec, T_PAD=t_pad, BLOCK_C=block_c,
     )
-    return Launch(_mt_kl_fwd_kernel, (n,), args, constexprs, num_warps, {"ptx_options": _ptxas_options()}), row_loss, grad
+    launch = Launch(_mt_kl_fwd_kernel, (n,), args, constexprs, num_warps, _options())
+    return launch, row_loss, stats
+
+
+def kl_bwd_launch(grad_loss: torch.Tensor, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                  stats: torch.Tensor, temperature: float) -> tuple[Launch | None, torch.Tensor]:
+    """The backward launch and the gradient it writes (``d out / d student_logits``, student dtype)."""
+    s = student_logits.contiguous()
+    t = teacher_logits.contiguous()
+    n, c, num_t, vec, t_pad, block_c, num_warps, tau_one = _common(s, t, temperature)
+    grad = torch.empty_like(s)
+    if n == 0:
+        return None, grad
+    up = grad_loss.reshape(()).to(torch.float32)
+    args = (s, t, stats, up, grad, num_t, n, c, s.stride(0), t.stride(0), t.stride(1), grad.stride(0),
+            1.0 / temperature)
+    constexprs = dict(TAU_ONE=tau_one, ALIGNED=_aligned([s, t, grad], s.stride(0), t.stride(0), vec), VEC=vec,
+                      T_PAD=t_pad, BLOCK_C=block_c)
+    return Launch(_mt_kl_bwd_kernel, (n,), args, constexprs, num_warps, _options()), grad
 
 
 def kl_forward(
@@ -243,20 +393,28 @@ def kl_forward(
     labels: torch.Tensor | None,
     ignore_index: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the kernel: returns (loss float32 scalar, gradient w.r.t. student logits)."""
-    launch, row_loss, grad = kl_launch(student_logits, teacher_logits, weights, scheme, temperature, labels,
-                                       ignore_index)
+    """Run the forward kernel: (loss, a float32 scalar; the statistics backward reads)."""
+    launch, row_loss, stats = kl_launch(student_logits, teacher_logits, weights, scheme, temperature, labels,
+                                        ignore_index)
     if launch is None:
-        return row_loss, grad
+        return row_loss, stats
     launch()
-    return row_loss.sum(), grad
+    return row_loss.sum(), stats
+
+
+def kl_backward(grad_loss, student_logits, teacher_logits, stats, temperature) -> torch.Tensor:
+    """Run the backward kernel: ``grad_loss * d loss / d student_logits``."""
+    launch, grad = kl_bwd_launch(grad_loss, student_logits, teacher_logits, stats, temperature)
+    if launch is not None:
+        launch()
+    return grad
 
 
 # ---------------------------------------------------------------------------------------------------
-# torch.library op: opaque to torch.compile (no graph break), differentiable through register_autograd.
+# torch.library ops: opaque to torch.compile (no graph break), differentiable through register_autograd.
 
 
-@torch.library.custom_op("fastmt::mt_kl_loss", mutates_args=())
+@torch.library.custom_op("fastmt::mt_kl_forward", mutates_args=())
 def mt_kl_op(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -272,16 +430,30 @@ def mt_kl_op(
 
 @mt_kl_op.register_fake
 def _(student_logits, teacher_logits, weights, labels, scheme, temperature, ignore_index):
-    return student_logits.new_empty((), dtype=torch.float32), torch.empty_like(student_logits)
+    n = student_logits.shape[0]
+    return (student_logits.new_empty((), dtype=torch.float32),
+            student_logits.new_empty((2 + 3 * teacher_logits.shape[0], n), dtype=torch.float32))
+
+
+@torch.library.custom_op("fastmt::mt_kl_backward", mutates_args=())
+def mt_kl_bwd_op(grad_loss: torch.Tensor, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                 stats: torch.Tensor, temperature: float) -> torch.Tensor:
+    return kl_backward(grad_loss, student_logits, teacher_logits, stats, temperature)
+
+
+@mt_kl_bwd_op.register_fake
+def _(grad_loss, student_logits, teacher_logits, stats, temperature):
+    return student_logits.new_empty(student_logits.shape)
 
 
 def _setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
+    ctx.save_for_backward(inputs[0], inputs[1], output[1])
+    ctx.temperature = inputs[5]
 
 
-def _backward(ctx, grad_loss, grad_grad):
-    (grad,) = ctx.saved_tensors
-    return (grad * grad_loss.to(grad.dtype)), None, None, None, None, None, None
+def _backward(ctx, grad_loss, grad_stats):
+    s, t, stats = ctx.saved_tensors
+    return mt_kl_bwd_op(grad_loss, s, t, stats, ctx.temperature), None, None, None, None, None, None
 
 
 mt_kl_op.register_autograd(_backward, setup_context=_setup)

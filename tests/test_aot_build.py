@@ -48,7 +48,7 @@ def test_every_specialization_builds_for_sm90_and_sm80_without_spills(ci_build):
     assert all(r["regs"] and r["smem"] is not None and r["spill_stores"] == 0 for r in rows)
 
 
-KERNELS = ("mt_kl_fwd_kernel", "hidden_fwd_kernel", "hidden_de_kernel", "hidden_dw_kernel", "hidden_dx_kernel")
+KERNELS = ("mt_kl_fwd_kernel", "mt_kl_bwd_kernel", "hidden_fwd_kernel", "hidden_de_kernel", "hidden_dw_kernel", "hidden_dx_kernel")
 
 
 def test_hidden_backward_has_no_atomics_and_half_precision_runs_on_tensor_cores(ci_build):
@@ -69,6 +69,24 @@ def test_hidden_backward_has_no_atomics_and_half_precision_runs_on_tensor_cores(
             assert counts["mma"] > 0, (r["kernel"], r["case"])
         else:
             assert counts["wgmma"] == counts["mma"] == 0, (r["kernel"], r["case"])  # exact float32: FMA
+
+
+def test_kl_loads_16_bytes_where_rows_allow_it(ci_build):
+    """Read from the SASS: with aligned rows every KL kernel in half precision loads the student and
+    teacher blocks 128 bits at a time (and the backward stores its gradient so); neither KL kernel
+    has atomics. Unaligned specializations keep element loads (and say so: ALIGNED=0)."""
+    rows, _ = ci_build
+    kl_rows = [r for r in rows if r["kernel"].startswith("mt_kl")]
+    assert not [r for r in kl_rows if r["sass"]["atomics"]]
+    aligned_half = [r for r in kl_rows if "ALIGNED=1" in r["constexprs"] and "VEC=8" in r["constexprs"]]
+    assert {r["kernel"] for r in aligned_half} == {"mt_kl_fwd_kernel", "mt_kl_bwd_kernel"}
+    for r in aligned_half:
+        assert r["sass"]["loads"].get("128", 0) >= 2, (r["kernel"], r["case"], r["sass"])
+        if r["kernel"] == "mt_kl_bwd_kernel":
+            assert r["sass"]["stores"].get("128", 0) >= 1, (r["case"], r["sass"])
+    for r in kl_rows:
+        if "ALIGNED=0" in r["constexprs"]:
+            assert "128" not in r["sass"]["loads"], (r["kernel"], r["case"], r["sass"])
 
 
 def test_sass_counts_read_widths_and_atomics():
@@ -234,7 +252,7 @@ def test_specialization_is_what_a_real_launch_compiles(monkeypatch):
     # What that means for one launch, spelled out: T == 1 is compiled in as a constant, every pointer
     # (a fresh allocation) is 16-byte aligned, and of the ints only N*C = 1184 and N = 32 divide by 16.
     first = aot.specialize(pairs[0][1], 90)
-    assert first.shown["ints"] == "T=1 %16:stride_ti,stride_wi"
+    assert first.shown["ints"] == "T=1 %16:N,stride_ti,stride_wi"
     assert all(spec == [["tt.divisibility", 16]] for k, spec in first.attrs.items()
                if first.signature[list(first.signature)[k[0]]].startswith("*"))
 

@@ -76,6 +76,40 @@ def test_kl_matches_reference(shape, dtype, scheme):
     assert rel_err(grad, grad_want) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("scheme", [None, "paper", "softmax"])
+def test_kl_aligned_blocks_with_head_and_tail(dtype, temperature, scheme):
+    """Rows of 4099 classes, 8 per teacher: every row starts at a different offset from a 16-byte
+    boundary, so each has an unaligned head, whole aligned blocks, and a tail. Temperature 1 takes
+    its own path (one log-sum-exp per teacher). A view that starts one element in cannot take the
+    aligned path and must give the same numbers."""
+    from fastmt.kernels import kl
+
+    t, n, c = 3, 8, 4099
+    s, tl, labels, weights = _kl_case(t, n, c, dtype, scheme, ignore=True, seed=5)
+    launch, _, _ = kl.kl_launch(s, tl, None, scheme, temperature, labels, -100)
+    assert launch.constexprs["ALIGNED"] and launch.constexprs["TAU_ONE"] == (temperature == 1.0)
+    assert c // launch.constexprs["BLOCK_C"] >= 2  # whole blocks between head and tail
+    s_f = s.clone().requires_grad_()
+    loss = fused.mt_kl_loss(s_f, tl, weights, temperature=temperature, labels=labels)
+    (grad,) = torch.autograd.grad(3.0 * loss, s_f)
+    s_r = s.double().requires_grad_()
+    want = ref.mt_kl_loss(s_r, tl.double(), weights, temperature=temperature, labels=labels)
+    (grad_want,) = torch.autograd.grad(3.0 * want, s_r)
+    assert rel_err(loss, want) < TOL[dtype] and rel_err(grad, grad_want) < TOL[dtype]
+
+    buf = torch.empty(n * c + 1, dtype=dtype, device=DEVICE)
+    s_off = buf[1:].view(n, c)
+    s_off.copy_(s)
+    assert not kl.kl_launch(s_off, tl, None, scheme, temperature, labels, -100)[0].constexprs["ALIGNED"]
+    s_o = s_off.requires_grad_()
+    loss_o = fused.mt_kl_loss(s_o, tl, weights, temperature=temperature, labels=labels)
+    (grad_o,) = torch.autograd.grad(3.0 * loss_o, s_o)
+    # Only the order of the float32 sums differs: one rounding step of the gradient's dtype at most.
+    assert rel_err(loss_o, loss) < 1e-6 and rel_err(grad_o, grad) < (1e-6 if dtype == torch.float32 else TOL[dtype] / 10)
+
+
 def test_kl_ignored_rows_do_not_count():
     s, tl, labels, _ = _kl_case(2, 6, 5, torch.float32, None, ignore=False, seed=1)
     labels[:3] = -100
