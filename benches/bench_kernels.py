@@ -99,24 +99,49 @@ def make_inputs(case: Case, device: torch.device):
 
 
 def bytes_moved(case: Case, mode: str) -> int:
-    """Bytes the op cannot avoid moving (each input read once, each output written once)."""
+    """Bytes any implementation must move (each input read once, each output written once)."""
     e = torch.finfo(case.dtype).bits // 8
     if case.op == "mt_kl_loss":
         t, n, c = case.shape["T"], case.shape["N"], case.shape["C"]
-        fwd = (1 + t) * n * c * e + n * c * e  # logits in, student gradient out (made in the forward)
-        bwd = 2 * n * c * e  # gradient scaled by the upstream gradient
-    else:
-        t, k, r, ds, dtt = (case.shape[x] for x in ("T", "K", "R", "Ds", "Dt"))
-        inputs = (k * r * ds + t * k * r * dtt + t * k * ds * dtt + t * k * dtt) * e
-        fwd = inputs
-        bwd = inputs + (k * r * ds + t * k * ds * dtt + t * k * dtt) * e
+        fwd = (1 + t) * n * c * e  # logits in
+        full = fwd + n * c * e  # ... and the student gradient out
+        return {"fwd": fwd, "bwd": full - fwd, "full": full}[mode]
+    t, k, r, ds, dtt = (case.shape[x] for x in ("T", "K", "R", "Ds", "Dt"))
+    inputs = (k * r * ds + t * k * r * dtt + t * k * ds * dtt + t * k * dtt) * e
+    grads = (k * r * ds + t * k * ds * dtt + t * k * dtt) * e
+    return {"fwd": inputs, "bwd": inputs + grads, "full": inputs + grads}[mode]
+
+
+def bytes_fused(case: Case, mode: str) -> int | None:
+    """Bytes the fused KL kernels move by design: the forward reads every logit, the backward reads
+    them again and writes the gradient (nothing of size N x C is kept in between)."""
+    if case.op != "mt_kl_loss":
+        return None
+    e = torch.finfo(case.dtype).bits // 8
+    t, n, c = case.shape["T"], case.shape["N"], case.shape["C"]
+    fwd = (1 + t) * n * c * e
+    bwd = fwd + n * c * e
     return {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}[mode]
 
 
-def provider_fn(name: str, case: Case, x: dict, temperature: float = 2.0):
+def flops(case: Case, mode: str) -> int | None:
+    """Matmul FLOPs of the hidden loss any implementation must do: the projection forward, dW and
+    d hs backward (the fused backward also recomputes the projection: one more forward's worth)."""
+    if case.op != "mt_hidden_loss":
+        return None
+    t, k, r, ds, dtt = (case.shape[x] for x in ("T", "K", "R", "Ds", "Dt"))
+    one = 2 * t * k * r * ds * dtt
+    return {"fwd": one, "bwd": 2 * one, "full": 3 * one}[mode]
+
+
+TEMPERATURE = 2.0  # --temperature; at 1 (training's default) the fused KL shares its log-sum-exps
+
+
+def provider_fn(name: str, case: Case, x: dict, temperature: float | None = None):
     """A callable computing the loss with autograd-ready inputs, or None where unavailable."""
     from fastmt import kernels, losses
 
+    temperature = TEMPERATURE if temperature is None else temperature
     if case.op == "mt_kl_loss":
         if name == "liger":
             try:
@@ -186,12 +211,18 @@ def measure(case: Case, provider: str, mode: str, device: torch.device, copy_gbp
     peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else None
     nbytes = bytes_moved(case, mode)
     gbps = nbytes / (p50 * 1e-3) / 1e9
+    moved = bytes_fused(case, mode) if provider == "fused" else None
+    fl = flops(case, mode)
     import triton
 
     return {
         "op": case.op, "provider": provider, "mode": mode, "dtype": str(case.dtype).replace("torch.", ""),
-        "shape": case.shape, "ms_p50": p50, "ms_p20": p20, "ms_p80": p80, "gbps": gbps,
-        "copy_share": gbps / copy_gbps, "bytes": nbytes, "peak_mb": peak_mb, "device": device_name(device),
+        "shape": case.shape, "temperature": TEMPERATURE if case.op == "mt_kl_loss" else None,
+        "ms_p50": p50, "ms_p20": p20, "ms_p80": p80, "gbps": gbps,
+        "copy_share": gbps / copy_gbps, "bytes": nbytes,
+        "gbps_moved": moved / (p50 * 1e-3) / 1e9 if moved else None, "bytes_moved": moved,
+        "tflops": fl / (p50 * 1e-3) / 1e12 if fl else None,
+        "peak_mb": peak_mb, "device": device_name(device),
         "torch": torch.__version__, "triton": triton.__version__, "git_sha": git_sha(),
     }
 
@@ -236,9 +267,14 @@ def format_row(r: dict) -> str:
     if "error" in r:
         return f"{r['op']:15s} {r['provider']:9s} {r['mode']:4s} {json.dumps(r['shape'])}: {r['error']}"
     peak = f"{r['peak_mb']:8.1f}" if r["peak_mb"] is not None else "       -"
+    extra = ""
+    if r.get("gbps_moved"):
+        extra += f" | {r['gbps_moved']:8.1f} GB/s moved ({100 * r['gbps_moved'] / r['copy_gbps']:5.1f}%)"
+    if r.get("tflops"):
+        extra += f" | {r['tflops']:7.1f} TFLOP/s"
     return (f"{r['op']:15s} {r['provider']:9s} {r['mode']:4s} {r['dtype']:8s} {json.dumps(r['shape']):48s} "
             f"{r['ms_p50']:9.3f} ms [{r['ms_p20']:.3f}, {r['ms_p80']:.3f}] {r['gbps']:8.1f} GB/s "
-            f"({100 * r['copy_share']:5.1f}% of copy) peak {peak} MB")
+            f"({100 * r['copy_share']:5.1f}% of copy) peak {peak} MB{extra}")
 
 
 def print_ratios(rows: list[dict]) -> None:
@@ -256,18 +292,21 @@ def print_ratios(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global TEMPERATURE
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="tiny shapes (the CPU smoke)")
     p.add_argument("--providers", default="fused,eager,compiled,liger")
     p.add_argument("--modes", default="fwd,bwd,full")
     p.add_argument("--dtypes", default="bf16,fp16", help="of the GPU shapes: bf16, fp16 or both")
+    p.add_argument("--temperature", type=float, default=2.0, help="of the KL loss (default 2)")
     p.add_argument("--out", default=str(ROOT / "benches" / "results" / "kernels.jsonl"), help="JSONL to append to ('' for none)")
     a = p.parse_args(argv)
     dtypes = tuple(d for d in a.dtypes.split(",") if d)
     bad = [d for d in dtypes if d not in DTYPES]
     if bad or not dtypes:
         p.error(f"--dtypes {a.dtypes}: choose from {', '.join(DTYPES)}")
+    TEMPERATURE = a.temperature
     device = torch.device(a.device)
     if device.type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -288,27 +288,32 @@ class Launch(NamedTuple):
         self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps, **(self.options or {}))
 
 
-def _options() -> dict[str, Any]:
+def _options(t_pad: int) -> dict[str, Any]:
     # Left to itself, ptxas 12.8 keeps some specializations at 64-80 registers a thread and spills 4-32
     # bytes around the class loop (T=8 on sm_80; C=1000 or fp64 rows on sm_90), at its default
-    # register-usage level and at level 10 alike. An explicit cap of 128 registers (two blocks of 8
-    # warps per SM) lets it use what it needs: none of ``python -m fastmt.kernels.aot``'s builds
+    # register-usage level and at level 10 alike. An explicit cap lets it use what it needs: 128
+    # registers up to 4 teachers (four blocks of 4 warps per SM), 168 for 8 teachers' tile of 8192
+    # (at 128 one fp32 build spilled 4 bytes). None of ``python -m fastmt.kernels.aot``'s builds
     # spills. Options the user gives Triton through PTXAS_OPTIONS still apply.
     from triton import knobs
 
     ptx = " ".join(filter(None, [knobs.nvidia.ptxas_options, "--register-usage-level 10"]))
-    return {"ptx_options": ptx, "maxnreg": 128}
+    return {"ptx_options": ptx, "maxnreg": 128 if t_pad <= 4 else 168}
 
 
 def kl_config(c: int, num_t: int, itemsize: int = 2) -> tuple[int, int, int]:
     """(T_PAD, BLOCK_C, num_warps) for ``num_t`` teachers over ``c`` classes of ``itemsize`` bytes."""
     t_pad = max(2, triton.next_power_of_2(num_t))
     # The teacher tile held per program: 4096 elements (2048 for float64, loaded as twice the
-    # registers). With two copies of the loop body (aligned blocks, masked head and tail), tiles of
-    # 8192 reached 255 registers and spilled (``python -m fastmt.kernels.aot``).
+    # registers) up to 4 teachers, at 4 warps, so that a block of the student row gives every thread
+    # at least 16 bytes (8 half-precision elements: one 128-bit load or store). With two copies of the
+    # loop body (aligned blocks, masked head and tail), tiles of 8192 reached 255 registers and spilled
+    # (``python -m fastmt.kernels.aot``); 8 teachers take 8192 over 8 warps.
     tile = 4096 if itemsize <= 4 else 2048
+    num_warps = 4
+    if t_pad >= 8:
+        tile, num_warps = 2 * tile, 8 if t_pad == 8 else 16
     block_c = max(16, min(triton.next_power_of_2(c), tile // t_pad))
-    num_warps = 8 if t_pad * block_c >= 4096 else 4
     return t_pad, block_c, num_warps
 
 
@@ -363,7 +368,7 @@ def kl_launch(
         HAS_W=w is not None, HAS_LABELS=labels is not None, TAU_ONE=tau_one,
         ALIGNED=_aligned([s, t], s.stride(0), t.stride(0), vec), VEC=vec, T_PAD=t_pad, BLOCK_C=block_c,
     )
-    launch = Launch(_mt_kl_fwd_kernel, (n,), args, constexprs, num_warps, _options())
+    launch = Launch(_mt_kl_fwd_kernel, (n,), args, constexprs, num_warps, _options(t_pad))
     return launch, row_loss, stats
 
 
@@ -381,7 +386,7 @@ def kl_bwd_launch(grad_loss: torch.Tensor, student_logits: torch.Tensor, teacher
             1.0 / temperature)
     constexprs = dict(TAU_ONE=tau_one, ALIGNED=_aligned([s, t, grad], s.stride(0), t.stride(0), vec), VEC=vec,
                       T_PAD=t_pad, BLOCK_C=block_c)
-    return Launch(_mt_kl_bwd_kernel, (n,), args, constexprs, num_warps, _options()), grad
+    return Launch(_mt_kl_bwd_kernel, (n,), args, constexprs, num_warps, _options(t_pad)), grad
 
 
 def kl_forward(

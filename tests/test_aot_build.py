@@ -60,25 +60,35 @@ def test_hidden_backward_has_no_atomics_and_half_precision_runs_on_tensor_cores(
     assert {r["kernel"] for r in hidden} == {k for k in KERNELS if k.startswith("hidden")}
     atomic = [(r["kernel"], r["case"], r["sass"]["atomics"]) for r in hidden if r["sass"]["atomics"]]
     assert not atomic, atomic
+    big = 0
     for r in hidden:
         half = "DOT_FP32=0" in r["constexprs"]
         counts = r["sass"]
-        if half and r["arch"] == 90:
-            assert counts["wgmma"] > 0, (r["kernel"], r["case"])
-        elif half:
-            assert counts["mma"] > 0, (r["kernel"], r["case"])
-        else:
+        if not half:
             assert counts["wgmma"] == counts["mma"] == 0, (r["kernel"], r["case"])  # exact float32: FMA
+        elif r["arch"] == 80:
+            assert counts["mma"] > 0, (r["kernel"], r["case"])
+        elif "_M=128" in r["constexprs"] or "_R=128" in r["constexprs"]:
+            big += 1  # Hopper-sized tiles: warpgroup MMAs (a 32-row tile of one-position rows uses HMMA)
+            assert counts["wgmma"] > 0, (r["kernel"], r["case"])
+        else:
+            assert counts["wgmma"] + counts["mma"] > 0, (r["kernel"], r["case"])
+    assert big >= 6
 
 
 def test_kl_loads_16_bytes_where_rows_allow_it(ci_build):
-    """Read from the SASS: with aligned rows every KL kernel in half precision loads the student and
-    teacher blocks 128 bits at a time (and the backward stores its gradient so); neither KL kernel
-    has atomics. Unaligned specializations keep element loads (and say so: ALIGNED=0)."""
+    """Read from the SASS: with aligned rows, and blocks that give each thread 16 bytes of the student
+    row (every such shape up to 4 teachers), the KL kernels in half precision load the student and
+    teacher blocks 128 bits at a time and the backward stores its gradient so; neither KL kernel has
+    atomics. Unaligned specializations keep element loads (and say so: ALIGNED=0)."""
     rows, _ = ci_build
     kl_rows = [r for r in rows if r["kernel"].startswith("mt_kl")]
     assert not [r for r in kl_rows if r["sass"]["atomics"]]
-    aligned_half = [r for r in kl_rows if "ALIGNED=1" in r["constexprs"] and "VEC=8" in r["constexprs"]]
+    def per_thread(r):  # elements of a student block each thread holds
+        return int(re.search(r"BLOCK_C=(\d+)", r["constexprs"]).group(1)) // (32 * r["num_warps"])
+
+    aligned_half = [r for r in kl_rows if "ALIGNED=1" in r["constexprs"] and "VEC=8" in r["constexprs"]
+                    and per_thread(r) >= 8]
     assert {r["kernel"] for r in aligned_half} == {"mt_kl_fwd_kernel", "mt_kl_bwd_kernel"}
     for r in aligned_half:
         assert r["sass"]["loads"].get("128", 0) >= 2, (r["kernel"], r["case"], r["sass"])
@@ -250,7 +260,7 @@ def test_specialization_is_what_a_real_launch_compiles(monkeypatch):
         for opt in ("num_warps", "num_ctas", "num_stages", "enable_fp_fusion"):
             assert got[opt] == spec.options[opt], (label, opt)
     # What that means for one launch, spelled out: T == 1 is compiled in as a constant, every pointer
-    # (a fresh allocation) is 16-byte aligned, and of the ints only N*C = 1184 and N = 32 divide by 16.
+    # (a fresh allocation) is 16-byte aligned, and of the ints only N (32) and N*C (1184) divide by 16.
     first = aot.specialize(pairs[0][1], 90)
     assert first.shown["ints"] == "T=1 %16:N,stride_ti,stride_wi"
     assert all(spec == [["tt.divisibility", 16]] for k, spec in first.attrs.items()

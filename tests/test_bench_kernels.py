@@ -36,8 +36,12 @@ def test_bench_rows_and_plot(tmp_path):
 
 def test_bytes_moved_counts_each_tensor_once():
     case = bench_kernels.Case("mt_kl_loss", {"T": 3, "N": 10, "C": 7}, torch.bfloat16)
-    assert bench_kernels.bytes_moved(case, "fwd") == (4 * 70 + 70) * 2
-    assert bench_kernels.bytes_moved(case, "full") == (4 * 70 + 70 + 2 * 70) * 2
+    assert bench_kernels.bytes_moved(case, "fwd") == 4 * 70 * 2  # logits in
+    assert bench_kernels.bytes_moved(case, "full") == (4 * 70 + 70) * 2  # ... and the gradient out
+    # The fused design reads the logits twice (forward, backward), keeping nothing N x C in between.
+    assert bench_kernels.bytes_fused(case, "full") == (2 * 4 * 70 + 70) * 2
+    hid = bench_kernels.Case("mt_hidden_loss", {"T": 3, "K": 4, "R": 8192, "Ds": 768, "Dt": 768}, torch.bfloat16)
+    assert bench_kernels.flops(hid, "full") == 3 * 2 * 3 * 4 * 8192 * 768 * 768  # ~174 GFLOP
 
 
 def test_fused_kl_interpreter_benchmark(benchmark):
