@@ -272,6 +272,144 @@ def _mt_kl_bwd_kernel(
         tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=ok)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Classification sizes (C <= SMALL_C, few rows): one program, all rows, a block of rows at a time.
+
+
+@triton.jit
+def _mt_kl_small_fwd_kernel(
+    s_ptr, t_ptr, w_ptr, y_ptr,  # as in _mt_kl_fwd_kernel
+    loss_ptr,  # [] float32: the loss itself
+    stats_ptr,  # [2 + 3T, N] float32, as in _mt_kl_fwd_kernel
+    T, N, C, stride_sn, stride_ti, stride_tn, stride_wi, inv_tau, tau, ignore_index,
+    SCHEME: tl.constexpr, HAS_W: tl.constexpr, HAS_LABELS: tl.constexpr, TAU_ONE: tl.constexpr,
+    T_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The whole loss in one launch: counts the rows that count, then takes ``ROWS`` rows at a time
+    as a ``[T_PAD, ROWS, BLOCK_C]`` tile (a whole row per block: no online rescaling)."""
+    offs_t = tl.arange(0, T_PAD)
+    t_ok = offs_t < T
+    cols = tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    lane = offs_t.to(tl.int64)
+
+    if HAS_LABELS:
+        count = tl.zeros((ROWS,), tl.float32)
+        for r0 in range(0, N, ROWS):
+            rr = r0 + tl.arange(0, ROWS)
+            y = tl.load(y_ptr + rr, mask=rr < N, other=ignore_index)
+            count += tl.where(y != ignore_index, 1.0, 0.0)
+        n_valid = tl.maximum(tl.sum(count, axis=0), 1.0)
+    else:
+        n_valid = tl.maximum(tl.zeros((), tl.float32) + N, 1.0)
+
+    total = tl.zeros((ROWS,), tl.float32)
+    for r0 in range(0, N, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        r_ok = rows < N
+        rows64 = rows.to(tl.int64)
+        s = tl.load(s_ptr + rows64[:, None] * stride_sn + cols[None, :], mask=r_ok[:, None] & c_ok[None, :],
+                    other=float("-inf")).to(tl.float32)  # [ROWS, BLOCK_C]
+        t_ptrs = t_ptr + lane[:, None, None] * stride_ti + rows64[None, :, None] * stride_tn + cols[None, None, :]
+        t = tl.load(t_ptrs, mask=t_ok[:, None, None] & r_ok[None, :, None] & c_ok[None, None, :],
+                    other=float("-inf")).to(tl.float32)  # [T_PAD, ROWS, BLOCK_C]
+        if TAU_ONE:
+            ss = s
+            ts = t
+        else:
+            ss = s * inv_tau
+            ts = t * inv_tau
+        m_s = tl.maximum(tl.max(ss, axis=1), _NEG)  # [ROWS]
+        zs = ss - m_s[:, None]
+        log_ds = tl.log(tl.sum(tl.exp(zs), axis=1))
+        m_t = tl.maximum(tl.max(ts, axis=2), _NEG)  # [T_PAD, ROWS]
+        zt = ts - m_t[:, :, None]
+        e = tl.exp(zt)
+        d_t = tl.sum(e, axis=2)
+        # p_t = 0 (a -inf teacher logit) contributes nothing, even where s is -inf too.
+        a_t = tl.sum(tl.where(e > 0, e * (zt - zs[None, :, :]), 0.0), axis=2)
+        lane_ok = t_ok[:, None] & r_ok[None, :]
+        d_safe = tl.where(lane_ok, d_t, 1.0)
+        log_dt = tl.where(lane_ok, tl.log(d_safe), 0.0)
+        kl = tl.where(lane_ok, a_t / d_safe - log_dt + log_ds[None, :], 0.0)  # [T_PAD, ROWS]
+
+        valid = r_ok
+        y = tl.zeros((ROWS,), tl.int64)
+        if HAS_LABELS:
+            y = tl.load(y_ptr + rows, mask=r_ok, other=ignore_index).to(tl.int64)
+            valid = r_ok & (y != ignore_index)
+            y = tl.minimum(tl.maximum(tl.where(valid, y, 0), 0), C - 1)
+        if HAS_W:
+            w = tl.load(w_ptr + lane[:, None] * stride_wi + rows64[None, :], mask=lane_ok, other=0.0).to(tl.float32)
+        elif SCHEME == 1 or SCHEME == 2:
+            if TAU_ONE:
+                m_u = m_t
+                log_du = log_dt
+            else:
+                m_u = tl.maximum(tl.max(t, axis=2), _NEG)
+                log_du = tl.where(lane_ok, tl.log(tl.where(lane_ok, tl.sum(tl.exp(t - m_u[:, :, None]), axis=2), 1.0)), 0.0)
+            t_y = tl.load(t_ptr + lane[:, None] * stride_ti + rows64[None, :] * stride_tn + y[None, :], mask=lane_ok,
+                          other=0.0).to(tl.float32)
+            ce = tl.where(lane_ok, (m_u - t_y) + log_du, 0.0)
+            if SCHEME == 1:
+                w = 1.0 / (1.0 + ce)
+            else:
+                z = tl.where(t_ok[:, None], -ce, float("-inf"))
+                ez = tl.exp(z - tl.max(z, axis=0)[None, :])
+                w = ez / tl.sum(ez, axis=0)[None, :]
+        else:
+            w = tl.full((T_PAD, ROWS), 1.0, tl.float32)
+        w = tl.where(t_ok[:, None] & valid[None, :], w, 0.0)
+        total += tl.where(valid, tl.sum(tl.where(w != 0, w * kl, 0.0), axis=0), 0.0)
+
+        coef = w * tl.where(valid, tau / n_valid, 0.0)[None, :]
+        tl.store(stats_ptr + rows64, m_s, mask=r_ok)
+        tl.store(stats_ptr + N + rows64, log_ds, mask=r_ok)
+        lanes = stats_ptr + (2 + lane[:, None]) * N + rows64[None, :]
+        tl.store(lanes, m_t, mask=lane_ok)
+        tl.store(lanes + T * N, log_dt, mask=lane_ok)
+        tl.store(lanes + 2 * T * N, coef, mask=lane_ok)
+    tl.store(loss_ptr, tl.sum(total, axis=0) * (tau * tau / n_valid))
+
+
+@triton.jit
+def _mt_kl_small_bwd_kernel(
+    s_ptr, t_ptr, stats_ptr, up_ptr, grad_ptr,  # as in _mt_kl_bwd_kernel
+    T, N, C, stride_sn, stride_ti, stride_tn, stride_gn, inv_tau,
+    TAU_ONE: tl.constexpr, T_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    offs_t = tl.arange(0, T_PAD)
+    t_ok = offs_t < T
+    cols = tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    lane = offs_t.to(tl.int64)
+    up = tl.load(up_ptr).to(tl.float32)
+    for r0 in range(0, N, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        r_ok = rows < N
+        rows64 = rows.to(tl.int64)
+        lane_ok = t_ok[:, None] & r_ok[None, :]
+        m_s = tl.load(stats_ptr + rows64, mask=r_ok, other=0.0)
+        log_ds = tl.load(stats_ptr + N + rows64, mask=r_ok, other=0.0)
+        lanes = stats_ptr + (2 + lane[:, None]) * N + rows64[None, :]
+        m_t = tl.load(lanes, mask=lane_ok, other=0.0)
+        log_dt = tl.load(lanes + T * N, mask=lane_ok, other=0.0)
+        coef = tl.load(lanes + 2 * T * N, mask=lane_ok, other=0.0) * up  # [T_PAD, ROWS]
+        s = tl.load(s_ptr + rows64[:, None] * stride_sn + cols[None, :], mask=r_ok[:, None] & c_ok[None, :],
+                    other=float("-inf")).to(tl.float32)
+        t_ptrs = t_ptr + lane[:, None, None] * stride_ti + rows64[None, :, None] * stride_tn + cols[None, None, :]
+        t = tl.load(t_ptrs, mask=lane_ok[:, :, None] & c_ok[None, None, :], other=float("-inf")).to(tl.float32)
+        if not TAU_ONE:
+            s = s * inv_tau
+            t = t * inv_tau
+        q = tl.exp((s - m_s[:, None]) - log_ds[:, None])  # [ROWS, BLOCK_C]
+        p = tl.exp((t - m_t[:, :, None]) - log_dt[:, :, None])  # [T_PAD, ROWS, BLOCK_C]
+        wp = tl.sum(tl.where(coef[:, :, None] != 0, coef[:, :, None] * p, 0.0), axis=0)
+        g = tl.sum(coef, axis=0)[:, None] * q - wp
+        tl.store(grad_ptr + rows64[:, None] * stride_gn + cols[None, :], g.to(grad_ptr.dtype.element_ty),
+                 mask=r_ok[:, None] & c_ok[None, :])
+
+
 class Launch(NamedTuple):
     """One kernel launch, fully decided from the inputs: the launchers run it, and the ahead-of-time
     build (``fastmt.kernels.aot``) specializes and compiles exactly these arguments, so the two cannot
@@ -317,6 +455,25 @@ def kl_config(c: int, num_t: int, itemsize: int = 2) -> tuple[int, int, int]:
     return t_pad, block_c, num_warps
 
 
+# Classification sizes go to the one-program kernels: at most 64 classes and 16k student logits
+# (8192 rows of 2 classes, 256 of 64).
+SMALL_C = 64
+SMALL_ELEMS = 1 << 14
+
+
+def small_config(n: int, c: int, num_t: int, itemsize: int = 4) -> tuple[int, int, int, int] | None:
+    """(T_PAD, ROWS, BLOCK_C, num_warps) of the one-launch kernels for these sizes, or None (row kernels)."""
+    block_c = max(2, triton.next_power_of_2(c))
+    if c > SMALL_C or num_t > 8 or n * block_c > SMALL_ELEMS:
+        return None
+    t_pad = max(2, triton.next_power_of_2(num_t))
+    # Every intermediate of a whole [T_PAD, ROWS, BLOCK_C] block is live at once: 2048 elements over
+    # 8 warps (1024 for float64) build without spills; 4096 over 4 warps spilled up to 1.1 kB.
+    tile = 2048 if itemsize <= 4 else 1024
+    rows = max(2, min(triton.next_power_of_2(n), tile // (t_pad * block_c)))
+    return t_pad, rows, block_c, 8
+
+
 def _aligned(tensors: list[torch.Tensor], row_stride: int, teacher_stride: int, vec: int) -> bool:
     """Whether every row of these tensors starts the same number of elements past a 16-byte boundary
     (host-side metadata only: pointers, strides)."""
@@ -341,9 +498,11 @@ def kl_launch(
     labels: torch.Tensor | None,
     ignore_index: int,
 ) -> tuple[Launch | None, torch.Tensor, torch.Tensor]:
-    """The forward launch for these inputs and its outputs ``(row_loss, stats)``, allocated but not
-    yet written. Nothing runs on the inputs' data, so meta tensors give the exact launch without a
-    device. With no rows there is nothing to launch: ``(None, zero loss, empty stats)``.
+    """The forward launch for these inputs and its outputs ``(loss, stats)``, allocated but not yet
+    written: ``loss`` is per row (``[N]``, to be summed) from the row kernel, the loss itself (``[]``)
+    from the one-launch kernel of classification sizes (``small_config``). Nothing runs on the inputs'
+    data, so meta tensors give the exact launch without a device. With no rows there is nothing to
+    launch: ``(None, zero loss, empty stats)``.
     """
     s = student_logits.contiguous()
     t = teacher_logits.contiguous()
@@ -351,20 +510,31 @@ def kl_launch(
     stats = torch.empty((2 + 3 * num_t, n), dtype=torch.float32, device=s.device)
     if n == 0:
         return None, s.new_zeros((), dtype=torch.float32), stats
+    w = weights.contiguous() if weights is not None else None
+    labels = labels.contiguous() if labels is not None else None
+    code = _SCHEME_CODE.get(scheme, 0) if w is None else 0
+    small = small_config(n, c, num_t, max(s.element_size(), t.element_size()))
+    if small is not None:  # one launch: the row count, every row, the loss itself
+        t_pad_s, rows, block_cs, warps_s = small
+        loss = torch.empty((), dtype=torch.float32, device=s.device)
+        args = (s, t, w if w is not None else s, labels if labels is not None else s, loss, stats,
+                num_t, n, c, s.stride(0), t.stride(0), t.stride(1), w.stride(0) if w is not None else 0,
+                1.0 / temperature, float(temperature), ignore_index)
+        constexprs = dict(SCHEME=code, HAS_W=w is not None, HAS_LABELS=labels is not None, TAU_ONE=tau_one,
+                          T_PAD=t_pad_s, ROWS=rows, BLOCK_C=block_cs)
+        return Launch(_mt_kl_small_fwd_kernel, (1,), args, constexprs, warps_s, _options(t_pad_s)), loss, stats
+    row_loss = torch.empty(n, dtype=torch.float32, device=s.device)
     if labels is not None:
-        labels = labels.contiguous()
         n_valid = (labels != ignore_index).sum().to(torch.float32)
     else:
         n_valid = torch.full((), float(n), dtype=torch.float32, device=s.device)
-    row_loss = torch.empty(n, dtype=torch.float32, device=s.device)
-    w = weights.contiguous() if weights is not None else None
     args = (
         s, t, w if w is not None else s, labels if labels is not None else s, n_valid, row_loss, stats,
         num_t, n, c, s.stride(0), t.stride(0), t.stride(1), w.stride(0) if w is not None else 0,
         1.0 / temperature, float(temperature), ignore_index,
     )
     constexprs = dict(
-        SCHEME=_SCHEME_CODE.get(scheme, 0) if w is None else 0,
+        SCHEME=code,
         HAS_W=w is not None, HAS_LABELS=labels is not None, TAU_ONE=tau_one,
         ALIGNED=_aligned([s, t], s.stride(0), t.stride(0), vec), VEC=vec, T_PAD=t_pad, BLOCK_C=block_c,
     )
@@ -382,6 +552,13 @@ def kl_bwd_launch(grad_loss: torch.Tensor, student_logits: torch.Tensor, teacher
     if n == 0:
         return None, grad
     up = grad_loss.reshape(()).to(torch.float32)
+    small = small_config(n, c, num_t, max(s.element_size(), t.element_size()))
+    if small is not None:
+        t_pad_s, rows, block_cs, warps_s = small
+        args = (s, t, stats, up, grad, num_t, n, c, s.stride(0), t.stride(0), t.stride(1), grad.stride(0),
+                1.0 / temperature)
+        constexprs = dict(TAU_ONE=tau_one, T_PAD=t_pad_s, ROWS=rows, BLOCK_C=block_cs)
+        return Launch(_mt_kl_small_bwd_kernel, (1,), args, constexprs, warps_s, _options(t_pad_s)), grad
     args = (s, t, stats, up, grad, num_t, n, c, s.stride(0), t.stride(0), t.stride(1), grad.stride(0),
             1.0 / temperature)
     constexprs = dict(TAU_ONE=tau_one, ALIGNED=_aligned([s, t, grad], s.stride(0), t.stride(0), vec), VEC=vec,
@@ -404,7 +581,7 @@ def kl_forward(
     if launch is None:
         return row_loss, stats
     launch()
-    return row_loss.sum(), stats
+    return (row_loss if row_loss.dim() == 0 else row_loss.sum()), stats
 
 
 def kl_backward(grad_loss, student_logits, teacher_logits, stats, temperature) -> torch.Tensor:

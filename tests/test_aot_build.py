@@ -48,7 +48,8 @@ def test_every_specialization_builds_for_sm90_and_sm80_without_spills(ci_build):
     assert all(r["regs"] and r["smem"] is not None and r["spill_stores"] == 0 for r in rows)
 
 
-KERNELS = ("mt_kl_fwd_kernel", "mt_kl_bwd_kernel", "hidden_fwd_kernel", "hidden_de_kernel", "hidden_dw_kernel", "hidden_dx_kernel")
+KERNELS = ("mt_kl_fwd_kernel", "mt_kl_bwd_kernel", "mt_kl_small_fwd_kernel", "mt_kl_small_bwd_kernel",
+           "hidden_fwd_kernel", "hidden_de_kernel", "hidden_dw_kernel", "hidden_dx_kernel")
 
 
 def test_hidden_backward_has_no_atomics_and_half_precision_runs_on_tensor_cores(ci_build):

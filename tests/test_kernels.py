@@ -110,6 +110,80 @@ def test_kl_aligned_blocks_with_head_and_tail(dtype, temperature, scheme):
     assert rel_err(loss_o, loss) < 1e-6 and rel_err(grad_o, grad) < (1e-6 if dtype == torch.float32 else TOL[dtype] / 10)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("scheme", [None, "paper", "softmax", "uniform", "tensor"])
+@pytest.mark.parametrize("shape", [(3, 64, 2), (8, 33, 64), (1, 5, 3), (5, 40, 7)], ids=lambda s: "x".join(map(str, s)))
+def test_kl_classification_kernel_matches_row_kernel_and_reference(shape, scheme, temperature, monkeypatch):
+    """Classification sizes take the one-launch kernels (several rows per step, the row count and the
+    loss inside); the row kernels, forced by a zero size limit, and the reference agree with them."""
+    from fastmt.kernels import kl
+
+    t, n, c = shape
+    s, tl, labels, weights = _kl_case(t, n, c, torch.float32, scheme, ignore=True, seed=n + c)
+    assert kl.small_config(n, c, t) is not None
+
+    def run():
+        s_f = s.clone().requires_grad_()
+        loss = fused.mt_kl_loss(s_f, tl, weights, temperature=temperature, labels=labels)
+        return loss, torch.autograd.grad(-1.5 * loss, s_f)[0]
+
+    loss, grad = run()
+    monkeypatch.setattr(kl, "SMALL_ELEMS", 0)
+    assert kl.small_config(n, c, t) is None
+    loss_rows, grad_rows = run()
+    s_r = s.double().requires_grad_()
+    w_r = weights.double() if isinstance(weights, torch.Tensor) else weights
+    want = ref.mt_kl_loss(s_r, tl.double(), w_r, temperature=temperature, labels=labels)
+    (grad_want,) = torch.autograd.grad(-1.5 * want, s_r)
+    for got, g in ((loss, grad), (loss_rows, grad_rows)):
+        assert rel_err(got, want) < 1e-5 and rel_err(g, grad_want) < 1e-5
+    assert rel_err(loss, loss_rows) < 1e-6 and rel_err(grad, grad_rows) < 1e-6
+
+
+def test_kl_classification_sizes_are_one_launch_each_way(monkeypatch):
+    """Forward and backward of a classification-size loss are one kernel launch each, with no torch
+    computation around them (only allocations); the row kernels count valid rows and sum the loss
+    with torch ops."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastmt.kernels import kl
+
+    launched, ops, inside = [], [], [False]
+    real_call = kl.Launch.__call__
+
+    def call(self):
+        launched.append(self.kernel.fn.__name__ if hasattr(self.kernel, "fn") else str(self.kernel))
+        inside[0] = True
+        try:
+            real_call(self)
+        finally:
+            inside[0] = False
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not inside[0]:  # the interpreter's own copies inside a launch are not the launcher's
+                ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(kl.Launch, "__call__", call)
+    allocations = {"empty.memory_format", "empty_like.default", "new_empty.default", "view.default"}
+    s, tl, labels, _ = _kl_case(3, 64, 2, torch.float32, None, ignore=True, seed=9)
+    up = torch.tensor(2.0, device=DEVICE)
+    with Record():
+        loss, stats = kl.kl_forward(s, tl, None, "paper", 1.0, labels, -100)
+        grad = kl.kl_backward(up, s, tl, stats, 1.0)
+    assert launched == ["_mt_kl_small_fwd_kernel", "_mt_kl_small_bwd_kernel"]
+    assert set(ops) <= allocations, ops
+    assert loss.shape == () and grad.shape == s.shape
+
+    launched.clear()
+    ops.clear()
+    s, tl, labels, _ = _kl_case(3, 8, 100, torch.float32, None, ignore=True, seed=9)
+    with Record():
+        loss, stats = kl.kl_forward(s, tl, None, "paper", 1.0, labels, -100)
+    assert launched == ["_mt_kl_fwd_kernel"] and {"ne.Scalar", "sum.default"} <= set(ops)
+
+
 def test_kl_ignored_rows_do_not_count():
     s, tl, labels, _ = _kl_case(2, 6, 5, torch.float32, None, ignore=False, seed=1)
     labels[:3] = -100
