@@ -250,6 +250,10 @@ def run(cases: list[Case], providers: list[str], modes: list[str], device: torch
                 except torch.cuda.OutOfMemoryError:
                     row = {"op": case.op, "provider": provider, "mode": mode, "shape": case.shape, "error": "out of memory"}
                     torch.cuda.empty_cache()
+                except Exception as e:  # one provider failing (e.g. Liger under the CPU interpreter) is a row
+                    msg = str(e).strip().splitlines()[-1][:200] if str(e).strip() else ""
+                    row = {"op": case.op, "provider": provider, "mode": mode, "shape": case.shape,
+                           "error": f"{type(e).__name__}: {msg}"}
                 if row is None:
                     continue
                 row["copy_gbps"] = copy_gbps

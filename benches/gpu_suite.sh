@@ -41,10 +41,15 @@ cuda_tests=${CUDA_TESTS:-tests/test_graphs.py}
 
 # The checkout itself is the package: fastmt/ from the root, fastmt.kernels from kernels/.
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-# A Liger-Kernel wheel dropped into carry/ serves as the kernel benchmark's `liger` provider,
-# imported from the wheel itself (pure Python), since nothing is installed here.
+# A Liger-Kernel wheel dropped into carry/ serves as the kernel benchmark's `liger` provider: it is
+# pure Python, unpacked next to it (its namespace packages cannot be imported from the zip itself),
+# since nothing is installed here.
 for whl in carry/liger_kernel-*.whl; do
-    [ -f "$whl" ] && PYTHONPATH="$PYTHONPATH:$root/$whl"
+    if [ -f "$whl" ]; then
+        dir="$root/carry/$(basename "$whl" .whl)"
+        [ -d "$dir" ] || python -m zipfile -e "$whl" "$dir"
+        PYTHONPATH="$PYTHONPATH:$dir"
+    fi
 done
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
 if [ "$device" = cpu ]; then

@@ -226,7 +226,7 @@ def test_specialization_is_what_a_real_launch_compiles(monkeypatch):
         seen.append(compile)
         return True  # handled: JITFunction.run returns before compiling or launching
 
-    for mod, name in ((kl, "_mt_kl_fwd_kernel"), *((hidden_mse, f"_{k}") for k in KERNELS if k.startswith("hidden"))):
+    for mod, name in (((kl if k.startswith("mt_kl") else hidden_mse), f"_{k}") for k in KERNELS):
         monkeypatch.setattr(mod, name, _jit(getattr(mod, name)))
     monkeypatch.setattr(knobs.runtime, "jit_cache_hook", hook)
     saved = driver._active
@@ -238,9 +238,12 @@ def test_specialization_is_what_a_real_launch_compiles(monkeypatch):
                                          ((t, n), dtype) if weights == "tensor" else None,
                                          ((n,), torch.int64) if with_labels else None])
             scheme = weights if isinstance(weights, str) and weights != "tensor" else None
-            kl.kl_forward(real[0], real[1], real[2], scheme, 2.0, real[3], -100)
-            launch, _, _ = kl.kl_launch(meta[0], meta[1], meta[2], scheme, 2.0, meta[3], -100)
+            _, stats = kl.kl_forward(real[0], real[1], real[2], scheme, 2.0, real[3], -100)
+            launch, _, meta_stats = kl.kl_launch(meta[0], meta[1], meta[2], scheme, 2.0, meta[3], -100)
             pairs.append((f"kl T={t} N={n} C={c} {dtype}", launch))
+            kl.kl_backward(torch.ones(()), real[0], real[1], stats, 2.0)
+            launch, _ = kl.kl_bwd_launch(_meta(()), meta[0], meta[1], meta_stats, 2.0)
+            pairs.append((f"kl-bwd T={t} N={n} C={c} {dtype}", launch))
         for t, k, n, s, ds, dt, dtype, mdt, with_tw in HIDDEN_REAL:
             real, meta = _real_and_meta([((k, n, s, ds), dtype), ((t, k, n, s, dt), dtype), ((t, k, ds, dt), dtype),
                                          ((t, k, dt), dtype), ((n, s), mdt) if mdt else None,
