@@ -189,22 +189,15 @@ class PreparedMode:
         inputs = {teachers.keys[0]: batch}
         labels = torch.randint(0, p.classes, (p.batch,), generator=g).to(device)
 
-        def one_step():
-            loss, _ = step(inputs, labels)
-            opt.zero_grad(set_to_none=False)
-            scaler.scale(loss).backward()
-            grads.adopt()
-            optimizer_step(opt, scaler, params, 1.0, loss)
-            sched.step()
-            return loss
-
-        self.one_step = one_step
+        self.step, self.opt, self.sched, self.scaler, self.grads, self.params = step, opt, sched, scaler, grads, params
+        self.inputs, self.labels = inputs, labels
+        self._optimizer_step = optimizer_step
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         first = None
         for _ in range(max(1, warmup)):
-            loss = one_step()
+            loss = self.one_step()
             if first is None:
                 # Copied out now: under CUDA graphs the next replay reuses the memory the loss lives in.
                 first = loss.detach().float().clone()
@@ -212,6 +205,21 @@ class PreparedMode:
         self.compile_s = time.perf_counter() - t0
         self.first_loss = float(first)  # same weights and batch in every mode: comparable across modes
         self.times: list[float] = []
+
+    def backward(self, loss) -> None:
+        self.opt.zero_grad(set_to_none=False)
+        self.scaler.scale(loss).backward()
+        self.grads.adopt()
+
+    def update(self, loss) -> None:
+        self._optimizer_step(self.opt, self.scaler, self.params, 1.0, loss)
+        self.sched.step()
+
+    def one_step(self):
+        loss, _ = self.step(self.inputs, self.labels)
+        self.backward(loss)
+        self.update(loss)
+        return loss
 
     def time_steps(self, n: int) -> None:
         for _ in range(n):
@@ -239,20 +247,32 @@ class PreparedMode:
         }
 
 
-def run_mode(p: Preset, mode: Mode, device: torch.device, steps: int, warmup: int, workdir: Path) -> dict:
-    """Build, warm up and time one mode on its own."""
+def run_mode(p: Preset, mode: Mode, device: torch.device, steps: int, warmup: int, workdir: Path,
+             profile: bool = False) -> dict:
+    """Build, warm up and time one mode on its own (then profile it, if asked)."""
     torch._dynamo.reset()
     m = PreparedMode(p, mode, device, warmup, workdir)
     m.time_steps(steps)
-    return m.row()
+    row = m.row()
+    if profile:
+        _profile_into(row, m, steps)
+    return row
+
+
+def _profile_into(row: dict, m: "PreparedMode", steps: int) -> None:
+    from fastmt.profile import format_profile, profile_mode
+
+    row["profile"] = profile_mode(m, steps=min(steps, 10))
+    print(format_profile(row["profile"]), flush=True)
 
 
 def run_bench(device_name_arg: str = "cpu", preset: str = "tiny", json_out: str | None = None, steps: int | None = None,
-              modes: str | None = None, rounds: int | None = None) -> dict:
+              modes: str | None = None, rounds: int | None = None, profile: bool = False) -> dict:
     """The ladder side by side. With ``rounds`` > 1 every mode is built first, then the timed steps
     are dealt out round-robin (``steps / rounds`` per mode per turn), so a slow spell of a shared
     machine lands on every mode alike instead of on whichever ran then. Default: 5 on a CPU; 1 on
-    CUDA, where each mode runs alone (its peak memory is its own)."""
+    CUDA, where each mode runs alone (its peak memory is its own). ``profile``: after timing, each
+    mode's step split into phases and its top kernels (``fastmt.profile``), printed and in the JSON."""
     from fastmt.train import resolve_device
 
     device = resolve_device(device_name_arg)
@@ -283,7 +303,7 @@ def run_bench(device_name_arg: str = "cpu", preset: str = "tiny", json_out: str 
         if rounds == 1:
             for n in names:
                 try:
-                    rows.append(run_mode(p, ladder[n], device, steps, warmup=3, workdir=Path(tmp)))
+                    rows.append(run_mode(p, ladder[n], device, steps, warmup=3, workdir=Path(tmp), profile=profile))
                     report(rows[-1])
                 except Exception as e:  # noqa: BLE001 - one broken mode must not cost the others' numbers
                     if isinstance(e, UsageError):
@@ -310,6 +330,9 @@ def run_bench(device_name_arg: str = "cpu", preset: str = "tiny", json_out: str 
             for m in prepared:
                 rows.append(m.row())
                 report(rows[-1])
+            if profile:
+                for m, row in zip(prepared, rows):
+                    _profile_into(row, m, steps)
     result["complete"] = True
     print(format_table(result))
     if json_out:

@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default=None, help="comma-separated subset of the ladder")
     p.add_argument("--rounds", type=int, default=None,
                    help="deal each mode's timed steps out round-robin in this many turns (default 5 on CPU, 1 on CUDA)")
+    p.add_argument("--profile", action="store_true",
+                   help="also split each mode's step into teachers' forward, student forward, losses, backward and "
+                        "optimizer (CUDA events on a GPU, wall clock on a CPU) and list its top kernels")
 
     p = sub.add_parser("memory", help="peak GPU memory by phase, fast vs reference, and the largest batch")
     p.add_argument("--device", default="cpu")
@@ -175,7 +178,7 @@ def run(ns: argparse.Namespace) -> int:
     if ns.command == "bench":
         from fastmt.bench import run_bench
 
-        run_bench(ns.device, ns.preset, ns.json, ns.steps, ns.modes, ns.rounds)
+        run_bench(ns.device, ns.preset, ns.json, ns.steps, ns.modes, ns.rounds, ns.profile)
         return 0
     if ns.command == "memory":
         from fastmt.memory import run_memory

@@ -238,3 +238,43 @@ def test_a_failing_mode_costs_only_its_own_row(monkeypatch, tmp_path, capsys):
     assert "CUDAGraphs" in result["modes"][1]["error"] and result["complete"]
     printed = capsys.readouterr().out
     assert "stacked" in printed and "FAILED" in printed and "0.7000 -> 0.6000" in printed
+
+
+def test_bench_profile_splits_the_step_into_phases(tmp_path):
+    out = tmp_path / "bench.json"
+    r = run_cli("bench", "--preset", "tiny", "--steps", "2", "--modes", "reference", "--rounds", "1", "--profile",
+                "--json", out)
+    assert r.returncode == 0, r.stderr
+    prof = json.loads(out.read_text())["modes"][0]["profile"]
+    assert [p["phase"] for p in prof["phases"]] == ["teachers' forward", "student forward", "losses", "backward",
+                                                      "optimizer"]
+    assert all(p["ms"] > 0 for p in prof["phases"]) and prof["clock"] == "wall clock"
+    assert abs(sum(p["ms"] for p in prof["phases"]) - prof["step_ms"]) < 1e-6 * prof["step_ms"]
+    assert abs(sum(p["share"] for p in prof["phases"]) - 1) < 1e-9
+    assert prof["top"] and any("mm" in t["name"] for t in prof["top"])  # a step is mostly matmuls
+    assert "profile of 'reference'" in r.stdout and "backward" in r.stdout
+
+
+def test_profiled_step_is_the_training_step(tmp_path):
+    """The phase-by-phase step computes what the timed step computes: two of each from the same
+    start and the same random numbers leave the same student weights (fp32 reference on the CPU)."""
+    import torch
+
+    from fastmt import bench
+    from fastmt.profile import _Clock, profiled_step
+
+    dev = torch.device("cpu")
+    a = bench.PreparedMode(bench.PRESETS["tiny"], bench.Mode("reference"), dev, 1, tmp_path)
+    b = bench.PreparedMode(bench.PRESETS["tiny"], bench.Mode("reference"), dev, 1, tmp_path)
+    clock = _Clock(dev)
+    for k in range(2):
+        torch.manual_seed(k)  # the same dropout masks for both
+        a.one_step()
+        torch.manual_seed(k)
+        assert len(profiled_step(b, clock)) == 5
+    pa, pb = dict(a.step.student.named_parameters()), dict(b.step.student.named_parameters())
+    assert pa.keys() == pb.keys()
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    # ... and they trained: the weights moved from a fresh model's.
+    c = bench.PreparedMode(bench.PRESETS["tiny"], bench.Mode("reference"), dev, 1, tmp_path)
+    assert any(not torch.equal(pa[k], v) for k, v in c.step.student.named_parameters())
