@@ -23,7 +23,8 @@ from fastmt.io import atomic_path, read_json, write_json
 CHECKPOINT = "checkpoint"
 FORMAT = 1
 # Flags that may change between a run and its resumption; every other setting must match.
-VOLATILE = {"resume", "overwrite", "progress", "save_every", "max_bad_steps", "log_every", "eval_batch_size"}
+VOLATILE = {"resume", "overwrite", "progress", "save_every", "max_bad_steps", "log_every", "eval_batch_size",
+            "cache_teachers", "cache_budget_gb"}
 
 
 def checkpoint_dir(out_dir: str | Path) -> Path:

@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha-hidden", type=float, default=1.0)
     p.add_argument("--teacher-subset", default=None, metavar="I,J", help="distil from these teachers only")
     p.add_argument("--stack-teachers", action="store_true", help="run same-architecture teachers as one stacked module (one batched GEMM per layer for all of them)")
+    p.add_argument("--cache-teachers", default=None, metavar="DIR|auto",
+                   help="store the frozen teachers' outputs per example in DIR (auto: ~/.cache/fastmt/teachers/...) "
+                        "on the first pass and read them back in every later epoch and run on the same data and teachers")
+    p.add_argument("--cache-budget-gb", type=float, default=8.0,
+                   help="most disk the teacher cache may take (default 8); --hidden-loss tokens stores every token's states")
     _add_common(p, defaults={"epochs": 3, "lr": 5e-5})
 
     p = sub.add_parser("eval", help="accuracy of a student dir, or of each teacher and the ensemble")

@@ -48,6 +48,8 @@ class DistillStep:
         self.stacked = {g: make_stacked(teachers, g, impl) for g in self.groups if len(g) > 1}
         self._teachers = self.teachers_forward
         self._student = self.student_loss
+        # Frozen teachers' outputs stored per example (fastmt.cache), set by the distill command.
+        self.cache = None
         # Steps in which each teacher gave a non-finite logit, counted on the device (read when logging).
         self.teacher_faults = torch.zeros(len(teachers), dtype=torch.int64, device=device)
         # CUDA graphs: Inductor's graph trees record each compiled graph (teachers' forward, student
@@ -138,12 +140,28 @@ class DistillStep:
         bad = [f"teacher {i} ({self.teachers.names[i]}) in {c} step(s)" for i, c in enumerate(counts) if c]
         return ("non-finite teacher logits: " + ", ".join(bad)) if bad else ""
 
-    def __call__(self, inputs, labels):
+    takes_index = True  # the training loop passes each batch's example positions (for the cache)
+
+    def __call__(self, inputs, labels, index=None):
         if self.cuda_graphs:
             # A new training step: outputs of the previous replay may be overwritten from here on.
             torch.compiler.cudagraph_mark_step_begin()
-        t_logits, t_hidden = self.teacher_outputs(inputs)
+        t_logits, t_hidden = self.cached_teacher_outputs(inputs, index)
         return self._student(inputs, labels, t_logits, t_hidden)
+
+    def cached_teacher_outputs(self, inputs, index=None):
+        """The teachers' outputs from the cache when every example of the batch is stored there;
+        otherwise computed (and stored)."""
+        cache = self.cache
+        if cache is None or index is None or not self.use_teachers:
+            return self.teacher_outputs(inputs)
+        width = inputs[self.student.key]["input_ids"].shape[1]
+        hit = cache.get(index, width, self.device)
+        if hit is not None:
+            return hit
+        t_logits, t_hidden = self.teacher_outputs(inputs)
+        cache.put(index, t_logits, t_hidden)
+        return t_logits, t_hidden
 
 
 def _install_output_hooks(encoders, device: torch.device) -> None:

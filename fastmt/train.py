@@ -110,6 +110,8 @@ class DistillArgs(TrainArgs):
     alpha_hidden: float = 1.0
     teacher_subset: list[int] | None = None  # distil from these teachers only
     stack_teachers: bool = False  # run teachers of one architecture as one stacked module (fastmt.stacked)
+    cache_teachers: str | None = None  # [--cache-teachers DIR|auto] teachers' outputs stored once (fastmt.cache)
+    cache_budget_gb: float = 8.0  # [--cache-budget-gb] the most disk the teacher cache may take
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -127,6 +129,10 @@ class DistillArgs(TrainArgs):
             raise UsageError(f"--cuda-graphs: CUDA graphs need --device cuda (this run is on {self.device})")
         if self.cuda_graphs and not self.compile:
             raise UsageError("--cuda-graphs replays the compiled step: add --compile")
+        if self.cache_teachers is not None and not str(self.cache_teachers).strip():
+            raise UsageError("--cache-teachers: give a dir, or auto")
+        if not (self.cache_budget_gb >= 0 and math.isfinite(self.cache_budget_gb)):
+            raise UsageError(f"--cache-budget-gb {self.cache_budget_gb}: must be a number >= 0")
         for name in ("alpha_task", "alpha_kd", "alpha_hidden"):
             v = getattr(self, name)
             if not (v >= 0 and math.isfinite(v)):
@@ -429,7 +435,10 @@ def _fit(
             shard_inputs, shard_labels = shard(batch.inputs, batch.labels, world)
             inputs = to_device(shard_inputs, device)
             labels = shard_labels.to(device, non_blocking=True)
-            loss, parts = loss_fn(inputs, labels)
+            if getattr(loss_fn, "takes_index", False) and world.size == 1:
+                loss, parts = loss_fn(inputs, labels, batch.index)
+            else:
+                loss, parts = loss_fn(inputs, labels)
             opt.zero_grad(set_to_none=False)
             scaler.scale(loss).backward()
             grads.adopt()
@@ -590,6 +599,8 @@ def distill(args: DistillArgs) -> RunResult:
     student.to(device)
     run_config = {"command": "distill", **asdict(args), "layer_maps": maps, "student_init_info": init_info}
     loss_fn = DistillStep(student, teachers, maps, args, losses_mod, device, compile=args.compile)
+    if args.cache_teachers is not None and use_teachers:
+        loss_fn.cache = _teacher_cache(args, splits, student, teachers, maps, world)
     if not loss_fn.want_hidden:
         # No hidden loss: the projections get no gradient, so they are not trained (nor synchronised).
         student.proj_weight.requires_grad_(False)
@@ -613,6 +624,24 @@ def distill(args: DistillArgs) -> RunResult:
                   run_config={k: v for k, v in run_config.items() if k != "student_init_info"}, faults=loss_fn.describe_faults)
     result.extra["parameters"] = count_parameters(student.encoder) + count_parameters(student.head)
     return result
+
+
+def _teacher_cache(args: DistillArgs, splits: Splits, student: Student, teachers: Teachers, maps, world: World):
+    """The teacher cache for this run (``fastmt.cache``), or None where it cannot serve."""
+    from fastmt import cache as C
+
+    if world.size > 1:
+        log.warning("--cache-teachers: not used in data-parallel runs; the teachers run every step")
+        return None
+    want_hidden = args.hidden_loss != "none" and args.alpha_hidden > 0
+    kind = args.hidden_loss if want_hidden else "none"
+    fp = C.fingerprint(args.teachers, args.train, args.max_length, args.teacher_subset, kind, maps, args.precision)
+    path = C.default_dir(fp) if args.cache_teachers == "auto" else Path(args.cache_teachers)
+    k = len(maps[0]) if want_hidden else 0
+    d = teachers.hidden_size if want_hidden else 0
+    lengths = splits.train_enc[student.key].packed()[3] if kind == "tokens" else None
+    return C.TeacherCache.open(path, fp, len(splits.train_labels), len(teachers), len(splits.label_names),
+                               k, d, lengths, args.cache_budget_gb * 1e9)
 
 
 def _subset(teachers: Teachers, idx: list[int]) -> Teachers:

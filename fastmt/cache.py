@@ -1,0 +1,236 @@
+"""Frozen teachers computed once: ``fastmt distill --cache-teachers DIR|auto``.
+
+A frozen teacher in eval mode gives the same outputs for an example every time it sees it, so the
+first pass over the training data stores what the distillation losses read, per example, and every
+later step, epoch and run reads it back instead of running the teachers:
+
+- the teachers' logits (``[T, C]`` per example), always;
+- for ``--hidden-loss cls`` the mapped layers' first-token states (``[T, K, D]``);
+- for ``--hidden-loss tokens`` every real token's states (``[L_i, T, K, D]``, padding is not stored:
+  the loss masks it), when the whole cache fits ``--cache-budget-gb``; otherwise there is nothing
+  worth caching (the teachers would still run for the hidden states) and the run says so.
+
+Layout of the cache dir: ``manifest.json`` (what the cache was made from, shapes, dtypes),
+``logits.bin`` and ``hidden.bin`` (float32, memory-mapped: the OS keeps hot pages in memory), and
+``filled.bin`` (one byte per example: stored or not). An interrupted first pass leaves a partial
+cache that the next run completes. A cache made for other teachers (any file of the teachers dir
+changed), other training data (its bytes), another max length, teacher subset, hidden-loss kind or
+layer map, or another precision does not match the manifest: it is rebuilt, and the run says which
+of those changed. Data-parallel runs do not use the cache (each process would need its shard's).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastmt.errors import UsageError
+
+log = logging.getLogger("fastmt")
+
+FORMAT = 1
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def _file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _dir_digest(path: str | Path) -> str:
+    """Every file of a dir by relative path, size and modification time (not its bytes: teachers are
+    gigabytes, and a re-trained teacher is a rewritten file)."""
+    root = Path(path).resolve()
+    h = hashlib.sha256(str(root).encode())
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def fingerprint(teachers_dir: str, train: str, max_length: int, teacher_subset, hidden_loss: str, maps,
+                precision: str) -> dict:
+    """What a cache's contents depend on; a cache is reused only when all of it matches."""
+    return {
+        "format": FORMAT,
+        "teacher_files": _dir_digest(teachers_dir),
+        "train_data": _file_sha256(train),
+        "max_length": int(max_length),
+        "teacher_subset": list(teacher_subset) if teacher_subset is not None else None,
+        "hidden_loss": hidden_loss,
+        "layer_maps": [list(m) for m in maps] if hidden_loss != "none" else None,
+        "precision": precision,
+    }
+
+
+def default_dir(fp: dict) -> Path:
+    """``auto``: one dir per fingerprint under ``$FASTMT_CACHE`` (default ``~/.cache/fastmt/teachers``)."""
+    base = Path(os.environ.get("FASTMT_CACHE") or Path.home() / ".cache" / "fastmt") / "teachers"
+    key = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+    return base / key
+
+
+class TeacherCache:
+    """Per-example teacher outputs on disk; ``get`` a batch's (all stored) or ``put`` them."""
+
+    def __init__(self, path: Path, manifest: dict, lengths: np.ndarray | None):
+        self.path, self.manifest = path, manifest
+        n, t, c = manifest["n"], manifest["teachers"], manifest["classes"]
+        self.n, self.t, self.c = n, t, c
+        self.kind = manifest["hidden_loss"]
+        self.k, self.d = manifest["layers"], manifest["hidden"]
+        self.filled = np.memmap(path / "filled.bin", dtype=np.uint8, mode="r+", shape=(n,))
+        self.logits = np.memmap(path / "logits.bin", dtype=np.float32, mode="r+", shape=(n, t, c))
+        self.hidden = None
+        self.offsets = None
+        if self.kind == "cls":
+            self.hidden = np.memmap(path / "hidden.bin", dtype=np.float32, mode="r+", shape=(n, t, self.k, self.d))
+        elif self.kind == "tokens":
+            assert lengths is not None
+            self.lengths = lengths.astype(np.int64)
+            self.offsets = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
+            rows = int(self.lengths.sum())
+            self.hidden = np.memmap(path / "hidden.bin", dtype=np.float32, mode="r+",
+                                    shape=(max(rows, 1), t, self.k, self.d))
+        self.count = int(self.filled.sum())
+        self._unflushed = 0
+
+    # -- building ------------------------------------------------------------------------------
+
+    @staticmethod
+    def nbytes(n: int, t: int, c: int, kind: str, k: int, d: int, lengths: np.ndarray | None) -> int:
+        per = t * c
+        if kind == "cls":
+            per += t * k * d
+        total = n * per
+        if kind == "tokens":
+            total += int(lengths.sum()) * t * k * d
+        return 4 * total + n
+
+    @classmethod
+    def open(cls, path: str | Path, fp: dict, n: int, t: int, c: int, k: int, d: int,
+             lengths: np.ndarray | None, budget_bytes: float) -> "TeacherCache | None":
+        """The cache at ``path`` for these shapes: reused when its manifest matches ``fp``, else made
+        afresh (an old one is replaced, with a warning naming what differs). None, with a log line,
+        when it would not fit ``budget_bytes``."""
+        kind = fp["hidden_loss"]
+        need = cls.nbytes(n, t, c, kind, k, d, lengths)
+        if need > budget_bytes:
+            hint = " (--hidden-loss cls caches in far less)" if kind == "tokens" else ""
+            log.warning("teacher cache: needs %.2f GB, over --cache-budget-gb %.2f; the teachers run every step%s",
+                        need / 1e9, budget_bytes / 1e9, hint)
+            return None
+        path = Path(path)
+        manifest = {**fp, "n": n, "teachers": t, "classes": c, "layers": k, "hidden": d}
+        mpath = path / "manifest.json"
+        if mpath.exists():
+            try:
+                old = json.loads(mpath.read_text())
+            except (OSError, ValueError):
+                old = {}
+            same = {key: old.get(key) == v for key, v in manifest.items() if key != "dtypes"}
+            if all(same.values()):
+                cache = cls(path, {**manifest, "dtypes": old.get("dtypes")}, lengths)
+                log.info("teacher cache %s: %d of %d examples stored%s", path, cache.count, n,
+                         " (teachers skipped)" if cache.count == n else "; the rest are stored as they are computed")
+                return cache
+            what = {"teacher_files": "the teachers dir", "train_data": "the training data", "max_length": "--max-length",
+                    "teacher_subset": "--teacher-subset", "hidden_loss": "--hidden-loss", "layer_maps": "the layer map",
+                    "precision": "--precision"}
+            changed = [what.get(key, key) for key, ok in same.items() if not ok]
+            log.warning("teacher cache %s was made for other inputs (%s differ): rebuilding it", path,
+                        ", ".join(changed) or "format")
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+        sizes = {"filled.bin": n, "logits.bin": 4 * n * t * c}
+        if kind == "cls":
+            sizes["hidden.bin"] = 4 * n * t * k * d
+        elif kind == "tokens":
+            sizes["hidden.bin"] = 4 * max(int(lengths.sum()), 1) * t * k * d
+        for name, size in sizes.items():
+            with open(path / name, "wb") as f:
+                f.truncate(size)  # zeros; sparse where the filesystem allows
+        manifest["dtypes"] = None
+        mpath.write_text(json.dumps(manifest, indent=1))
+        log.info("teacher cache %s: new, %.2f GB for %d examples; filled as the first epoch runs", path, need / 1e9, n)
+        return cls(path, manifest, lengths)
+
+    # -- use -----------------------------------------------------------------------------------
+
+    @property
+    def complete(self) -> bool:
+        return self.count == self.n
+
+    def get(self, index: torch.Tensor, width: int, device: torch.device):
+        """``(logits [T,N,C], hidden [T,K,N,S,D] or None)`` for these examples, or None unless all
+        are stored. ``width``: the batch's padded length (token states; zeros past each example)."""
+        idx = index.cpu().numpy()
+        if self.manifest.get("dtypes") is None or not self.filled[idx].all():
+            return None
+        dl, dh = (_DTYPES[x] if x else None for x in self.manifest["dtypes"])
+        logits = torch.from_numpy(np.ascontiguousarray(self.logits[idx])).permute(1, 0, 2)
+        hidden = None
+        if self.kind == "cls":
+            hidden = torch.from_numpy(np.ascontiguousarray(self.hidden[idx])).permute(1, 2, 0, 3).unsqueeze(3)
+        elif self.kind == "tokens":
+            out = torch.zeros(len(idx), width, self.t, self.k, self.d)
+            for j, i in enumerate(idx):
+                length = int(self.lengths[i])
+                out[j, :length] = torch.from_numpy(np.asarray(self.hidden[self.offsets[i]:self.offsets[i] + length]))
+            hidden = out.permute(2, 3, 0, 1, 4)
+        logits = logits.to(device=device, dtype=dl).contiguous()
+        if hidden is not None:
+            hidden = hidden.to(device=device, dtype=dh).contiguous()
+        return logits, hidden
+
+    def put(self, index: torch.Tensor, logits: torch.Tensor, hidden: torch.Tensor | None) -> None:
+        """Store these examples' outputs (``logits [T,N,C]``, ``hidden [T,K,N,S,D]``)."""
+        idx = index.cpu().numpy()
+        if self.manifest.get("dtypes") is None:
+            self.manifest["dtypes"] = [str(logits.dtype).replace("torch.", ""),
+                                       str(hidden.dtype).replace("torch.", "") if hidden is not None else None]
+            (self.path / "manifest.json").write_text(json.dumps(self.manifest, indent=1))
+        self.logits[idx] = logits.detach().float().permute(1, 0, 2).cpu().numpy()
+        if self.kind == "cls":
+            self.hidden[idx] = hidden.detach().float()[:, :, :, 0].permute(2, 0, 1, 3).cpu().numpy()
+        elif self.kind == "tokens":
+            h = hidden.detach().float().permute(2, 3, 0, 1, 4).cpu().numpy()  # [N, S, T, K, D]
+            for j, i in enumerate(idx):
+                length = int(self.lengths[i])
+                if length > h.shape[1]:
+                    raise ValueError(f"example {i}: {length} tokens but the batch holds {h.shape[1]}")
+                self.hidden[self.offsets[i]:self.offsets[i] + length] = h[j, :length]
+        new = int((self.filled[idx] == 0).sum())
+        self._unflushed += 1
+        if new:
+            self.count += new
+            if self.complete or self._unflushed >= 64:
+                self.flush()
+            self.filled[idx] = 1  # after the data: a flag never points at unwritten outputs
+            if self.complete:
+                self.filled.flush()
+                log.info("teacher cache %s: all %d examples stored; later steps skip the teachers", self.path, self.n)
+
+    def flush(self) -> None:
+        self.logits.flush()
+        if self.hidden is not None:
+            self.hidden.flush()
+        self.filled.flush()
+        self._unflushed = 0
+
+
+def cache_dir_arg(value: str | None) -> str | None:
+    if value is not None and not str(value).strip():
+        raise UsageError("--cache-teachers: give a dir, or auto")
+    return value

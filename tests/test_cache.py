@@ -1,0 +1,113 @@
+"""``--cache-teachers``: the teachers' outputs stored once give the same distillation as running them."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from fastmt import cache as C
+from fastmt import train as T
+from fastmt.step import DistillStep
+
+
+def _args(tiny_task, out, **kw):
+    base = dict(train=str(tiny_task["train"]), dev=str(tiny_task["dev"]), out=str(out), epochs=2, batch_size=32,
+                lr=1e-3, max_length=16, progress=False, log_every=1)
+    base.update(kw)
+    return base
+
+
+@pytest.fixture(scope="module")
+def teachers_dir(tiny_task, tiny_encoders, tmp_path_factory):
+    d = tmp_path_factory.mktemp("cache-teachers") / "teachers"
+    T.cofinetune([str(tiny_encoders["a"]), str(tiny_encoders["b"])], T.TrainArgs(**_args(tiny_task, d, epochs=1)))
+    return d
+
+
+def _losses(out):
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["event"] == "train"]
+
+
+@pytest.mark.parametrize("hidden_loss", ["tokens", "cls"])
+def test_cached_distillation_equals_uncached(hidden_loss, teachers_dir, tiny_task, tmp_path, monkeypatch):
+    """Two epochs with and without the cache: the same loss terms at every step (fp32, CPU); a third
+    run on the full cache never runs a teacher and still gives the same losses."""
+    common = dict(teachers=str(teachers_dir), student_layers=1, hidden_loss=hidden_loss, temperature=2.0)
+    T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "plain"), **common))
+    cache_dir = tmp_path / "cache"
+    T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "cached"), **common, cache_teachers=str(cache_dir)))
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    assert manifest["hidden_loss"] == hidden_loss and manifest["n"] == 256
+    assert np.fromfile(cache_dir / "filled.bin", dtype=np.uint8).all()
+
+    def no_teachers(self, inputs):
+        raise AssertionError("a teacher ran although every output is cached")
+
+    monkeypatch.setattr(DistillStep, "teacher_outputs", no_teachers)
+    T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "reused"), **common, cache_teachers=str(cache_dir)))
+    plain, cached, reused = (_losses(tmp_path / k) for k in ("plain", "cached", "reused"))
+    assert len(plain) == len(cached) == len(reused) == 16  # 2 epochs x 8 batches
+    for a, b, c in zip(plain, cached, reused):
+        for key in ("loss", "loss_task", "loss_kd", "loss_hidden"):
+            # Epoch 1 of the cached run computes the teachers itself; later steps read what another
+            # batch composition computed (other padding: float32 noise only).
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
+            assert c[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
+
+
+def test_cache_made_for_other_inputs_is_rebuilt(teachers_dir, tiny_task, tmp_path, caplog):
+    common = dict(teachers=str(teachers_dir), student_layers=1, cache_teachers=str(tmp_path / "cache"))
+    T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "r1", epochs=1), **common))
+    first = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    other = tmp_path / "train-other.tsv"
+    lines = tiny_task["train"].read_text().splitlines()
+    other.write_text("\n".join(lines[:1] + lines[2:] + lines[1:2]) + "\n")  # same rows, another order
+    with caplog.at_level(logging.WARNING, logger="fastmt"):
+        T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "r2", train=str(other), epochs=1), **common))
+    assert "made for other inputs (the training data differ): rebuilding" in caplog.text
+    second = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert second["train_data"] != first["train_data"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fastmt"):
+        T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "r3", train=str(other), max_length=12, epochs=1), **common))
+    assert "--max-length differ" in caplog.text
+
+
+def test_cache_over_budget_is_not_used(teachers_dir, tiny_task, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="fastmt"):
+        T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "r", epochs=1), teachers=str(teachers_dir),
+                                student_layers=1, cache_teachers=str(tmp_path / "cache"), cache_budget_gb=1e-6))
+    assert "over --cache-budget-gb" in caplog.text and "--hidden-loss cls" in caplog.text
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ragged_token_states_round_trip(tmp_path, dtype):
+    """Token states of examples of different lengths come back exactly, padded with zeros to the
+    batch's width, in the dtype they were stored from; a batch with one example not stored misses."""
+    n, t, c, k, d = 5, 2, 3, 2, 4
+    lengths = np.array([3, 1, 4, 2, 4])
+    fp = {"format": C.FORMAT, "teacher_files": "x", "train_data": "y", "max_length": 8, "teacher_subset": None,
+          "hidden_loss": "tokens", "layer_maps": [[1, 2]], "precision": "bf16"}
+    cache = C.TeacherCache.open(tmp_path / "c", fp, n, t, c, k, d, lengths, 1e9)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.tensor([4, 1, 2])
+    logits = torch.randn(t, 3, c, generator=g).to(dtype)
+    hidden = torch.randn(t, k, 3, 4, d, generator=g).to(dtype)
+    assert cache.get(idx, 4, torch.device("cpu")) is None
+    cache.put(idx, logits, hidden)
+    got_l, got_h = cache.get(torch.tensor([2, 4]), 6, torch.device("cpu"))
+    assert got_l.dtype == got_h.dtype == dtype and got_h.shape == (t, k, 2, 6, d)
+    assert torch.equal(got_l, logits[:, [2, 0]])
+    assert torch.equal(got_h[:, :, 0, :4], hidden[:, :, 2, :4]) and torch.equal(got_h[:, :, 1, :4], hidden[:, :, 0, :4])
+    assert not got_h[:, :, :, 4:].any()  # past the longest example: zeros
+    assert not got_h[:, :, 1, 4:].any() and torch.equal(got_h[:, :, 0, :4], hidden[:, :, 2, :4])
+    assert cache.get(torch.tensor([2, 0]), 4, torch.device("cpu")) is None  # example 0 was never stored
+    # Reopened by a later run: the same contents.
+    again = C.TeacherCache.open(tmp_path / "c", fp, n, t, c, k, d, lengths, 1e9)
+    assert again.count == 3 and torch.equal(again.get(idx, 4, torch.device("cpu"))[0], logits)
