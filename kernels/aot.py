@@ -7,9 +7,9 @@ CUDA driver:
 
 1. Cases: inputs as meta tensors (shapes, dtypes, strides, no data) over the dtypes, weighting
    schemes, optional tensors and shapes the project launches (``KL_AXES``, ``HIDDEN_AXES``).
-2. Launches: every case goes through the launchers' own ``kl_launch`` / ``hidden_fwd_launch`` /
-   ``hidden_bwd_launch``, which return the kernel's exact arguments, constexprs, warps and compile
-   options: the launch that runs on a GPU is the one built here.
+2. Launches: every case goes through the launchers' own ``kl_launch`` / ``kl_bwd_launch`` /
+   ``hidden_fwd_launch`` / ``hidden_bwd_launch``, which return the kernels' exact arguments,
+   constexprs, warps and compile options: the launches that run on a GPU are the ones built here.
 3. Specializations: Triton's own binder (``triton.runtime.jit``) turns those arguments into the
    signature, constexprs and attributes (16-byte divisibility of pointers and ints, ints equal to 1
    made constants) that ``JITFunction.run`` would compile, per target; equal ones are built once.
@@ -24,10 +24,17 @@ CUDA driver:
    so the check errs on the safe side). A row fails on a build error, any spill,
    stack frame or local memory, or shared memory over the target's per-block opt-in limit.
 
-Two sets of cases: ``full`` is the product of every axis (2604 cases, 1392 distinct specializations
-per target: about half an hour on two cores); ``ci`` holds every pair of values of any two axes plus,
-for every dtype, the largest tiles with the most inputs (116 cases, 112 specializations per target:
-a few minutes on two cores), and is what ``tests/test_aot_build.py`` builds.
+Two sets of cases: ``full`` is the product of every axis (4704 cases, 3392 distinct specializations
+per target: over an hour for both targets on two cores); ``ci`` holds every pair of values of any two
+axes plus, for every dtype, the largest tiles with the most inputs (125 cases, 212 specializations per
+target: about 5 minutes on two cores), and is what ``tests/test_aot_build.py`` builds. A case is every
+launch the launchers make for it: the KL forward and backward (row or one-program kernels), the hidden
+forward, or the hidden backward's three kernels.
+
+Besides resources, each row carries instruction counts read from the cubin's SASS (``sass_counts``):
+global atomics, global loads and stores by width, tensor-core instructions; the tests use them to
+hold properties a GPU would otherwise be needed to see (no atomics in the hidden loss, 128-bit KL
+loads, HGMMA in half precision).
 
     python -m fastmt.kernels.aot [--arch 90,80] [--set ci|full] [--workers N] [--json F]
 """
