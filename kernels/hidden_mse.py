@@ -381,7 +381,8 @@ def mt_hidden_bwd_op(grad: torch.Tensor, hs: torch.Tensor, ht: torch.Tensor, w: 
 
 @mt_hidden_bwd_op.register_fake
 def _(grad, hs, ht, w, b, mask, tw):
-    return torch.empty_like(hs), torch.empty_like(w), torch.empty_like(b)
+    # Contiguous, as the kernels write them (empty_like would keep a transposed input's strides).
+    return hs.new_empty(hs.shape), w.new_empty(w.shape), b.new_empty(b.shape)
 
 
 def _setup(ctx, inputs, output):
