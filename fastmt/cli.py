@@ -29,7 +29,9 @@ def _add_common(p: argparse.ArgumentParser, *, defaults: dict) -> None:
     p.add_argument("--max-length", type=int, default=128, help="longest tokenized input; longer is truncated")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="auto (default): bf16 where the GPU or CPU multiplies it natively (fp16 on a GPU "
+                        "without bf16), else fp32")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps for linear warm-up")
     p.add_argument("--max-grad-norm", type=float, default=1.0)
@@ -54,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cofinetune", help="fine-tune teachers jointly through one shared head")
     p.add_argument("--teacher", action="append", required=True, metavar="M", help="HF model name or dir (repeat)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the teachers' forward and losses (one graph per length bucket)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the teachers' forward and losses (one graph per length bucket); "
+                        "default: on for jobs of 1000 steps or more")
     _add_common(p, defaults={"epochs": 3, "lr": 3e-5})
 
     p = sub.add_parser("distill", help="distil a student from co-finetuned teachers")
@@ -66,18 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weighting", default="paper", help="per-example teacher weights: paper, softmax or uniform")
     p.add_argument("--hidden-loss", default="tokens", help="tokens, cls or none")
     p.add_argument("--weight-hidden", action="store_true", help="weight the hidden loss by the teacher weights too")
-    p.add_argument("--kernels", default="reference", help="fused or reference")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
-                   help="replay the compiled step as CUDA graphs (needs --compile and --device cuda)")
+    p.add_argument("--kernels", default="auto", choices=["auto", "fused", "reference"],
+                   help="auto (default): the fused Triton kernels on CUDA, the reference losses on a CPU")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the step's forward and losses; default: on for jobs of 1000 steps or more")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay the compiled step as CUDA graphs (needs --device cuda); default: with --compile on CUDA")
     p.add_argument("--alpha-task", type=float, default=1.0)
     p.add_argument("--alpha-kd", type=float, default=1.0)
     p.add_argument("--alpha-hidden", type=float, default=1.0)
     p.add_argument("--teacher-subset", default=None, metavar="I,J", help="distil from these teachers only")
-    p.add_argument("--stack-teachers", action="store_true", help="run same-architecture teachers as one stacked module (one batched GEMM per layer for all of them)")
-    p.add_argument("--cache-teachers", default=None, metavar="DIR|auto",
+    p.add_argument("--stack-teachers", action=argparse.BooleanOptionalAction, default=None,
+                   help="run same-architecture teachers as one stacked module (one batched GEMM per layer for all "
+                        "of them); default: on CUDA, and on a CPU in bf16")
+    p.add_argument("--cache-teachers", default="default", metavar="DIR|auto|off",
                    help="store the frozen teachers' outputs per example in DIR (auto: ~/.cache/fastmt/teachers/...) "
-                        "on the first pass and read them back in every later epoch and run on the same data and teachers")
+                        "on the first pass and read them back in every later epoch and run on the same data and "
+                        "teachers; default: auto when more than one epoch runs")
     p.add_argument("--cache-budget-gb", type=float, default=8.0,
                    help="most disk the teacher cache may take (default 8); --hidden-loss tokens stores every token's states")
     _add_common(p, defaults={"epochs": 3, "lr": 5e-5})

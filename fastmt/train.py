@@ -30,6 +30,7 @@ from fastmt.data import (
     num_batches,
     read_dataset,
 )
+from fastmt import fastpath
 from fastmt.errors import FastmtError, UsageError
 from fastmt.io import append_jsonl
 from fastmt.models import Student, StudentSpec, Teachers, build_student, count_parameters, layer_maps
@@ -69,7 +70,7 @@ class TrainArgs:
     save_every: int = 0  # [--save-every] steps between checkpoints; 0 writes none
     resume: bool = False  # [--resume] continue from DIR/checkpoint
     max_bad_steps: int = 20  # [--max-bad-steps] stop after this many non-finite losses in a row
-    compile: bool = False  # [--compile] torch.compile(fullgraph=True) the step's forward + loss
+    compile: bool | None = False  # [--compile] torch.compile(fullgraph=True) the step's forward + loss; None: auto
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -80,8 +81,8 @@ class TrainArgs:
             raise UsageError(f"--lr {self.lr}: must be a positive number")
         if self.max_length < 2:
             raise UsageError(f"--max-length {self.max_length}: must be at least 2")
-        if self.precision not in PRECISIONS:
-            raise UsageError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
+        if self.precision not in PRECISIONS and self.precision != "auto":
+            raise UsageError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)} or auto")
         if not 0 <= self.warmup < 1:
             raise UsageError(f"--warmup {self.warmup}: a fraction in [0, 1)")
         if self.log_every < 1:
@@ -104,13 +105,13 @@ class DistillArgs(TrainArgs):
     hidden_loss: str = "tokens"
     weight_hidden: bool = False  # also weight the hidden loss per example by the teacher weights
     kernels: str = "reference"
-    cuda_graphs: bool = False
+    cuda_graphs: bool | None = False  # None: on with compile on CUDA (fastmt.fastpath)
     alpha_task: float = 1.0
     alpha_kd: float = 1.0
     alpha_hidden: float = 1.0
     teacher_subset: list[int] | None = None  # distil from these teachers only
-    stack_teachers: bool = False  # run teachers of one architecture as one stacked module (fastmt.stacked)
-    cache_teachers: str | None = None  # [--cache-teachers DIR|auto] teachers' outputs stored once (fastmt.cache)
+    stack_teachers: bool | None = False  # run teachers of one architecture as one stacked module (fastmt.stacked); None: auto
+    cache_teachers: str | None = None  # [--cache-teachers DIR|auto|off] teachers' outputs stored once (fastmt.cache)
     cache_budget_gb: float = 8.0  # [--cache-budget-gb] the most disk the teacher cache may take
 
     def __post_init__(self) -> None:
@@ -123,10 +124,12 @@ class DistillArgs(TrainArgs):
             raise UsageError(f"--weighting {self.weighting}: choose one of {', '.join(reference_losses.SCHEMES)}")
         if self.hidden_loss not in ("tokens", "cls", "none"):
             raise UsageError(f"--hidden-loss {self.hidden_loss}: choose tokens, cls or none")
-        if self.kernels not in ("fused", "reference"):
-            raise UsageError(f"--kernels {self.kernels}: choose fused or reference")
+        if self.kernels not in ("fused", "reference", "auto"):
+            raise UsageError(f"--kernels {self.kernels}: choose fused, reference or auto")
         if self.cuda_graphs and not self.device.startswith("cuda"):
             raise UsageError(f"--cuda-graphs: CUDA graphs need --device cuda (this run is on {self.device})")
+        if self.cuda_graphs and self.compile is None:
+            self.compile = True  # graphs replay the compiled step
         if self.cuda_graphs and not self.compile:
             raise UsageError("--cuda-graphs replays the compiled step: add --compile")
         if self.cache_teachers is not None and not str(self.cache_teachers).strip():
@@ -541,6 +544,7 @@ def cofinetune(teacher_sources: list[str], args: TrainArgs) -> RunResult:
     label_names = label_names_from(train_ds_labels)
     teachers = Teachers.from_pretrained_encoders(teacher_sources, len(label_names))
     splits = prepare_splits(args.train, args.dev, teachers.tokenizers, args.max_length, label_names)
+    fastpath.report("cofinetune", fastpath.resolve(args, device, _total_steps(args, splits)))
     teachers.to(device)
     run_config = {"command": "cofinetune", "teachers": list(teacher_sources), **asdict(args)}
 
@@ -576,7 +580,6 @@ def distill(args: DistillArgs) -> RunResult:
     world = world_from_env(device)
     device = local_device(device, world)
     check_batch(args.batch_size, world)
-    losses_mod = _loss_module(args.kernels)
     teachers, tcfg = Teachers.load(args.teachers)
     label_names = list(tcfg["label_names"])
     all_teachers = teachers
@@ -595,6 +598,11 @@ def distill(args: DistillArgs) -> RunResult:
                 )
     out_dir = check_out_dir(args.out, args.overwrite, args.resume)
     splits = prepare_splits(args.train, args.dev, [student.tokenizer, *teachers.tokenizers], args.max_length, label_names)
+    from fastmt.stacked import teacher_groups
+
+    stackable = use_teachers and any(len(g) > 1 for g in teacher_groups(teachers))
+    fastpath.report("distill", fastpath.resolve(args, device, _total_steps(args, splits), stackable, world.size > 1))
+    losses_mod = _loss_module(args.kernels)
     teachers.to(device).eval().requires_grad_(False)
     student.to(device)
     run_config = {"command": "distill", **asdict(args), "layer_maps": maps, "student_init_info": init_info}
@@ -624,6 +632,10 @@ def distill(args: DistillArgs) -> RunResult:
                   run_config={k: v for k, v in run_config.items() if k != "student_init_info"}, faults=loss_fn.describe_faults)
     result.extra["parameters"] = count_parameters(student.encoder) + count_parameters(student.head)
     return result
+
+
+def _total_steps(args: TrainArgs, splits: Splits) -> int:
+    return num_batches(len(splits.train_labels), args.batch_size) * args.epochs
 
 
 def _teacher_cache(args: DistillArgs, splits: Splits, student: Student, teachers: Teachers, maps, world: World):

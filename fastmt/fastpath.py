@@ -1,0 +1,96 @@
+"""The fastest path the machine supports, chosen when a flag is left to ``auto`` (the CLI's default).
+
+``fastmt cofinetune`` and ``fastmt distill`` resolve, once the training set's size is known:
+
+- ``--precision auto``: bf16 autocast where the hardware multiplies bf16 natively (a CUDA GPU that
+  supports it, else fp16; a CPU with AVX-512 BF16 or AMX), fp32 elsewhere. On a CPU without them a
+  bf16 matmul is emulated and many times slower than fp32 (``benches/NOTES.md``).
+- ``--kernels auto``: the fused Triton kernels on CUDA, the reference losses on a CPU (where the
+  kernels only run in Triton's interpreter).
+- ``--compile`` left unset: compiled only when the job has at least ``COMPILE_MIN_STEPS`` steps,
+  enough to repay a minute or more of compiling; ``--cuda-graphs`` follows compile on CUDA.
+- ``--stack-teachers`` left unset: on CUDA whenever two teachers share an architecture; on a CPU only
+  in bf16 (in fp32 the CPU's batched GEMM was slower than one GEMM per teacher).
+- ``--cache-teachers`` left unset: ``auto`` when more than one epoch runs (one process), else off.
+
+The choice is printed as one line. An explicit flag always wins; ``--precision fp32 --no-compile
+--kernels reference --no-stack-teachers --cache-teachers off`` is the reference path.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("fastmt")
+
+AUTO = "auto"
+CACHE_DEFAULT = "default"  # the CLI's --cache-teachers when not given: auto with several epochs
+COMPILE_MIN_STEPS = 1000
+
+
+def cpu_bf16(cpuinfo: str | None = None) -> tuple[bool, str]:
+    """Whether this CPU multiplies bf16 natively, and why (from /proc/cpuinfo's flags on Linux)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False, "CPU flags unknown"
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    have = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    if have:
+        return True, f"CPU has {'/'.join(have)}"
+    return False, "CPU has no AVX-512 BF16 or AMX"
+
+
+def choose_precision(device: torch.device) -> tuple[str, str]:
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "GPU supports bf16"
+        return "fp16", "GPU has no bf16"
+    ok, why = cpu_bf16()
+    return ("bf16", why) if ok else ("fp32", why)
+
+
+def resolve(args, device: torch.device, steps: int, stackable: bool = False, data_parallel: bool = False) -> str:
+    """Replace every ``auto`` (or unset) setting of ``args`` with a concrete one; the one-line summary."""
+    parts = []
+    if args.precision == AUTO:
+        args.precision, why = choose_precision(device)
+        parts.append(f"precision {args.precision} ({why})")
+    if getattr(args, "kernels", None) == AUTO:
+        from fastmt import kernels
+
+        args.kernels = "fused" if device.type == "cuda" and kernels.available(device) else "reference"
+        parts.append(f"kernels {args.kernels}" + (" (CPU)" if device.type != "cuda" else ""))
+    if args.compile is None:
+        args.compile = steps >= COMPILE_MIN_STEPS
+        parts.append(f"compile {'on' if args.compile else 'off'} ({steps} steps "
+                     f"{'>=' if args.compile else '<'} {COMPILE_MIN_STEPS})")
+    if hasattr(args, "cuda_graphs") and args.cuda_graphs is None:
+        args.cuda_graphs = bool(args.compile) and device.type == "cuda"
+        if device.type == "cuda":
+            parts.append(f"CUDA graphs {'on' if args.cuda_graphs else 'off'}")
+    if hasattr(args, "stack_teachers") and args.stack_teachers is None:
+        args.stack_teachers = stackable and (device.type == "cuda" or args.precision == "bf16")
+        if stackable:
+            parts.append(f"stacked teachers {'on' if args.stack_teachers else 'off'}"
+                         + ("" if args.stack_teachers else " (fp32 on a CPU)"))
+    if getattr(args, "cache_teachers", None) == CACHE_DEFAULT:
+        args.cache_teachers = AUTO if args.epochs > 1 and not data_parallel else None
+        parts.append("teacher cache " + ("auto" if args.cache_teachers else
+                                         "off (" + ("data-parallel" if data_parallel else "one epoch") + ")"))
+    elif getattr(args, "cache_teachers", None) == "off":
+        args.cache_teachers = None
+    return ", ".join(parts)
+
+
+def report(command: str, summary: str) -> None:
+    if summary:
+        log.info("%s path: %s", command, summary)
