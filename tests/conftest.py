@@ -26,6 +26,12 @@ except ImportError:  # pragma: no cover - hypothesis is in the test extras
 if os.environ.get("FASTMT_TEST_DEVICE", "cpu") == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `--cache-teachers auto` (the CLI's default with several epochs) writes under $FASTMT_CACHE: keep the
+# suite's caches out of the user's home, in one dir per session.
+if "FASTMT_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["FASTMT_CACHE"] = tempfile.mkdtemp(prefix="fastmt-test-cache-")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
