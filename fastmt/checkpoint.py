@@ -76,13 +76,14 @@ def save_checkpoint(out_dir: str | Path, state: dict[str, Any], meta: dict[str, 
     return target
 
 
-def load_checkpoint(out_dir: str | Path, run_config: dict) -> dict:
-    """The checkpoint's state, after checking it belongs to a run with the same settings."""
+def load_checkpoint(out_dir: str | Path, run_config: dict, mmap: bool = False) -> dict:
+    """The checkpoint's state, after checking it belongs to a run with the same settings. With
+    ``mmap``, tensors are mapped, not read (a cheap check before the run starts)."""
     target = checkpoint_dir(out_dir)
     if checkpoint_meta(out_dir) is None:
         raise UsageError(f"--resume: no checkpoint in {target} (a run writes one with --save-every STEPS)")
     try:
-        state = torch.load(target / "state.pt", map_location="cpu", weights_only=False)
+        state = torch.load(target / "state.pt", map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as e:  # a file that is not a checkpoint: say which, not a pickle traceback
         raise UsageError(f"--resume: {target / 'state.pt'} cannot be read ({type(e).__name__}: {e})") from None
     if state.get("format") != FORMAT:

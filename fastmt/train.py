@@ -544,9 +544,11 @@ def cofinetune(teacher_sources: list[str], args: TrainArgs) -> RunResult:
     label_names = label_names_from(train_ds_labels)
     teachers = Teachers.from_pretrained_encoders(teacher_sources, len(label_names))
     splits = prepare_splits(args.train, args.dev, teachers.tokenizers, args.max_length, label_names)
-    fastpath.report("cofinetune", fastpath.resolve(args, device, _total_steps(args, splits)))
+    path = fastpath.resolve(args, device, _total_steps(args, splits))
     teachers.to(device)
     run_config = {"command": "cofinetune", "teachers": list(teacher_sources), **asdict(args)}
+    _check_resume(args, out_dir, run_config)
+    fastpath.report("cofinetune", path)
 
     def loss_fn(inputs, labels):
         with autocast(device, args.precision):
@@ -601,11 +603,14 @@ def distill(args: DistillArgs) -> RunResult:
     from fastmt.stacked import teacher_groups
 
     stackable = use_teachers and any(len(g) > 1 for g in teacher_groups(teachers))
-    fastpath.report("distill", fastpath.resolve(args, device, _total_steps(args, splits), stackable, world.size > 1))
+    path = fastpath.resolve(args, device, _total_steps(args, splits), stackable, world.size > 1)
     losses_mod = _loss_module(args.kernels)
     teachers.to(device).eval().requires_grad_(False)
     student.to(device)
     run_config = {"command": "distill", **asdict(args), "layer_maps": maps, "student_init_info": init_info}
+    fit_config = {k: v for k, v in run_config.items() if k != "student_init_info"}
+    _check_resume(args, out_dir, fit_config)
+    fastpath.report("distill", path)
     loss_fn = DistillStep(student, teachers, maps, args, losses_mod, device, compile=args.compile)
     if args.cache_teachers is not None and use_teachers:
         loss_fn.cache = _teacher_cache(args, splits, student, teachers, maps, world)
@@ -629,9 +634,17 @@ def distill(args: DistillArgs) -> RunResult:
 
     keys = [student.key, *teachers.keys] if use_teachers else [student.key]
     result = _fit(student, args, splits, keys, device, loss_fn, evaluate, save_best, out_dir, "distill", world,
-                  run_config={k: v for k, v in run_config.items() if k != "student_init_info"}, faults=loss_fn.describe_faults)
+                  run_config=fit_config, faults=loss_fn.describe_faults)
     result.extra["parameters"] = count_parameters(student.encoder) + count_parameters(student.head)
     return result
+
+
+def _check_resume(args: TrainArgs, out_dir: Path, run_config: dict) -> None:
+    """With --resume, refuse changed settings before anything else is said or built."""
+    if args.resume:
+        from fastmt.checkpoint import load_checkpoint
+
+        load_checkpoint(out_dir, run_config, mmap=True)
 
 
 def _total_steps(args: TrainArgs, splits: Splits) -> int:

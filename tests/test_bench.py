@@ -222,7 +222,7 @@ def test_a_failing_mode_costs_only_its_own_row(monkeypatch, tmp_path, capsys):
     from fastmt import bench
     from fastmt.errors import FastmtError
 
-    def fake_run_mode(p, mode, device, steps, warmup, workdir):
+    def fake_run_mode(p, mode, device, steps, warmup, workdir, profile=False):
         if mode.name == "stacked":
             raise RuntimeError("accessing tensor output of CUDAGraphs that has been overwritten")
         return {"name": mode.name, "samples_per_s": 10.0, "tokens_per_s": 320.0, "step_ms_p50": 100.0,

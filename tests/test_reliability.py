@@ -300,8 +300,8 @@ def test_bad_steps_keep_the_last_good_checkpoint(tiny_task, teachers_dir, tmp_pa
     calls = {"n": 0}
     real = S.DistillStep.__call__
 
-    def flaky(self, inputs, labels):
-        loss, parts = real(self, inputs, labels)
+    def flaky(self, inputs, labels, index=None):
+        loss, parts = real(self, inputs, labels, index)
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] > 4 else loss), parts
 
