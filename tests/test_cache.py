@@ -106,7 +106,11 @@ def test_ragged_token_states_round_trip(tmp_path, dtype):
     assert torch.equal(got_l, logits[:, [2, 0]])
     assert torch.equal(got_h[:, :, 0, :4], hidden[:, :, 2, :4]) and torch.equal(got_h[:, :, 1, :4], hidden[:, :, 0, :4])
     assert not got_h[:, :, :, 4:].any()  # past the longest example: zeros
-    assert not got_h[:, :, 1, 4:].any() and torch.equal(got_h[:, :, 0, :4], hidden[:, :, 2, :4])
+    # Example 1 has one token: that token back, zeros after it (its neighbour in the batch has four).
+    short_l, short_h = cache.get(torch.tensor([1, 4]), 4, torch.device("cpu"))
+    assert torch.equal(short_l, logits[:, [1, 0]])
+    assert torch.equal(short_h[:, :, 0, :1], hidden[:, :, 1, :1]) and not short_h[:, :, 0, 1:].any()
+    assert torch.equal(short_h[:, :, 1], hidden[:, :, 0])
     assert cache.get(torch.tensor([2, 0]), 4, torch.device("cpu")) is None  # example 0 was never stored
     # Reopened by a later run: the same contents.
     again = C.TeacherCache.open(tmp_path / "c", fp, n, t, c, k, d, lengths, 1e9)
