@@ -7,10 +7,12 @@ Same co-finetuned teachers (a fastmt teachers dir), same student (fastmt's ``tea
 ``--student-layers`` layers), same rows, max length, batch size, epochs and learning rate. fastmt
 runs as a user would: the ``fastmt distill`` command with its defaults (fast by default: the path it
 picks is printed). TextBrewer runs its ``MultiTeacherDistiller`` (averaged teacher logits, KD plus
-the hard-label loss, AdamW with linear warm-up) on the same batches. Both are timed as a whole job
-(loading, tokenizing, training, one dev evaluation per epoch) and as training alone. Note that
-fastmt's default objective also has the hidden-state loss, which TextBrewer's multi-teacher
-distiller does not support: fastmt does more work per step.
+the hard-label loss, AdamW with linear warm-up) on shuffled batches padded to their longest
+example's bucket, as a data loader with dynamic padding gives them. Each side runs in a process of
+its own, started and timed the same way: the whole job (interpreter start, imports, loading,
+tokenizing, training, one dev evaluation per epoch, saving) and training alone. Note that fastmt's
+default objective also has the hidden-state loss, which TextBrewer's multi-teacher distiller does
+not support: fastmt does more work per step.
 
 Writes one JSON row (``--out``) with both sides' samples/s and the ratio.
 """
@@ -58,6 +60,21 @@ def run_fastmt(a, train: str, tmp: Path) -> dict:
 
 
 def run_textbrewer(a, train: str, tmp: Path) -> dict:
+    """TextBrewer's side in a fresh process (so that its imports count, as fastmt's do)."""
+    row = tmp / "textbrewer.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--side", "textbrewer", "--side-train", train,
+           "--side-tmp", str(tmp), "--out", str(row)] + [x for k, v in vars(a).items()
+                                                        if k not in ("out", "rows", "side", "side_train", "side_tmp")
+                                                        and v is not None for x in ("--" + k.replace("_", "-"), str(v))]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"TextBrewer side failed:\n{r.stderr[-2000:]}")
+    return {**json.loads(row.read_text()), "wall_s": wall}
+
+
+def textbrewer_side(a, train: str, tmp: Path) -> dict:
     import torch
     import torch.nn.functional as F
     from textbrewer import DistillationConfig, MultiTeacherDistiller, TrainingConfig
@@ -67,7 +84,6 @@ def run_textbrewer(a, train: str, tmp: Path) -> dict:
     from fastmt.models import StudentSpec, Teachers, build_student
     from fastmt.train import accuracy, prepare_splits, seed_everything, student_logits
 
-    t0 = time.perf_counter()
     torch.manual_seed(a.seed)
     teachers, tcfg = Teachers.load(a.teachers)
     teachers.eval().requires_grad_(False)
@@ -135,7 +151,7 @@ def run_textbrewer(a, train: str, tmp: Path) -> dict:
                     scheduler_args={"num_warmup_steps": int(0.1 * steps), "num_training_steps": steps},
                     max_grad_norm=1.0, callback=evaluate)
     end = time.perf_counter()
-    return {"wall_s": end - t0, "train_s": end - t_train - eval_s[0], "dev_accuracy": max(accs) if accs else None,
+    return {"train_s": end - t_train - eval_s[0], "dev_accuracy": max(accs) if accs else None,
             "note": "training time excludes the dev evaluation, includes TextBrewer's own per-epoch checkpoint"}
 
 
@@ -152,7 +168,13 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", default=None, help="JSON row to write (default: print only)")
+    p.add_argument("--side", choices=["textbrewer"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--side-train", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--side-tmp", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.side == "textbrewer":
+        Path(a.out).write_text(json.dumps(textbrewer_side(a, a.side_train, Path(a.side_tmp))))
+        return 0
     with tempfile.TemporaryDirectory(prefix="fastmt-peer-") as d:
         tmp = Path(d)
         train = _rows_file(a.train, a.rows, tmp)

@@ -41,6 +41,8 @@ def _add_common(p: argparse.ArgumentParser, *, defaults: dict) -> None:
     p.add_argument("--save-every", type=int, default=0, metavar="STEPS", help="checkpoint the whole training state every STEPS steps into OUT/checkpoint")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out from its checkpoint")
     p.add_argument("--max-bad-steps", type=int, default=20, metavar="N", help="stop after N non-finite losses in a row (default 20)")
+    p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=None,
+                   help="batch examples of similar length together, so batches carry little padding (default: on)")
 
 
 def build_parser() -> argparse.ArgumentParser:

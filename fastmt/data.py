@@ -607,6 +607,23 @@ def _collate(packed, pad_id: int, idx: np.ndarray, buckets: np.ndarray) -> dict[
     }
 
 
+GROUP_BATCHES = 50  # batches per sorted run when grouping shuffled batches by length
+
+
+def _grouped(order: np.ndarray, lengths: np.ndarray, batch_size: int, generator) -> np.ndarray:
+    """``order`` rearranged so that each batch holds examples of similar length (see iterate_batches)."""
+    if generator is None:
+        return order[np.argsort(-lengths[order], kind="stable")]
+    run = GROUP_BATCHES * batch_size
+    runs = [order[i:i + run] for i in range(0, len(order), run)]
+    runs = [r[np.argsort(-lengths[r], kind="stable")] for r in runs]
+    grouped = np.concatenate(runs)
+    full = len(grouped) // batch_size
+    batches = grouped[:full * batch_size].reshape(full, batch_size)
+    visit = torch.randperm(full, generator=generator).numpy()
+    return np.concatenate([batches[visit].reshape(-1), grouped[full * batch_size:]])
+
+
 def iterate_batches(
     encodings: dict[str, Encoded],
     labels: list[int],
@@ -615,6 +632,7 @@ def iterate_batches(
     shuffle: bool,
     generator: torch.Generator | None = None,
     skip_batches: int = 0,
+    group_by_length: bool = False,
 ) -> Iterator[Batch]:
     """Yield batches of ``batch_size`` examples (the last one may be smaller).
 
@@ -622,6 +640,13 @@ def iterate_batches(
     order; the first ``skip_batches`` batches of that order are left out (a resumed epoch).  Each
     tokenizer's inputs are padded to the smallest bucket that holds the batch's longest
     sequence for that tokenizer, so different keys may get different lengths.
+
+    ``group_by_length`` puts examples of similar length in the same batch, so batches carry little
+    padding. Shuffled: the random order is cut into runs of ``GROUP_BATCHES`` batches, each run is
+    sorted by length (longest first, ties in random order) and cut into batches, and the full
+    batches are then visited in a random order (from ``generator``), the partial one last; every
+    example is still seen once per epoch. Not shuffled: the whole set is sorted by length (for
+    prediction, where the order does not matter). The length of an example is its longest view.
     """
     _check_int("batch_size", batch_size, 1)
     if not buckets:
@@ -647,6 +672,9 @@ def iterate_batches(
     else:
         order = torch.arange(n, dtype=torch.int64)
     order_np = order.numpy()
+    if group_by_length and n:
+        longest = np.max(np.stack([packed[key][3] for key in encodings]), axis=0)
+        order_np = _grouped(order_np, longest, int(batch_size), generator if shuffle else None)
     for start in range(int(skip_batches) * int(batch_size), n, int(batch_size)):
         idx = order_np[start:start + int(batch_size)]
         index = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))

@@ -12,9 +12,13 @@
 - ``--stack-teachers`` left unset: on CUDA whenever two teachers share an architecture; on a CPU only
   in bf16 (in fp32 the CPU's batched GEMM was slower than one GEMM per teacher).
 - ``--cache-teachers`` left unset: ``auto`` when more than one epoch runs (one process), else off.
+- ``--group-by-length`` left unset: on. Batches hold examples of similar length, so they carry
+  little padding; uncompiled, each batch is padded to its own longest example (compiled, to the
+  length buckets, which bound the number of graphs).
 
 The choice is printed as one line. An explicit flag always wins; ``--precision fp32 --no-compile
---kernels reference --no-stack-teachers --cache-teachers off`` is the reference path.
+--kernels reference --no-stack-teachers --cache-teachers off --no-group-by-length`` is the reference
+path.
 """
 
 from __future__ import annotations
@@ -88,7 +92,19 @@ def resolve(args, device: torch.device, steps: int, stackable: bool = False, dat
                                          "off (" + ("data-parallel" if data_parallel else "one epoch") + ")"))
     elif getattr(args, "cache_teachers", None) == "off":
         args.cache_teachers = None
+    if getattr(args, "group_by_length", False) is None:
+        args.group_by_length = True
+        parts.append("length-grouped batches")
     return ", ".join(parts)
+
+
+def widths(args, buckets: list[int]) -> list[int]:
+    """The padded lengths batches may take: every length up to the longest bucket when batches are
+    grouped by length and nothing is compiled (an eager step costs the same for any shape), else
+    ``buckets`` (a compiled step makes one graph per shape)."""
+    if getattr(args, "group_by_length", False) and not getattr(args, "compile", False):
+        return list(range(1, max(buckets) + 1))
+    return list(buckets)
 
 
 def report(command: str, summary: str) -> None:

@@ -71,6 +71,7 @@ class TrainArgs:
     resume: bool = False  # [--resume] continue from DIR/checkpoint
     max_bad_steps: int = 20  # [--max-bad-steps] stop after this many non-finite losses in a row
     compile: bool | None = False  # [--compile] torch.compile(fullgraph=True) the step's forward + loss; None: auto
+    group_by_length: bool | None = False  # [--group-by-length] batches of similar lengths (little padding); None: auto
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -269,7 +270,7 @@ def teacher_logits(teachers: Teachers, enc: dict[str, Encoded], n: int, batch_si
     out = torch.empty(len(teachers), n, teachers.num_labels)
     if timings is not None:
         timings[:] = [0.0] * len(teachers)
-    for batch in iterate_batches(enc, [0] * n, batch_size, buckets, shuffle=False):
+    for batch in iterate_batches(enc, [0] * n, batch_size, buckets, shuffle=False, group_by_length=True):
         inputs = to_device(batch.inputs, device)
         for i, key in enumerate(teachers.keys):
             t0 = time.perf_counter()
@@ -285,7 +286,8 @@ def teacher_logits(teachers: Teachers, enc: dict[str, Encoded], n: int, batch_si
 def student_logits(student: Student, enc: dict[str, Encoded], n: int, batch_size: int, buckets, device, precision="fp32") -> torch.Tensor:
     student.eval()
     out = torch.empty(n, student.num_labels)
-    for batch in iterate_batches({student.key: enc[student.key]}, [0] * n, batch_size, buckets, shuffle=False):
+    for batch in iterate_batches({student.key: enc[student.key]}, [0] * n, batch_size, buckets, shuffle=False,
+                                 group_by_length=True):
         with autocast(device, precision):
             logits, _ = student(to_device(batch.inputs, device)[student.key])
         out[batch.index] = logits.float().cpu()
@@ -434,7 +436,7 @@ def _fit(
             train_time, t_mark = train_time + (now - t_mark), now
 
         for batch in iterate_batches(encodings_for(splits, keys), splits.train_labels, args.batch_size, splits.buckets, True, gen,
-                                     skip_batches=done_in_epoch):
+                                     skip_batches=done_in_epoch, group_by_length=bool(args.group_by_length)):
             shard_inputs, shard_labels = shard(batch.inputs, batch.labels, world)
             inputs = to_device(shard_inputs, device)
             labels = shard_labels.to(device, non_blocking=True)
@@ -545,6 +547,7 @@ def cofinetune(teacher_sources: list[str], args: TrainArgs) -> RunResult:
     teachers = Teachers.from_pretrained_encoders(teacher_sources, len(label_names))
     splits = prepare_splits(args.train, args.dev, teachers.tokenizers, args.max_length, label_names)
     path = fastpath.resolve(args, device, _total_steps(args, splits))
+    splits.buckets = fastpath.widths(args, splits.buckets)
     teachers.to(device)
     run_config = {"command": "cofinetune", "teachers": list(teacher_sources), **asdict(args)}
     _check_resume(args, out_dir, run_config)
@@ -604,6 +607,7 @@ def distill(args: DistillArgs) -> RunResult:
 
     stackable = use_teachers and any(len(g) > 1 for g in teacher_groups(teachers))
     path = fastpath.resolve(args, device, _total_steps(args, splits), stackable, world.size > 1)
+    splits.buckets = fastpath.widths(args, splits.buckets)
     losses_mod = _loss_module(args.kernels)
     teachers.to(device).eval().requires_grad_(False)
     student.to(device)

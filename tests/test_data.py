@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -511,6 +512,50 @@ def test_iterate_batches_deterministic_with_seed():
 
     assert run(3) == run(3)
     assert run(3) != run(4)
+
+
+def _grouped_run(lengths, batch_size, seed, skip=0, widths=None):
+    enc = _encoded(lengths)
+    g = torch.Generator().manual_seed(seed)
+    return list(iterate_batches({"t": enc}, [0] * len(lengths), batch_size, widths or list(range(1, 65)), True, g,
+                                skip_batches=skip, group_by_length=True))
+
+
+def test_group_by_length_sees_every_example_once_with_little_padding():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 61, size=1003).tolist()
+    batches = _grouped_run(lengths, 8, seed=5)
+    seen = torch.cat([b.index for b in batches]).tolist()
+    assert sorted(seen) == list(range(1003))
+    assert [len(b) for b in batches] == [8] * 125 + [3]  # the partial batch comes last
+    padded = sum(b.inputs["t"]["input_ids"].numel() for b in batches)
+    g = torch.Generator().manual_seed(5)
+    plain = sum(b.inputs["t"]["input_ids"].numel()
+                for b in iterate_batches({"t": _encoded(lengths)}, [0] * 1003, 8, list(range(1, 65)), True, g))
+    real = sum(lengths)
+    # Runs of 50 batches (400 examples) sorted by length: a batch spans ~2% of the length range.
+    assert padded - real < 0.05 * real < plain - real
+    for b in batches:  # values and masks are still each example's own
+        for row, i in enumerate(b.index.tolist()):
+            assert b.inputs["t"]["attention_mask"][row].sum() == lengths[i]
+    # Not everything in one sorted order: batch widths go up and down over the epoch.
+    widths = [b.inputs["t"]["input_ids"].shape[1] for b in batches]
+    assert widths != sorted(widths) and widths != sorted(widths, reverse=True)
+
+
+def test_group_by_length_is_reproducible_and_resumable():
+    lengths = [(i * 37) % 50 + 1 for i in range(300)]
+    a = [b.index.tolist() for b in _grouped_run(lengths, 7, seed=2)]
+    assert a == [b.index.tolist() for b in _grouped_run(lengths, 7, seed=2)]
+    assert a != [b.index.tolist() for b in _grouped_run(lengths, 7, seed=3)]
+    assert [b.index.tolist() for b in _grouped_run(lengths, 7, seed=2, skip=10)] == a[10:]
+
+
+def test_group_by_length_uses_the_longest_view_and_sorts_unshuffled_sets():
+    a = _encoded([5, 30, 2, 9])
+    b = _encoded([40, 3, 1, 9], base=7)
+    batches = list(iterate_batches({"a": a, "b": b}, [0, 1, 0, 1], 2, [64], False, group_by_length=True))
+    assert [x.index.tolist() for x in batches] == [[0, 1], [3, 2]]  # by max(5,40), max(30,3), 9, 2
 
 
 def test_iterate_batches_pads_each_tokenizer_independently():

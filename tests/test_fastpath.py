@@ -24,7 +24,7 @@ def test_cpu_bf16_reads_the_flags():
 def _auto(tiny_task, **kw):
     base = dict(train=str(tiny_task["train"]), dev=str(tiny_task["dev"]), out="-", teachers="-", student_layers=1,
                 precision="auto", kernels="auto", compile=None, cuda_graphs=None, stack_teachers=None,
-                cache_teachers=fastpath.CACHE_DEFAULT, epochs=3)
+                cache_teachers=fastpath.CACHE_DEFAULT, group_by_length=None, epochs=3)
     base.update(kw)
     return T.DistillArgs(**base)
 
@@ -40,18 +40,22 @@ def test_auto_on_a_cpu(bf16, tiny_task, monkeypatch):
     assert args.stack_teachers is bf16  # fp32 stacking did not pay on a CPU
     assert args.cache_teachers == "auto"  # three epochs
     assert f"precision {args.precision} (stub)" in line and "compile off (24 steps < 1000)" in line
+    assert args.group_by_length is True and "length-grouped batches" in line
+    assert fastpath.widths(args, [16, 32, 48]) == list(range(1, 49))  # eager: each batch its own width
     long = _auto(tiny_task, epochs=1)
     fastpath.resolve(long, cpu, steps=5000, data_parallel=False)
     assert long.compile is True and long.cache_teachers is None
+    assert fastpath.widths(long, [16, 32, 48]) == [16, 32, 48]  # compiled: one graph per bucket
 
 
 def test_explicit_flags_win_and_off_turns_the_cache_off(tiny_task, monkeypatch):
     monkeypatch.setattr(fastpath, "cpu_bf16", lambda: (True, "stub"))
     args = _auto(tiny_task, precision="fp32", kernels="reference", compile=False, stack_teachers=False,
-                 cache_teachers="off")
+                 cache_teachers="off", group_by_length=False)
     assert fastpath.resolve(args, torch.device("cpu"), steps=10**6, stackable=True) == ""
     assert (args.precision, args.kernels, args.compile, args.stack_teachers, args.cache_teachers) == (
         "fp32", "reference", False, False, None)
+    assert args.group_by_length is False and fastpath.widths(args, [16, 32]) == [16, 32]
     dp = _auto(tiny_task)
     fastpath.resolve(dp, torch.device("cpu"), steps=10, data_parallel=True)
     assert dp.cache_teachers is None
