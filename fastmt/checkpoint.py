@@ -24,7 +24,7 @@ CHECKPOINT = "checkpoint"
 FORMAT = 1
 # Flags that may change between a run and its resumption; every other setting must match.
 VOLATILE = {"resume", "overwrite", "progress", "save_every", "max_bad_steps", "log_every", "eval_batch_size",
-            "cache_teachers", "cache_budget_gb"}
+            "cache_teachers", "cache_budget_gb", "report_to"}
 
 
 def checkpoint_dir(out_dir: str | Path) -> Path:

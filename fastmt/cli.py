@@ -6,54 +6,107 @@ import argparse
 import logging
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 from fastmt.errors import FastmtError, UsageError
 
 log = logging.getLogger("fastmt")
 
 
+class _Help(argparse.HelpFormatter):
+    """Help that shows each flag's default where it has a meaningful one (not None/False, not
+    already spelled out in the help text)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if ("default" in text or d is None or d is False or d is argparse.SUPPRESS or not action.option_strings
+                or isinstance(action, argparse._VersionAction)):
+            return text
+        return f"{text} (default: {d})" if text else f"default: {d}"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line naming the flag, not a usage dump."""
+
+    def __init__(self, *a, **kw):
+        kw.setdefault("formatter_class", _Help)
+        super().__init__(*a, **kw)
 
     def error(self, message: str):  # noqa: D401 - argparse's hook
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
+def _device(text: str) -> str:
+    """``--device``: auto, cpu, cuda or cuda:N (checked when parsing, not after loading the models)."""
+    t = text.strip().lower()
+    if t in ("auto", "cpu", "cuda") or (t.startswith("cuda:") and t[5:].isdigit()):
+        return t
+    raise argparse.ArgumentTypeError(f"{text!r}: choose auto, cpu, cuda or cuda:N")
+
+
+DATA_HELP = ("a .tsv, .csv, .jsonl or .parquet file, a datasets save_to_disk dir (DIR or DIR:SPLIT), or a "
+             "Hugging Face hub NAME[/CONFIG][:SPLIT] (parquet, dirs and hub names need the datasets package)")
+
+
+def _add_columns(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text-column", default=None, metavar="C", help="the text column (default: guessed from the names)")
+    p.add_argument("--text-pair-column", default=None, metavar="C", help="the second text of a pair (default: guessed)")
+    p.add_argument("--label-column", default=None, metavar="C", help="the label column (default: guessed)")
+
+
+DEVICE_HELP = "auto (CUDA when this machine has a GPU, else cpu), cpu, cuda or cuda:N"
+
+
 def _add_common(p: argparse.ArgumentParser, *, defaults: dict) -> None:
-    p.add_argument("--train", required=True, metavar="F", help="training file (TSV, CSV or JSONL)")
-    p.add_argument("--dev", required=True, metavar="F", help="dev file, evaluated after every epoch")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="replay the run saved in FILE (a run's config.json, or its dir); flags given here override it")
+    p.add_argument("--train", required=True, metavar="F", help="training data: " + DATA_HELP)
+    p.add_argument("--dev", required=True, metavar="F", help="dev data, evaluated after every epoch (same forms)")
+    _add_columns(p)
     p.add_argument("--out", required=True, metavar="DIR", help="run directory to create")
-    p.add_argument("--epochs", type=int, default=defaults["epochs"])
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=defaults["lr"])
+    p.add_argument("--epochs", type=int, default=defaults["epochs"], help="passes over the training set")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per optimizer step (over all processes)")
+    p.add_argument("--lr", type=float, default=defaults["lr"], help="peak learning rate of AdamW")
     p.add_argument("--max-length", type=int, default=128, help="longest tokenized input; longer is truncated")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--seed", type=int, default=42, help="seed of the shuffling, dropout and fresh weights")
+    p.add_argument("--device", type=_device, default="auto", help=DEVICE_HELP)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto (default): bf16 where the GPU or CPU multiplies it natively (fp16 on a GPU "
                         "without bf16), else fp32")
-    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases and norms)")
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps for linear warm-up")
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradients' global norm to this")
     p.add_argument("--log-every", type=int, default=20, help="steps between metrics.jsonl rows")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--save-every", type=int, default=0, metavar="STEPS", help="checkpoint the whole training state every STEPS steps into OUT/checkpoint")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out from its checkpoint")
     p.add_argument("--max-bad-steps", type=int, default=20, metavar="N", help="stop after N non-finite losses in a row (default 20)")
+    p.add_argument("--metric", default="accuracy", choices=["accuracy", "f1", "mcc"],
+                   help="the dev score that picks the best epoch (f1: macro-averaged; mcc: Matthews correlation)")
+    p.add_argument("--report-to", default="none", choices=["none", "tensorboard"],
+                   help="also send metrics.jsonl's scalars to this tracker (tensorboard: OUT/tensorboard)")
     p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=None,
                    help="batch examples of similar length together, so batches carry little padding (default: on)")
+
+
+def _version() -> str:
+    from fastmt import __version__
+
+    return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastmt", description="Multi-teacher distillation (MT-BERT) for text classification.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("--version", action="version", version=f"fastmt {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("demo", help="the embedded end-to-end example: CPU, no downloads, a few minutes")
     p.add_argument("--out", default=None, metavar="DIR", help="keep the runs here (default: a temporary dir)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, the models and the training")
     p.add_argument("--fast", action="store_true", help="a smaller, quicker version (for tests)")
 
     p = sub.add_parser("cofinetune", help="fine-tune teachers jointly through one shared head")
@@ -65,11 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", help="distil a student from co-finetuned teachers")
     p.add_argument("--teachers", required=True, metavar="DIR", help="a dir written by fastmt cofinetune")
-    p.add_argument("--student-layers", type=int, required=True, metavar="K")
-    p.add_argument("--student-init", default="teacher:0", help="teacher:I, random, or a model dir")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--weighting", default="paper", help="per-example teacher weights: paper, softmax or uniform")
-    p.add_argument("--hidden-loss", default="tokens", help="tokens, cls or none")
+    p.add_argument("--student-layers", type=int, required=True, metavar="K", help="transformer layers of the student")
+    p.add_argument("--student-init", default="teacher:0",
+                   help="teacher:I (the student starts from teacher I's embeddings and evenly spaced layers), "
+                        "random, or a model dir")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the distillation loss")
+    p.add_argument("--weighting", default="paper", choices=["paper", "softmax", "uniform"],
+                   help="per-example teacher weights of the distillation loss")
+    p.add_argument("--hidden-loss", default="tokens", choices=["tokens", "cls", "none"],
+                   help="hidden-state loss over every token, over the first token only, or none")
     p.add_argument("--weight-hidden", action="store_true", help="weight the hidden loss by the teacher weights too")
     p.add_argument("--kernels", default="auto", choices=["auto", "fused", "reference"],
                    help="auto (default): the fused Triton kernels on CUDA, the reference losses on a CPU")
@@ -77,9 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the step's forward and losses; default: on for jobs of 1000 steps or more")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="replay the compiled step as CUDA graphs (needs --device cuda); default: with --compile on CUDA")
-    p.add_argument("--alpha-task", type=float, default=1.0)
-    p.add_argument("--alpha-kd", type=float, default=1.0)
-    p.add_argument("--alpha-hidden", type=float, default=1.0)
+    p.add_argument("--alpha-task", type=float, default=1.0, help="weight of the cross-entropy on the gold labels")
+    p.add_argument("--alpha-kd", type=float, default=1.0, help="weight of the multi-teacher distillation loss")
+    p.add_argument("--alpha-hidden", type=float, default=1.0, help="weight of the multi-teacher hidden-state loss")
     p.add_argument("--teacher-subset", default=None, metavar="I,J", help="distil from these teachers only")
     p.add_argument("--stack-teachers", action=argparse.BooleanOptionalAction, default=None,
                    help="run same-architecture teachers as one stacked module (one batched GEMM per layer for all "
@@ -93,21 +150,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, defaults={"epochs": 3, "lr": 5e-5})
 
     p = sub.add_parser("eval", help="accuracy of a student dir, or of each teacher and the ensemble")
-    p.add_argument("--model", required=True, metavar="DIR")
-    p.add_argument("--data", required=True, metavar="F")
+    p.add_argument("--model", required=True, metavar="DIR", help="a student dir or a teachers dir")
+    p.add_argument("--data", required=True, metavar="F", help="labelled data: " + DATA_HELP)
+    _add_columns(p)
     p.add_argument("--json", default=None, metavar="OUT", help="also write the result as JSON")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", type=_device, default="auto", help=DEVICE_HELP)
+    p.add_argument("--batch-size", type=int, default=128, help="examples per forward pass")
+
+    p = sub.add_parser("predict", help="labels and probabilities of a student (or teachers' ensemble) for every row of a file")
+    p.add_argument("--model", required=True, metavar="DIR", help="a student dir or a teachers dir")
+    p.add_argument("--data", required=True, metavar="F", help="data to label (a label column is optional): " + DATA_HELP)
+    _add_columns(p)
+    p.add_argument("--out", required=True, metavar="P", help="predictions file; .tsv, .csv or .jsonl by extension")
+    p.add_argument("--device", type=_device, default="auto", help=DEVICE_HELP)
+    p.add_argument("--batch-size", type=int, default=128, help="examples per forward pass")
+    p.add_argument("--max-length", type=int, default=None, help="longest tokenized input (default: the training run's)")
+
+    p = sub.add_parser("export", help="rewrite a student or teachers dir so that Hugging Face loads it as it is")
+    p.add_argument("--model", required=True, metavar="DIR", help="a student dir or a teachers dir")
+    p.add_argument("--out", default=None, metavar="DIR", help="write here instead of rewriting DIR in place")
 
     p = sub.add_parser("check", help="fused kernels vs reference vs float64: values and gradients, per dtype")
-    p.add_argument("--device", default="cpu", help="cpu (Triton interpreter) or cuda")
+    p.add_argument("--device", type=_device, default="auto", help=DEVICE_HELP + "; on cpu the kernels run in "
+                   "Triton's interpreter")
     p.add_argument("--quick", action="store_true", help="fewer shapes")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the rows as JSON")
 
     p = sub.add_parser("bench", help="training-step throughput of several modes, side by side")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--preset", default="tiny", help="tiny (CPU-sized) or base (3 BERT-base teachers)")
-    p.add_argument("--json", default=None, metavar="OUT")
+    p.add_argument("--device", type=_device, default="auto", help=DEVICE_HELP)
+    p.add_argument("--preset", default="tiny", choices=["tiny", "base"], help="tiny (CPU-sized) or base (3 BERT-base teachers)")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the rows as JSON")
     p.add_argument("--steps", type=int, default=None, help="timed steps per mode")
     p.add_argument("--modes", default=None, help="comma-separated subset of the ladder")
     p.add_argument("--rounds", type=int, default=None,
@@ -117,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "optimizer (CUDA events on a GPU, wall clock on a CPU) and list its top kernels")
 
     p = sub.add_parser("memory", help="peak GPU memory by phase, fast vs reference, and the largest batch")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--preset", default="tiny", help="tiny or base")
+    p.add_argument("--device", type=_device, default="auto", help=DEVICE_HELP + "; the report needs a GPU")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "base"], help="tiny (CPU-sized) or base (3 BERT-base teachers)")
     p.add_argument("--out", default=None, metavar="DIR", help="report dir (default ./memory-report)")
     p.add_argument("--budget-gb", type=float, default=None, help="memory budget for the largest batch (default 90%% of the GPU)")
     p.add_argument("--search-s", type=float, default=10.0, metavar="S",
@@ -150,33 +222,64 @@ def _parse_subset(text: str | None) -> list[int] | None:
     return idx
 
 
+def _columns(ns):
+    from fastmt.data import Columns
+
+    return Columns(ns.text_column, ns.text_pair_column, ns.label_column)
+
+
+def _score(res) -> str:
+    if res.metric == "accuracy":
+        return f"accuracy {res.best_dev_accuracy:.4f}"
+    return f"{res.metric} {res.best_dev_score:.4f} (accuracy {res.best_dev_accuracy:.4f})"
+
+
 def run(ns: argparse.Namespace) -> int:
     from fastmt import train
 
     if ns.command == "cofinetune":
         res = train.cofinetune(ns.teacher, train.TrainArgs(**_train_kwargs(ns, train.TrainArgs)))
-        print(f"teachers saved to {res.out}: best dev accuracy (ensemble) {res.best_dev_accuracy:.4f} at epoch {res.best_epoch}, {res.train_s:.1f}s")
+        print(f"teachers saved to {res.out}: best dev {_score(res)} (ensemble) at epoch {res.best_epoch}, {res.train_s:.1f}s")
         return 0
     if ns.command == "distill":
         kw = _train_kwargs(ns, train.DistillArgs)
         kw["teacher_subset"] = _parse_subset(ns.teacher_subset)
         res = train.distill(train.DistillArgs(**kw))
-        print(f"student saved to {res.out}: best dev accuracy {res.best_dev_accuracy:.4f} at epoch {res.best_epoch}, {res.train_s:.1f}s")
+        print(f"student saved to {res.out}: best dev {_score(res)} at epoch {res.best_epoch}, {res.train_s:.1f}s")
         return 0
     if ns.command == "eval":
         if ns.batch_size < 1:
             raise UsageError(f"--batch-size {ns.batch_size}: must be at least 1")
-        result = train.evaluate_dir(ns.model, ns.data, ns.device, ns.batch_size)
+        result = train.evaluate_dir(ns.model, ns.data, ns.device, ns.batch_size, columns=_columns(ns))
         if result["kind"] == "teachers":
             for t in result["teachers"]:
                 print(f"teacher {t['name']}: accuracy {t['accuracy']:.4f} (n={t['n']})")
-            print(f"ensemble: accuracy {result['accuracy']:.4f} (n={result['n']})")
-        else:
-            print(f"student: accuracy {result['accuracy']:.4f} (n={result['n']})")
+        who = "ensemble" if result["kind"] == "teachers" else "student"
+        print(f"{who}: accuracy {result['accuracy']:.4f}, macro-F1 {result['f1']:.4f}, MCC {result['mcc']:.4f} (n={result['n']})")
+        width = max([len(k) for k in result["per_class"]] + [5])
+        print(f"  {'class':<{width}}  precision  recall      f1  support")
+        for name, row in result["per_class"].items():
+            print(f"  {name:<{width}}  {row['precision']:9.4f}  {row['recall']:6.4f}  {row['f1']:6.4f}  {row['support']:7d}")
         if ns.json:
             from fastmt.io import write_json
 
             write_json(ns.json, result)
+        return 0
+    if ns.command == "predict":
+        from fastmt.predict import predict_file
+
+        if ns.max_length is not None and ns.max_length < 2:
+            raise UsageError(f"--max-length {ns.max_length}: must be at least 2")
+        res = predict_file(ns.model, ns.data, ns.out, train.resolve_device(ns.device), ns.batch_size, ns.max_length,
+                           _columns(ns))
+        counts = ", ".join(f"{k} {v}" for k, v in res["counts"].items())
+        print(f"{res['n']} predictions written to {res['out']} ({counts})")
+        return 0
+    if ns.command == "export":
+        from fastmt.export import export_dir
+
+        res = export_dir(ns.model, ns.out)
+        print(f"{res['kind']} dir written to {res['out']}: loads with AutoModelForSequenceClassification.from_pretrained")
         return 0
     if ns.command == "demo":
         from fastmt.demo import run_demo
@@ -222,11 +325,73 @@ def _attach_negative_numbers(argv: list[str]) -> list[str]:
     return out
 
 
+REPLAY_SKIP = {"resume", "overwrite", "no_progress", "config", "debug", "quiet", "help"}
+
+
+def _replay(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``--config FILE`` (a run's config.json, or its run dir): the flags that reproduce that run,
+    placed before the command line's own flags, which therefore win (a repeated ``--teacher`` on the
+    command line replaces the saved list). ``--resume``/``--overwrite`` are never replayed."""
+    if "--config" not in argv and not any(a.startswith("--config=") for a in argv):
+        return argv
+    cmd = next((a for a in argv if not a.startswith("-")), None)
+    rest, path = [], None
+    it = iter(argv)
+    for a in it:
+        if a == "--config":
+            path = next(it, None)
+        elif a.startswith("--config="):
+            path = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+    if cmd not in ("cofinetune", "distill"):
+        raise UsageError("--config replays a cofinetune or distill run: put it after one of those commands")
+    if not path:
+        raise UsageError("--config: give a run's config.json (or its run dir)")
+    from fastmt.io import read_json
+
+    f = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
+    from fastmt.models import fastmt_block
+
+    try:
+        run_cfg = (fastmt_block(read_json(f)) or {}).get("run")
+    except (OSError, ValueError, AttributeError) as e:
+        raise UsageError(f"--config {path}: cannot read a run config ({e.__class__.__name__})") from None
+    if not isinstance(run_cfg, dict) or run_cfg.get("command") != cmd:
+        saved = run_cfg.get("command") if isinstance(run_cfg, dict) else None
+        raise UsageError(f"--config {path}: not a {cmd} run" + (f" (it is a {saved} run)" if saved else ""))
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[cmd]
+    given = {a.split("=", 1)[0] for a in rest if a.startswith("--")}
+    flags: list[str] = []
+    for action in sub._actions:
+        dest = action.dest
+        if not action.option_strings or dest in REPLAY_SKIP or set(action.option_strings) & given:
+            continue
+        value = run_cfg.get("teachers" if dest == "teacher" else dest)
+        if value is None:
+            continue
+        name = action.option_strings[0]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            flags.append(name if value else action.option_strings[1])
+        elif isinstance(action, argparse._StoreTrueAction):
+            flags += [name] if value else []
+        elif isinstance(action, argparse._AppendAction):
+            for v in value:
+                flags += [name, str(v)]
+        elif isinstance(value, list):
+            flags += [name, ",".join(str(v) for v in value)]
+        else:
+            flags += [name, str(value)]
+    i = rest.index(cmd) + 1
+    return rest[:i] + flags + rest[i:]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = _attach_negative_numbers(sys.argv[1:] if argv is None else list(argv))
     debug = "--debug" in argv
     parser = build_parser()
     try:
+        argv = _replay(parser, argv)
         ns = parser.parse_args(argv)
         logging.basicConfig(level=logging.WARNING if ns.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
         if ns.command is None:

@@ -102,7 +102,8 @@ class TextDataset:
     text_a: list[str]
     text_b: list[str] | None  # None for single-sentence tasks
     labels: list[str]  # raw labels as strings; [] when the file has no labels
-    lines: list[int]  # 1-based source line of each example
+    lines: list[int]  # 1-based source line of each example (row, for parquet and datasets)
+    label_names: list[str] | None = None  # the source's own class names in order (a datasets ClassLabel)
 
     def __len__(self) -> int:
         return len(self.text_a)
@@ -144,8 +145,17 @@ def _strip_eol(line: str) -> str:
     return line
 
 
+@dataclass(frozen=True)
+class Columns:
+    """Column names that override the guesses (``--text-column``, ``--text-pair-column``, ``--label-column``)."""
+
+    text: str | None = None
+    pair: str | None = None
+    label: str | None = None
+
+
 def _pick_columns(
-    path: str, names: list[str], require_labels: bool, header_line: int
+    path: str, names: list[str], require_labels: bool, header_line: int, columns: Columns | None = None
 ) -> tuple[str | None, str, str | None]:
     """Choose (label, text_a, text_b) among ``names``; returns the names as written in the file."""
     lower: dict[str, str] = {}
@@ -153,7 +163,14 @@ def _pick_columns(
         key = name.strip().lower()
         if key and key not in lower:
             lower[key] = name
+    given = columns or Columns()
+    for flag, want in (("--text-column", given.text), ("--text-pair-column", given.pair), ("--label-column", given.label)):
+        if want is not None and want.strip().lower() not in lower:
+            raise _error(path, header_line, f"{flag} {want}: no such column; the columns are "
+                         f"{_short_list([n.strip() for n in names])}", f"give one of them to {flag}")
     label = next((lower[c] for c in LABEL_COLUMNS if c in lower), None)
+    if given.label is not None:
+        label = lower[given.label.strip().lower()]
     text_a = text_b = None
     for a, b in PAIR_COLUMNS:
         if a in lower and b in lower:
@@ -164,14 +181,18 @@ def _pick_columns(
             if a in lower:
                 text_a = lower[a]
                 break
+    if given.text is not None:
+        text_a, text_b = lower[given.text.strip().lower()], None
+    if given.pair is not None:
+        text_b = lower[given.pair.strip().lower()]
     if text_a is None or (label is None and require_labels):
         raise _error(
             path,
             header_line,
             f"header has columns {_short_list([n.strip() for n in names])}; need a 'label' column "
             "and 'sentence' or a pair such as sentence1/sentence2",
-            "rename the columns; also accepted: gold_label/labels/is_duplicate, "
-            "text/review/question, "
+            "name them with --text-column/--text-pair-column/--label-column, or rename them; also "
+            "accepted: gold_label/labels/is_duplicate, text/review/question, "
             "question/sentence, question1/question2, premise/hypothesis, question/passage",
         )
     return label, text_a, text_b
@@ -252,7 +273,7 @@ class _Builder:
 
 
 def _read_delimited(
-    path: str, lines: list[str], delimiter: str, require_labels: bool
+    path: str, lines: list[str], delimiter: str, require_labels: bool, columns: Columns | None = None
 ) -> TextDataset:
     is_tsv = delimiter == "\t"
     kind = "tab" if is_tsv else "comma"
@@ -291,7 +312,7 @@ def _read_delimited(
         raise _error(path, 1, "no examples: the file is empty",
                      "the first line must be a header, followed by one example per line")
     header_line, header = first
-    label_col, col_a, col_b = _pick_columns(path, header, require_labels, header_line)
+    label_col, col_a, col_b = _pick_columns(path, header, require_labels, header_line, columns)
     ia, ib = header.index(col_a), header.index(col_b) if col_b is not None else None
     il = header.index(label_col) if label_col is not None else None
     width = len(header)
@@ -308,7 +329,7 @@ def _read_delimited(
     return out.build(header_line, "the file has a header line but no rows")
 
 
-def _read_jsonl(path: str, lines: list[str], require_labels: bool) -> TextDataset:
+def _read_jsonl(path: str, lines: list[str], require_labels: bool, columns: Columns | None = None) -> TextDataset:
     out: _Builder | None = None
     keys: tuple[str | None, str, str | None] = (None, "", None)
     starts_with_array = False
@@ -330,7 +351,7 @@ def _read_jsonl(path: str, lines: list[str], require_labels: bool) -> TextDatase
                    if isinstance(obj, list) else "each line must hold one JSON object")
             raise _error(path, line, f"expected a JSON object, found {type(obj).__name__}", fix)
         if out is None:
-            keys = _pick_columns(path, list(obj.keys()), require_labels, line)
+            keys = _pick_columns(path, list(obj.keys()), require_labels, line, columns)
             out = _Builder(path, keys[0], keys[2] is not None, require_labels)
         values = []
         for key, needed in ((keys[1], True), (keys[2], keys[2] is not None),
@@ -364,16 +385,21 @@ def _read_jsonl(path: str, lines: list[str], require_labels: bool) -> TextDatase
     return out.build(1, "the file has no JSON objects")
 
 
-def read_dataset(path: str | Path, require_labels: bool = True) -> TextDataset:
-    """Read a TSV (GLUE layout), CSV or JSON Lines file of labelled texts.
+def read_dataset(path: str | Path, require_labels: bool = True, columns: Columns | None = None) -> TextDataset:
+    """Read labelled texts from a file, a ``datasets`` dir, or the Hugging Face hub.
 
-    The format follows the extension: ``.tsv`` (tab-separated, header line, no quoting), ``.csv``
-    (comma-separated, header line, standard CSV quoting) or ``.jsonl``/``.json`` (one JSON object
-    per line; blank lines are skipped).  The label column is ``label`` (or ``gold_label``,
-    ``labels``, ``is_duplicate``); the text is ``sentence`` (or ``text``, ``review``,
+    Files follow their extension: ``.tsv`` (tab-separated, header line, no quoting), ``.csv``
+    (comma-separated, header line, standard CSV quoting), ``.jsonl``/``.json`` (one JSON object per
+    line; blank lines are skipped) or ``.parquet``. A directory written by ``datasets``'
+    ``save_to_disk`` is read as it is (``DIR:SPLIT`` picks a split of a ``DatasetDict``), and any other
+    ``NAME[/CONFIG][:SPLIT]`` that is not a path goes to ``datasets.load_dataset`` (parquet, dirs and
+    hub names need the optional ``datasets`` package). The label column is ``label`` (or
+    ``gold_label``, ``labels``, ``is_duplicate``); the text is ``sentence`` (or ``text``, ``review``,
     ``question``) or a pair (``sentence1``/``sentence2``, ``question``/``sentence``,
-    ``question1``/``question2``, ``premise``/``hypothesis``, ``question``/``passage``).  Other
-    columns are ignored.
+    ``question1``/``question2``, ``premise``/``hypothesis``, ``question``/``passage``); ``columns``
+    overrides any of the three. Other columns are ignored. A ``datasets`` ClassLabel column gives
+    its class names (in its order, as ``label_names``), and its label -1 (GLUE test splits) means
+    "no label".
 
     With ``require_labels=False`` a file without a label column (or with an empty one) is accepted
     and ``labels`` is ``[]``.  Raises :class:`DataError` for any problem with the file.
@@ -381,9 +407,17 @@ def read_dataset(path: str | Path, require_labels: bool = True) -> TextDataset:
     p = Path(path)
     spath = str(path)
     ext = p.suffix.lower()
+    if not p.exists() and ext not in EXTENSIONS + (".parquet",):
+        from fastmt.sources import read_source
+
+        return _read_records(*read_source(spath), require_labels, columns)
+    if ext == ".parquet" or p.is_dir():
+        from fastmt.sources import read_source
+
+        return _read_records(*read_source(spath), require_labels, columns)
     if ext not in EXTENSIONS:
         raise _error(spath, None, f"unknown file type '{p.suffix or '(none)'}'",
-                     f"use one of {', '.join(EXTENSIONS)}")
+                     f"use one of {', '.join(EXTENSIONS + ('.parquet',))}, a datasets dir, or a hub NAME[/CONFIG][:SPLIT]")
     try:
         data = p.read_bytes()
     except FileNotFoundError:
@@ -395,10 +429,40 @@ def read_dataset(path: str | Path, require_labels: bool = True) -> TextDataset:
                      "check the path and its permissions") from None
     lines = _decoded_lines(spath, data)
     if ext == ".tsv":
-        return _read_delimited(spath, lines, "\t", require_labels)
+        return _read_delimited(spath, lines, "\t", require_labels, columns)
     if ext == ".csv":
-        return _read_delimited(spath, lines, ",", require_labels)
-    return _read_jsonl(spath, lines, require_labels)
+        return _read_delimited(spath, lines, ",", require_labels, columns)
+    return _read_jsonl(spath, lines, require_labels, columns)
+
+
+def _read_records(path: str, names: list[str], rows: list[dict], class_names: dict[str, list[str]],
+                  require_labels: bool, columns: Columns | None) -> TextDataset:
+    """Examples from column-named records (parquet, ``datasets``): row ``i`` is reported as line ``i + 1``."""
+    if not rows:
+        raise _error(path, None, "no examples: the dataset has no rows", "give a split with rows")
+    label_col, col_a, col_b = _pick_columns(path, names, require_labels, None, columns)
+    label_names = class_names.get(label_col) if label_col is not None else None
+    out = _Builder(path, label_col, col_b is not None, require_labels)
+    for i, row in enumerate(rows):
+        a, b = row.get(col_a), row.get(col_b) if col_b is not None else None
+        for key, value in ((col_a, a), (col_b, b)):
+            if key is not None and not isinstance(value, str):
+                raise _error(path, i + 1, f"text in '{key}' is {json.dumps(value, default=str)[:60]}, not a string",
+                             "give a text column (--text-column)")
+        label = row.get(label_col) if label_col is not None else None
+        if label_names is not None and label is not None:
+            if label == -1:  # a ClassLabel's -1: this example has no label (GLUE test splits)
+                if require_labels:
+                    raise _error(path, i + 1, f"label -1 in '{label_col}': the example has no label, as in a test split",
+                                 "train and evaluate on a labelled split; unlabelled rows are for fastmt predict")
+                label = None
+            elif isinstance(label, int) and 0 <= label < len(label_names):
+                label = label_names[label]
+        out.add(i + 1, a, b, label)
+    ds = out.build(1, "the dataset has no rows")
+    if label_names is not None:
+        ds.label_names = list(label_names)
+    return ds
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,12 +6,26 @@ import json
 import os
 import shutil
 import tempfile
+from datetime import datetime, timezone
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def usual_mode(path: Path, directory: bool = False) -> None:
+    """Give a file made by ``mkstemp`` (0600) or a dir made by ``mkdtemp`` (0700) the mode an ordinary
+    ``open``/``mkdir`` would have given it (0644/0755 under the usual umask), so that another user
+    or a serving container can read what fastmt writes."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
 @contextmanager
@@ -24,6 +38,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        usual_mode(tmp)  # after the writer: some (safetensors) create the file anew with their own mode
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -45,7 +60,10 @@ def read_json(path: str | Path) -> Any:
 
 
 def append_jsonl(path: str | Path, row: dict) -> None:
-    """Append one line; a line is written with a single write call, so a kill cannot tear earlier lines."""
+    """Append one line, stamped with the wall-clock ``time`` (UTC, ISO 8601) unless it has one; a
+    line is written with a single write call, so a kill cannot tear earlier lines."""
+    if "time" not in row:
+        row = {**row, "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
         f.flush()
@@ -68,6 +86,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    usual_mode(tmp, directory=True)
     try:
         yield tmp
         old = None

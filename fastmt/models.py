@@ -9,9 +9,14 @@ live in ``D`` and the projections can be one ``[T, K, Ds, D]`` tensor.
 Layouts on disk:
 
     teachers dir:  config.json  model.safetensors (shared head + adapters)  metrics.jsonl
-                   teacher_0/ teacher_1/ ...  (each a ``save_pretrained`` model + its tokenizer)
-    student dir:   config.json  model.safetensors (encoder + head + projections)  metrics.jsonl
-                   tokenizer files
+                   teacher_0/ teacher_1/ ...  (each a Hugging Face ``*ForSequenceClassification`` dir:
+                   the teacher with the shared head folded in, its tokenizer; see ``fastmt.hf``)
+    student dir:   a Hugging Face ``*ForSequenceClassification`` dir (config.json, model.safetensors,
+                   tokenizer files) with fastmt's settings under config.json's ``fastmt`` key, plus
+                   fastmt.safetensors (head + projections) and metrics.jsonl
+
+Older student dirs (config.json of kind ``fastmt-student`` at the top, one model.safetensors with
+``encoder.*``, ``head.*``, ``proj_*``) still load; ``fastmt export`` rewrites them in today's layout.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from fastmt.losses import layer_map
 
 TEACHERS_KIND = "fastmt-teachers"
 STUDENT_KIND = "fastmt-student"
+STUDENT_WEIGHTS = "fastmt.safetensors"  # a student's head and projections, beside the stock model.safetensors
 
 
 def _quiet_transformers() -> None:
@@ -67,6 +73,10 @@ def load_encoder(source: str | Path, flag: str = "--teacher") -> nn.Module:
 
     _quiet_transformers()
     source = str(source)
+    if (Path(source) / "encoder.safetensors").is_file() and not (Path(source) / "model.safetensors").is_file():
+        from fastmt.hf import load_seq_cls
+
+        return load_seq_cls(Path(source))[0]  # a teacher whose head has no stock form (fastmt.hf)
     try:
         try:
             return AutoModel.from_pretrained(source, dtype=torch.float32, add_pooling_layer=False)
@@ -183,12 +193,19 @@ class Teachers(nn.Module):
 
     def save(self, out_dir: str | Path, run_config: dict, label_names: list[str]) -> None:
         """Write the teachers into ``out_dir``: teacher dirs, head and config.json as one unit (``staged_set``)."""
+        from fastmt.hf import fold_adapter, save_seq_cls
+
         entries = []
         with staged_set(out_dir) as stage:
             for i, (enc, tok, name) in enumerate(zip(self.encoders, self.tokenizers, self.names)):
-                enc.save_pretrained(stage / f"teacher_{i}")
-                tok.save_pretrained(stage / f"teacher_{i}")
-                entries.append({"name": name, "dir": f"teacher_{i}", "hidden_size": hidden_size(enc), "num_layers": num_layers(enc)})
+                # The teacher as a stock classifier: its adapter and the shared head folded into its own head.
+                folded = fold_adapter(self.adapters[i], self.head.dense, self.head.classifier, hidden_size(enc))
+                why = ("" if folded else f"this teacher (hidden size {hidden_size(enc)}) feeds fastmt's shared head of "
+                       f"size {self.hidden_size} through an adapter, which no square stock head can hold")
+                stock = save_seq_cls(stage / f"teacher_{i}", enc, tok, *(folded or (None, None)), label_names,
+                                     {"kind": "fastmt-teacher", "index": i, "name": name}, why_not=why)
+                entries.append({"name": name, "dir": f"teacher_{i}", "hidden_size": hidden_size(enc),
+                                "num_layers": num_layers(enc), "stock_head": stock})
             save_tensors(stage / "model.safetensors", self.head_state(), metadata={"kind": TEACHERS_KIND})
             write_json(
                 stage / "config.json",
@@ -242,9 +259,10 @@ def _read_run_config(d: Path, kind: str, flag: str, what: str) -> dict:
         cfg = read_json(path)
     except ValueError as e:
         raise UsageError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(cfg, dict) or cfg.get("kind") != kind:
+    block = fastmt_block(cfg)
+    if not block or block.get("kind") != kind:
         raise UsageError(f"{flag} {d}: config.json is not {what}")
-    return cfg
+    return block
 
 
 def _recover(d: Path) -> None:
@@ -254,6 +272,17 @@ def _recover(d: Path) -> None:
         pass  # a read-only dir: read what is there
 
 
+def fastmt_block(cfg) -> dict | None:
+    """fastmt's own settings in a config.json: the whole file (a teachers dir, an older student dir)
+    or its ``fastmt`` entry (a student dir, which is also a Hugging Face model dir)."""
+    if not isinstance(cfg, dict):
+        return None
+    if cfg.get("kind"):
+        return cfg
+    block = cfg.get("fastmt")
+    return block if isinstance(block, dict) and block.get("kind") else None
+
+
 def read_run_kind(d: str | Path) -> str | None:
     if Path(d).is_dir():
         _recover(Path(d))
@@ -261,7 +290,8 @@ def read_run_kind(d: str | Path) -> str | None:
         cfg = read_json(Path(d) / "config.json")
     except (OSError, ValueError):
         return None
-    return cfg.get("kind") if isinstance(cfg, dict) else None
+    block = fastmt_block(cfg)
+    return block.get("kind") if block else None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -314,31 +344,55 @@ class Student(nn.Module):
             self._save_into(stage, run_config, label_names, extra)
 
     def _save_into(self, out_dir: Path, run_config: dict, label_names: list[str], extra: dict | None) -> None:
-        self.tokenizer.save_pretrained(out_dir)
-        save_tensors(out_dir / "model.safetensors", self.state_dict(), metadata={"kind": STUDENT_KIND})
-        cfg = {
+        """A stock ``*ForSequenceClassification`` dir (``fastmt.hf``); fastmt's settings under config.json's
+        ``fastmt`` key, the head and projections also in fastmt.safetensors."""
+        from fastmt.hf import save_seq_cls
+
+        block = {
             "kind": STUDENT_KIND,
-            "encoder": encoder_config_dict(self.encoder),
             "num_labels": self.num_labels,
             "num_teachers": int(self.proj_weight.shape[0]),
             "teacher_hidden": int(self.proj_weight.shape[-1]),
             "label_names": label_names,
             "run": run_config,
+            **(extra or {}),
         }
-        cfg.update(extra or {})
-        write_json(out_dir / "config.json", cfg)
+        h = self.head
+        save_seq_cls(out_dir, self.encoder, self.tokenizer, (h.dense.weight, h.dense.bias),
+                     (h.classifier.weight, h.classifier.bias), label_names, block)
+        own = {f"head.{k}": v for k, v in h.state_dict().items()}
+        own.update({"proj_weight": self.proj_weight, "proj_bias": self.proj_bias})
+        save_tensors(out_dir / STUDENT_WEIGHTS, own, metadata={"kind": STUDENT_KIND})
 
     @classmethod
     def load(cls, student_dir: str | Path, flag: str = "--model") -> tuple["Student", dict]:
         student_dir = Path(student_dir)
         cfg = _read_run_config(student_dir, STUDENT_KIND, flag, "a student dir written by `fastmt distill`")
-        encoder = encoder_from_config(cfg["encoder"])
+        if "encoder" in cfg:  # the older layout: everything in one model.safetensors
+            encoder = encoder_from_config(cfg["encoder"])
+            weights = student_dir / "model.safetensors"
+        else:
+            from fastmt.hf import load_seq_cls
+
+            weights = student_dir / STUDENT_WEIGHTS
+            if not weights.is_file():
+                raise UsageError(f"{flag} {student_dir}: no {STUDENT_WEIGHTS}")
+            try:
+                encoder, _ = load_seq_cls(student_dir)
+            except (OSError, ValueError, KeyError) as e:
+                raise UsageError(f"{flag} {student_dir}: cannot load the encoder ({str(e).splitlines()[0]})") from e
         tokenizer = load_tokenizer(student_dir, flag)
         student = cls(encoder, tokenizer, int(cfg["num_labels"]), int(cfg["num_teachers"]), int(cfg["teacher_hidden"]))
-        weights = student_dir / "model.safetensors"
         if not weights.is_file():
-            raise UsageError(f"{flag} {student_dir}: no model.safetensors")
-        student.load_state_dict(load_tensors(weights))
+            raise UsageError(f"{flag} {student_dir}: no {weights.name}")
+        state = load_tensors(weights)
+        if "encoder" in cfg:
+            student.load_state_dict(state)
+        else:
+            student.head.load_state_dict({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")})
+            with torch.no_grad():
+                student.proj_weight.copy_(state["proj_weight"])
+                student.proj_bias.copy_(state["proj_bias"])
         return student, cfg
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from fastmt import losses as reference_losses
 from fastmt.data import (
+    Columns,
     Encoded,
     encode,
     encode_labels,
@@ -33,6 +34,10 @@ from fastmt.data import (
 from fastmt import fastpath
 from fastmt.errors import FastmtError, UsageError
 from fastmt.io import append_jsonl
+from fastmt.metrics import METRICS
+from fastmt.tracking import TRACKERS, Tracker
+from fastmt.metrics import report as metric_report
+from fastmt.metrics import scores as metric_scores
 from fastmt.models import Student, StudentSpec, Teachers, build_student, count_parameters, layer_maps
 from fastmt.distributed import World, barrier, check_batch, local_device, max_over_world, mean_over_world, shard, world_from_env
 from fastmt.optim import GradBuffers, LinearSchedule, make_optimizer, optimizer_step  # noqa: F401 (re-exported)
@@ -72,8 +77,19 @@ class TrainArgs:
     max_bad_steps: int = 20  # [--max-bad-steps] stop after this many non-finite losses in a row
     compile: bool | None = False  # [--compile] torch.compile(fullgraph=True) the step's forward + loss; None: auto
     group_by_length: bool | None = False  # [--group-by-length] batches of similar lengths (little padding); None: auto
+    metric: str = "accuracy"  # [--metric] the dev score that picks the best epoch: accuracy, f1 (macro) or mcc
+    report_to: str = "none"  # [--report-to] also send metrics.jsonl's scalars to: none, tensorboard
+    text_column: str | None = None  # [--text-column] the text column (default: guessed from the names)
+    text_pair_column: str | None = None  # [--text-pair-column] the second text of a pair
+    label_column: str | None = None  # [--label-column] the label column
+
+    @property
+    def columns(self) -> Columns:
+        return Columns(self.text_column, self.text_pair_column, self.label_column)
 
     def __post_init__(self) -> None:
+        if self.device == "auto":  # what ran is recorded, not "auto"
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.epochs < 1:
             raise UsageError(f"--epochs {self.epochs}: must be at least 1")
         if self.batch_size < 1:
@@ -90,6 +106,10 @@ class TrainArgs:
             raise UsageError(f"--log-every {self.log_every}: must be at least 1")
         if self.save_every < 0:
             raise UsageError(f"--save-every {self.save_every}: must be >= 0 (0 writes no checkpoint)")
+        if self.metric not in METRICS:
+            raise UsageError(f"--metric {self.metric}: choose one of {', '.join(METRICS)}")
+        if self.report_to not in TRACKERS:
+            raise UsageError(f"--report-to {self.report_to}: choose one of {', '.join(TRACKERS)}")
         if self.max_bad_steps < 1:
             raise UsageError(f"--max-bad-steps {self.max_bad_steps}: must be at least 1")
         if self.resume and self.overwrite:
@@ -154,6 +174,9 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
         return torch.device("cpu")
     if name.startswith("cuda"):
@@ -224,14 +247,15 @@ class Splits:
     dev_path: str
 
 
-def prepare_splits(train: str, dev: str, tokenizers: Iterable, max_length: int, label_names: list[str] | None = None) -> Splits:
-    """Read both files, map labels, and tokenize once per distinct tokenizer."""
+def prepare_splits(train: str, dev: str, tokenizers: Iterable, max_length: int, label_names: list[str] | None = None,
+                   columns: Columns | None = None) -> Splits:
+    """Read both sources, map labels, and tokenize once per distinct tokenizer."""
     from fastmt.data import tokenizer_key
 
-    train_ds = read_dataset(train)
-    dev_ds = read_dataset(dev)
+    train_ds = read_dataset(train, columns=columns)
+    dev_ds = read_dataset(dev, columns=columns)
     if label_names is None:
-        label_names = label_names_from(train_ds.labels)
+        label_names = train_label_names(train_ds)
     if len(label_names) < 2:
         raise UsageError(f"{train}: only one label ({label_names[0]!r}) in the training set; need at least two")
     train_labels = encode_labels(train_ds, label_names)
@@ -245,8 +269,22 @@ def prepare_splits(train: str, dev: str, tokenizers: Iterable, max_length: int, 
     return Splits(label_names, train_labels, dev_labels, train_enc, dev_enc, length_buckets(max_length), str(train), str(dev))
 
 
+def host_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``. A host tensor bound for a GPU goes through pinned memory, so the copy is
+    truly asynchronous: the host queues it and goes on preparing the next step instead of waiting
+    for the GPU to reach the copy (a copy from pageable memory holds the host until it is done)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def train_label_names(ds) -> list[str]:
+    """The class names: the source's own (a datasets ClassLabel, in its order), else the distinct labels."""
+    return list(ds.label_names) if ds.label_names else label_names_from(ds.labels)
+
+
 def to_device(inputs: dict[str, dict[str, torch.Tensor]], device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
-    return {k: {n: t.to(device, non_blocking=True) for n, t in v.items()} for k, v in inputs.items()}
+    return {k: {n: host_to(t, device) for n, t in v.items()} for k, v in inputs.items()}
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
@@ -306,12 +344,14 @@ def accuracy(logits: torch.Tensor, labels: list[int] | torch.Tensor) -> float:
 @dataclass
 class RunResult:
     out: str
-    best_dev_accuracy: float
+    best_dev_accuracy: float  # dev accuracy at the best epoch
     best_epoch: int
     train_s: float
     train_samples_per_s: float
     steps: int
     extra: dict = field(default_factory=dict)
+    metric: str = "accuracy"  # what chose the best epoch
+    best_dev_score: float = float("nan")  # that metric at the best epoch
 
 
 def _fit(
@@ -350,6 +390,7 @@ def _fit(
     grads = GradBuffers(params)  # one address per gradient for the whole run (CUDA-graph safe)
     zero = lambda: torch.zeros((), dtype=torch.int64, device=device)  # noqa: E731
     best, best_epoch, step = -1.0, 0, 0
+    best_accuracy = float("nan")  # dev accuracy at the best epoch (which --metric chooses)
     skipped = zero()  # skipped optimizer steps (fp16 overflow, non-finite loss), counted on the device
     bad_run, worst_run, bad_total = zero(), zero(), zero()  # non-finite losses: current streak, longest, all
     train_time, samples = 0.0, 0
@@ -366,6 +407,7 @@ def _fit(
         scaler.load_state_dict(ck["scaler"])
         c = ck["counters"]
         step, best, best_epoch = c["step"], c["best"], c["best_epoch"]
+        best_accuracy = c.get("best_accuracy", best)
         train_time, samples, window_n = c["train_time"], c["samples"], c["window_n"]
         skipped, bad_run, worst_run, bad_total, window_good = (
             torch.tensor(c[k], dtype=torch.int64, device=device) for k in ("skipped", "bad_run", "worst_run", "bad_total", "window_good"))
@@ -386,7 +428,7 @@ def _fit(
         nonlocal last_checkpoint
         if world.is_main:
             counters = {
-                "step": step, "epoch": epoch, "done_in_epoch": done, "best": best, "best_epoch": best_epoch,
+                "step": step, "epoch": epoch, "done_in_epoch": done, "best": best, "best_epoch": best_epoch, "best_accuracy": best_accuracy,
                 "train_time": train_time, "samples": samples, "window_n": window_n,
                 "skipped": int(skipped), "bad_run": int(bad_run), "worst_run": int(worst_run), "bad_total": int(bad_total),
                 "window_good": int(window_good), "window_loss": window_loss.detach().cpu(),
@@ -415,6 +457,7 @@ def _fit(
             f"stopped, those steps changed no weight. {cause + '. ' if cause else ''}{where}. "
             f"Usual fixes: a lower --lr, --precision fp32, or checking the teachers and the data")
 
+    tracker = Tracker(args.report_to, out_dir, enabled=world.is_main)  # flushed after every row
     for epoch in range(start_epoch, args.epochs + 1):
         resuming = epoch == start_epoch and epoch_gen_state is not None
         if resuming:
@@ -439,7 +482,7 @@ def _fit(
                                      skip_batches=done_in_epoch, group_by_length=bool(args.group_by_length)):
             shard_inputs, shard_labels = shard(batch.inputs, batch.labels, world)
             inputs = to_device(shard_inputs, device)
-            labels = shard_labels.to(device, non_blocking=True)
+            labels = host_to(shard_labels, device)
             if getattr(loss_fn, "takes_index", False) and world.size == 1:
                 loss, parts = loss_fn(inputs, labels, batch.index)
             else:
@@ -493,6 +536,7 @@ def _fit(
                     last_detail = detail
                 if world.is_main:
                     append_jsonl(metrics, row)
+                    tracker.log(row)
                 bar.set_postfix(loss=f"{avg:.4f}", sps=f"{sps:.0f}")
                 window_loss, window_n, window_good = torch.zeros((), device=device), 0, zero()
                 window_parts = {}
@@ -504,25 +548,29 @@ def _fit(
         lap()
         bar.close()
         scores = evaluate()  # every process: the same replica on the same dev set
-        score = scores["dev_accuracy"]
-        improved = score > best
+        score = scores[f"dev_{args.metric}"]
+        improved = best_epoch == 0 or score > best
         if improved:
-            best, best_epoch = score, epoch
+            best, best_epoch, best_accuracy = score, epoch, scores["dev_accuracy"]
             if world.is_main:
                 save_best()
         if world.is_main:
-            append_jsonl(metrics, {"event": "eval", "epoch": epoch, "step": step, **scores, "best": improved})
+            row = {"event": "eval", "epoch": epoch, "step": step, **scores, "best": improved}
+            append_jsonl(metrics, row)
+            tracker.log(row)
             log.info("%s epoch %d: %s", desc, epoch, ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
         barrier(world)
     sps = samples / max(train_time, 1e-9)
     if world.is_main:
-        append_jsonl(metrics, {"event": "done", "best_epoch": best_epoch, "best_dev_accuracy": best, "train_s": train_time,
+        append_jsonl(metrics, {"event": "done", "best_epoch": best_epoch, "best_dev_accuracy": best_accuracy,
+                               "metric": args.metric, "best_dev_score": best, "train_s": train_time,
                                "samples_per_s": sps, "steps": step, "skipped_steps": int(skipped)})
+        tracker.close()
         if args.save_every:
             import shutil
 
             shutil.rmtree(checkpoint_dir(out_dir), ignore_errors=True)  # finished: the saved model is the result
-    return RunResult(str(out_dir), best, best_epoch, train_time, sps, step)
+    return RunResult(str(out_dir), best_accuracy, best_epoch, train_time, sps, step, metric=args.metric, best_dev_score=best)
 
 
 def encodings_for(splits: Splits, keys: list[str]) -> dict[str, Encoded]:
@@ -542,10 +590,9 @@ def cofinetune(teacher_sources: list[str], args: TrainArgs) -> RunResult:
     device = resolve_device(args.device)
     out_dir = check_out_dir(args.out, args.overwrite, args.resume)
     seed_everything(args.seed)
-    train_ds_labels = read_dataset(args.train).labels
-    label_names = label_names_from(train_ds_labels)
+    label_names = train_label_names(read_dataset(args.train, columns=args.columns))
     teachers = Teachers.from_pretrained_encoders(teacher_sources, len(label_names))
-    splits = prepare_splits(args.train, args.dev, teachers.tokenizers, args.max_length, label_names)
+    splits = prepare_splits(args.train, args.dev, teachers.tokenizers, args.max_length, label_names, args.columns)
     path = fastpath.resolve(args, device, _total_steps(args, splits))
     splits.buckets = fastpath.widths(args, splits.buckets)
     teachers.to(device)
@@ -569,7 +616,8 @@ def cofinetune(teacher_sources: list[str], args: TrainArgs) -> RunResult:
     def evaluate():
         logits = teacher_logits(teachers, splits.dev_enc, len(splits.dev_labels), args.eval_batch_size, splits.buckets, device, args.precision)
         scores = {f"dev_accuracy_{i}": accuracy(z, splits.dev_labels) for i, z in enumerate(logits)}
-        scores["dev_accuracy"] = accuracy(logits.mean(0), splits.dev_labels)  # the ensemble picks the best epoch
+        # The ensemble's scores pick the best epoch.
+        scores.update({f"dev_{k}": v for k, v in metric_scores(logits.mean(0), splits.dev_labels, len(splits.label_names)).items()})
         return scores
 
     def save_best():
@@ -602,7 +650,8 @@ def distill(args: DistillArgs) -> RunResult:
                     f"student, so token positions do not line up; use --hidden-loss cls (or none)"
                 )
     out_dir = check_out_dir(args.out, args.overwrite, args.resume)
-    splits = prepare_splits(args.train, args.dev, [student.tokenizer, *teachers.tokenizers], args.max_length, label_names)
+    splits = prepare_splits(args.train, args.dev, [student.tokenizer, *teachers.tokenizers], args.max_length, label_names,
+                            args.columns)
     from fastmt.stacked import teacher_groups
 
     stackable = use_teachers and any(len(g) > 1 for g in teacher_groups(teachers))
@@ -631,7 +680,7 @@ def distill(args: DistillArgs) -> RunResult:
 
     def evaluate():
         logits = student_logits(student, splits.dev_enc, len(splits.dev_labels), args.eval_batch_size, splits.buckets, device, args.precision)
-        return {"dev_accuracy": accuracy(logits, splits.dev_labels)}
+        return {f"dev_{k}": v for k, v in metric_scores(logits, splits.dev_labels, len(splits.label_names)).items()}
 
     def save_best():
         student.save(out_dir, run_config, label_names, {"layer_maps": maps, "teachers": teachers.names})
@@ -695,52 +744,31 @@ def _loss_module(kind: str):
 # Evaluation
 
 
-def evaluate_dir(model_dir: str, data: str, device_name: str = "cpu", batch_size: int = 128, max_length: int | None = None) -> dict:
-    """Accuracy of a student dir, or of each teacher and their ensemble in a teachers dir."""
-    from fastmt.models import STUDENT_KIND, TEACHERS_KIND, read_run_kind
+def evaluate_dir(model_dir: str, data: str, device_name: str = "cpu", batch_size: int = 128, max_length: int | None = None,
+                 columns: Columns | None = None) -> dict:
+    """Scores of a student dir, or of each teacher and their ensemble in a teachers dir: accuracy,
+    macro-F1, MCC and a per-class table (``fastmt.metrics.report``)."""
+    from fastmt.predict import load_model
 
     device = resolve_device(device_name)
-    kind = read_run_kind(model_dir)
-    if kind is None:
-        if not Path(model_dir).is_dir():
-            raise UsageError(f"--model {model_dir}: no such directory")
-        raise UsageError(f"--model {model_dir}: no fastmt config.json (expected a dir written by cofinetune or distill)")
-    if kind == TEACHERS_KIND:
-        teachers, cfg = Teachers.load(model_dir, "--model")
-        toks = teachers.tokenizers
-    elif kind == STUDENT_KIND:
-        student, cfg = Student.load(model_dir, "--model")
-        toks = [student.tokenizer]
-    else:
-        raise UsageError(f"--model {model_dir}: unknown kind {kind!r} in config.json")
-    max_length = max_length or int(cfg["run"].get("max_length", 128))
-    ds = read_dataset(data)
-    labels = encode_labels(ds, list(cfg["label_names"]))
-    from fastmt.data import tokenizer_key
-
-    enc = {}
-    for t in toks:
-        enc.setdefault(tokenizer_key(t), encode(t, ds, max_length))
-    buckets = length_buckets(max_length)
+    model = load_model(model_dir, device)
+    ds = read_dataset(data, columns=columns)
+    labels = encode_labels(ds, model.label_names)
     t0 = time.perf_counter()
-    if kind == TEACHERS_KIND:
-        teachers.to(device)
-        per_teacher: list[float] = []
-        logits = teacher_logits(teachers, enc, len(ds), batch_size, buckets, device, timings=per_teacher)
-        dt = time.perf_counter() - t0
+    per_teacher: list[float] = []
+    logits = model.logits(ds, batch_size, max_length, timings=per_teacher)
+    dt = time.perf_counter() - t0
+    if model.kind == "teachers":
         result = {
             "teachers": [
-                {"name": teachers.names[i], "accuracy": accuracy(z, labels), "n": len(ds), "samples_per_s": len(ds) / max(per_teacher[i], 1e-9)}
+                {"name": model.names[i], "accuracy": accuracy(z, labels), "n": len(ds), "samples_per_s": len(ds) / max(per_teacher[i], 1e-9)}
                 for i, z in enumerate(logits)
             ],
-            "ensemble": {"accuracy": accuracy(logits.mean(0), labels), "n": len(ds)},
+            "ensemble": {**metric_report(logits.mean(0), labels, model.label_names), "n": len(ds)},
         }
         result.update(result["ensemble"])
     else:
-        student.to(device)
-        logits = student_logits(student, enc, len(ds), batch_size, buckets, device)
-        dt = time.perf_counter() - t0
-        result = {"accuracy": accuracy(logits, labels), "n": len(ds)}
+        result = {**metric_report(logits, labels, model.label_names), "n": len(ds)}
     result["samples_per_s"] = len(ds) / max(dt, 1e-9)
-    result["kind"] = "teachers" if kind == TEACHERS_KIND else "student"
+    result["kind"] = model.kind
     return result

@@ -41,7 +41,7 @@ def test_run_dirs_hold_what_spec_says(pipeline):
     assert cfg["run"]["lr"] == 2e-3 and cfg["run"]["epochs"] == 3
     for i in range(2):
         assert (pipeline / "teachers" / f"teacher_{i}" / "config.json").is_file()
-    scfg = json.loads((pipeline / "student" / "config.json").read_text())
+    scfg = json.loads((pipeline / "student" / "config.json").read_text())["fastmt"]
     assert scfg["layer_maps"] == [[2], [3]]
     assert scfg["run"]["temperature"] == 2.0 and scfg["run"]["weighting"] == "paper"
     rows = _rows(pipeline / "student" / "metrics.jsonl")
@@ -102,6 +102,14 @@ def test_malformed_row_is_one_line_with_file_and_line(tiny_task, tiny_encoders, 
         (["cofinetune", "--teacher", "a", "--train", "t", "--dev", "d", "--out", "o", "--bogus"], "--bogus"),
         (["eval", "--model", "nowhere", "--data", "x"], "--model nowhere"),
         (["cofinetune", "--teacher", "a", "--train", "t", "--dev", "d", "--out", "o", "--batch-size", "0"], "--batch-size"),
+        (["distill", "--teachers", "t", "--student-layers", "1", "--train", "x", "--dev", "x", "--out", "o",
+          "--weighting", "papper"], "--weighting"),
+        (["distill", "--teachers", "t", "--student-layers", "1", "--train", "x", "--dev", "x", "--out", "o",
+          "--hidden-loss", "token"], "--hidden-loss"),
+        (["eval", "--model", "m", "--data", "x", "--device", "gpu"], "--device"),
+        (["cofinetune", "--teacher", "a", "--train", "t", "--dev", "d", "--out", "o", "--metric", "auc"], "--metric"),
+        (["predict", "--model", "nowhere", "--data", "x", "--out", "p.tsv"], "--model nowhere"),
+        (["predict", "--model", "m", "--data", "x", "--out", "p.parquet"], "--out p.parquet"),
     ],
 )
 def test_user_mistakes_are_one_line(args, needle, tmp_path):
@@ -128,3 +136,129 @@ def test_spec_flags_exist():
         found = set(re.findall(r"--[a-z][a-z-]*", r.stdout))
         missing = set(flags.split()) - found
         assert not missing, f"{cmd}: {missing}"
+
+
+def test_help_shows_defaults_and_every_flag_says_what_it_does():
+    import argparse
+
+    from fastmt.cli import build_parser
+
+    r = run_cli("--version")
+    assert r.returncode == 0 and re.fullmatch(r"fastmt \d+\.\d+\.\d+\S*", r.stdout.strip()), r.stdout + r.stderr
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for cmd, p in sub.choices.items():
+        bare = [a.option_strings[0] for a in p._actions if a.option_strings and not a.help]
+        assert not bare, f"{cmd}: flags without help: {bare}"
+    for cmd in ("cofinetune", "distill"):
+        r = run_cli(cmd, "--help")
+        assert r.returncode == 0, r.stderr
+        text = " ".join(r.stdout.split())
+        assert "(default: 32)" in text and "(default: auto)" in text  # --batch-size, --device
+        assert "{paper,softmax,uniform}" in text or cmd == "cofinetune"
+
+
+def test_predict_writes_labels_and_probabilities(pipeline, tiny_task, tmp_path):
+    rows = tiny_task["dev"].read_text().splitlines()
+    unlabelled = tmp_path / "new.tsv"
+    unlabelled.write_text("sentence\n" + "\n".join(r.split("\t")[0] for r in rows[1:11]) + "\n")
+    r = run_cli("predict", "--model", pipeline / "student", "--data", unlabelled, "--out", tmp_path / "p.tsv")
+    assert r.returncode == 0, r.stderr
+    assert "10 predictions written" in r.stdout
+    lines = (tmp_path / "p.tsv").read_text().splitlines()
+    assert lines[0].split("\t") == ["text", "label", "p_bad", "p_good"]
+    assert len(lines) == 11
+    for ln in lines[1:]:
+        text, label, pb, pg = ln.split("\t")
+        assert label == ("good" if float(pg) > float(pb) else "bad")
+        assert float(pb) + float(pg) == pytest.approx(1.0, abs=2e-6)
+    # The same probabilities as the student's own forward (JSONL output, labelled input: gold kept).
+    r = run_cli("predict", "--model", pipeline / "student", "--data", tiny_task["dev"], "--out", tmp_path / "p.jsonl")
+    assert r.returncode == 0, r.stderr
+    got = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    from fastmt.data import read_dataset
+    from fastmt.predict import load_model
+
+    model = load_model(pipeline / "student", torch.device("cpu"))
+    ds = read_dataset(tiny_task["dev"])
+    want = model.logits(ds).double().softmax(-1)
+    assert len(got) == len(ds) == 96
+    for i, row in enumerate(got):
+        assert row["text"] == ds.text_a[i] and row["gold"] == ds.labels[i]
+        assert [row["probs"]["bad"], row["probs"]["good"]] == pytest.approx(want[i].tolist(), abs=1e-6)
+    acc = sum(r["label"] == r["gold"] for r in got) / len(got)
+    done = _rows(pipeline / "student" / "metrics.jsonl")[-1]
+    assert acc == pytest.approx(done["best_dev_accuracy"], abs=1e-9)
+    # A teachers dir predicts with its ensemble.
+    r = run_cli("predict", "--model", pipeline / "teachers", "--data", unlabelled, "--out", tmp_path / "t.csv")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "t.csv").read_text().splitlines()[0] == "text,label,p_bad,p_good"
+
+
+def test_eval_reports_f1_mcc_and_per_class(pipeline, tiny_task, tmp_path):
+    r = run_cli("eval", "--model", pipeline / "student", "--data", tiny_task["dev"], "--json", tmp_path / "s.json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert set(s["per_class"]) == {"bad", "good"} and sum(v["support"] for v in s["per_class"].values()) == 96
+    assert -1 <= s["mcc"] <= 1 and 0 <= s["f1"] <= 1
+    assert "macro-F1" in r.stdout and "MCC" in r.stdout and "precision" in r.stdout
+
+
+def test_written_files_are_readable_by_others_and_metrics_are_stamped(pipeline):
+    import os
+    import stat
+
+    for d in ("teachers", "student"):
+        for f in (pipeline / d).rglob("*"):
+            mode = stat.S_IMODE(os.stat(f).st_mode)
+            want = 0o755 if f.is_dir() else 0o644
+            assert mode & want == want & ~0o022, f"{f}: {oct(mode)}"
+    rows = _rows(pipeline / "student" / "metrics.jsonl")
+    from datetime import datetime
+
+    stamps = [datetime.fromisoformat(r["time"]) for r in rows]
+    assert all(s.tzinfo is not None for s in stamps) and stamps == sorted(stamps)
+
+
+def test_report_to_tensorboard_gets_the_same_scalars(pipeline, tiny_task, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "s"
+    r = run_cli("distill", "--teachers", pipeline / "teachers", "--student-layers", "1", "--train", tiny_task["train"],
+                "--dev", tiny_task["dev"], "--out", out, "--epochs", "2", "--batch-size", "16", "--max-length", "16",
+                "--no-progress", "--log-every", "4", "--report-to", "tensorboard", "--metric", "f1")
+    assert r.returncode == 0, r.stderr
+    assert "best dev f1" in r.stdout
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    rows = _rows(out / "metrics.jsonl")
+    train = [x for x in rows if x["event"] == "train"]
+    logged = acc.Scalars("train/loss")
+    assert [e.step for e in logged] == [x["step"] for x in train] and len(train) >= 4
+    assert [e.value for e in logged] == pytest.approx([x["loss"] for x in train], rel=1e-6)
+    evals = [x for x in rows if x["event"] == "eval"]
+    assert [e.value for e in acc.Scalars("eval/dev_f1")] == pytest.approx([x["dev_f1"] for x in evals], rel=1e-6)
+    done = rows[-1]
+    assert done["metric"] == "f1" and done["best_dev_score"] == max(x["dev_f1"] for x in evals)
+
+
+def test_config_replays_a_run_and_flags_override_it(pipeline, tiny_task, tmp_path):
+    old = json.loads((pipeline / "student" / "config.json").read_text())["fastmt"]["run"]
+    r = run_cli("distill", "--config", pipeline / "student", "--out", tmp_path / "again", "--epochs", "1")
+    assert r.returncode == 0, r.stderr
+    new = json.loads((tmp_path / "again" / "config.json").read_text())["fastmt"]["run"]
+    differ = {k for k in set(old) | set(new) if old.get(k) != new.get(k)}
+    assert differ <= {"out", "epochs", "progress", "student_init_info"}, differ
+    assert new["epochs"] == 1 and new["temperature"] == 2.0 and new["lr"] == 2e-3
+    r = run_cli("cofinetune", "--config", pipeline / "student", "--out", tmp_path / "x")
+    assert r.returncode == 2 and "not a cofinetune run (it is a distill run)" in r.stderr
+
+
+def test_device_auto_is_cuda_only_where_there_is_a_gpu(monkeypatch):
+    from fastmt import train as T
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert T.TrainArgs(train="t", dev="d", out="o", device="auto").device == "cpu"
+    assert T.resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert T.TrainArgs(train="t", dev="d", out="o", device="auto").device == "cuda"

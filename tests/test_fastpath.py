@@ -73,7 +73,7 @@ def test_cli_defaults_print_the_path_and_record_what_ran(tiny_task, tiny_encoder
     assert r.returncode == 0, r.stderr
     out = r.stderr + r.stdout
     assert "distill path: precision" in out and "kernels reference (CPU)" in out and "compile off" in out
-    run = json.loads((tmp_path / "s" / "config.json").read_text())["run"]  # what ran, not "auto"
+    run = json.loads((tmp_path / "s" / "config.json").read_text())["fastmt"]["run"]  # what ran, not "auto"
     assert run["precision"] in ("fp32", "bf16") and run["kernels"] == "reference" and run["compile"] is False
     assert run["cache_teachers"] == str(tmp_path / "cache")
     assert (tmp_path / "cache" / "manifest.json").exists()

@@ -23,7 +23,7 @@ from conftest import REPO, run_cli
 from fastmt import train as T
 
 FAST = ["--epochs", "2", "--batch-size", "32", "--max-length", "16", "--no-progress", "--seed", "0", "--lr", "2e-3"]
-TIMING = {"samples_per_s", "train_s"}
+TIMING = {"samples_per_s", "train_s", "time"}
 
 
 def _args(tiny_task, out, **kw):

@@ -30,9 +30,10 @@ def test_two_minilm_teachers_on_reviews(tmp_path):
     assert co.steps == 10
     st = T.distill(T.DistillArgs(out=str(tmp_path / "student"), teachers=str(tmp_path / "teachers"), student_layers=3,
                                  student_init="teacher:0", lr=1e-4, **common))
-    cfg = json.loads((tmp_path / "student" / "config.json").read_text())
+    hf = json.loads((tmp_path / "student" / "config.json").read_text())
+    cfg = hf["fastmt"]
     assert cfg["layer_maps"] == [[2, 4, 6], [1, 2, 3]]
-    assert cfg["encoder"]["num_hidden_layers"] == 3 and cfg["encoder"]["hidden_size"] == 384
+    assert hf["num_hidden_layers"] == 3 and hf["hidden_size"] == 384
     rows = [json.loads(x) for x in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["event"] == "train"]
     assert train_rows and all(math.isfinite(r["loss_hidden"]) and r["loss_hidden"] > 0 for r in train_rows)

@@ -52,7 +52,7 @@ def test_teachers_with_different_tokenizers(mixed_teachers, tiny_task, tmp_path)
 def test_teacher_subset_and_student_alone(mixed_teachers, tiny_task, tmp_path):
     res = T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "one"), teachers=str(mixed_teachers), student_layers=1,
                                   teacher_subset=[0]))
-    cfg = json.loads((tmp_path / "one" / "config.json").read_text())
+    cfg = json.loads((tmp_path / "one" / "config.json").read_text())["fastmt"]
     assert cfg["num_teachers"] == 1 and len(cfg["teachers"]) == 1
     alone = T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "alone"), teachers=str(mixed_teachers), student_layers=1,
                                     alpha_kd=0.0, hidden_loss="none"))

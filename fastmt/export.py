@@ -1,0 +1,45 @@
+"""``fastmt export``: rewrite a student or teachers dir in today's layout (Hugging Face loadable).
+
+    fastmt export --model runs/student [--out runs/student-hf]
+
+Without ``--out`` the dir is rewritten in place, as one unit (a kill leaves the old files or the new
+ones). A student dir becomes a stock ``*ForSequenceClassification`` dir with fastmt's extras beside
+it; each ``teacher_i/`` of a teachers dir becomes one with the shared head folded in (``fastmt.hf``).
+metrics.jsonl and anything else fastmt does not rewrite are copied along to ``--out``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from fastmt.errors import UsageError
+
+STUDENT_KEYS = {"kind", "encoder", "num_labels", "num_teachers", "teacher_hidden", "label_names", "run"}
+
+
+def export_dir(model_dir: str, out: str | None = None) -> dict:
+    from fastmt.models import STUDENT_KIND, TEACHERS_KIND, Student, Teachers, read_run_kind
+
+    src = Path(model_dir)
+    kind = read_run_kind(src)
+    if kind not in (STUDENT_KIND, TEACHERS_KIND):
+        if not src.is_dir():
+            raise UsageError(f"--model {model_dir}: no such directory")
+        raise UsageError(f"--model {model_dir}: not a fastmt student or teachers dir")
+    dst = Path(out) if out else src
+    if dst != src:
+        if dst.exists() and any(dst.iterdir()):
+            raise UsageError(f"--out {out}: exists and is not empty; give a new dir")
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in src.iterdir():  # the logs and anything else the save below does not write
+            if f.is_file() and f.name in ("metrics.jsonl",):
+                shutil.copy2(f, dst / f.name)
+    if kind == STUDENT_KIND:
+        student, cfg = Student.load(src, "--model")
+        extra = {k: v for k, v in cfg.items() if k not in STUDENT_KEYS}
+        student.save(dst, cfg.get("run", {}), list(cfg["label_names"]), extra)
+    else:
+        teachers, cfg = Teachers.load(src, "--model")
+        teachers.save(dst, cfg.get("run", {}), list(cfg["label_names"]))
+    return {"kind": "student" if kind == STUDENT_KIND else "teachers", "out": str(dst)}
