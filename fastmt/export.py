@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fastmt.errors import UsageError
 
-STUDENT_KEYS = {"kind", "encoder", "num_labels", "num_teachers", "teacher_hidden", "label_names", "run"}
+STUDENT_KEYS = {"kind", "encoder", "num_labels", "num_teachers", "teacher_hidden", "label_names", "run", "model_type"}
 
 
 def export_dir(model_dir: str, out: str | None = None) -> dict:

@@ -9,9 +9,11 @@ standard dir (``config.json`` with ``model_type``, ``architectures``, ``id2label
 and ``pipeline("text-classification")`` load with fastmt's logits and label names.
 
 Where the head cannot be written as a stock head (another architecture, or a teacher adapter that
-maps to a wider shared size), :func:`save_seq_cls` writes no ``model.safetensors``: the weights go to
-``encoder.safetensors`` and a README says why, so transformers refuses the dir instead of loading
-it with a freshly initialised head.
+maps to a wider shared size), :func:`save_seq_cls` writes the dir so that transformers refuses it
+instead of loading it with a freshly initialised head: config.json's ``model_type`` is
+``NOT_STOCK`` (transformers' error then names it, and the name says why), the real one is kept
+under the ``fastmt`` key, the weights go to ``encoder.safetensors`` (no ``model.safetensors``), and a
+README explains. fastmt loads such a dir with its head.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ HEADS = {
     "camembert": ("classifier.dense", "classifier.out_proj"),
 }
 ENCODER_WEIGHTS = "encoder.safetensors"
+NOT_STOCK = "fastmt-head-outside-this-dir-load-with-fastmt"
 
 
 def seq_cls_config(encoder: nn.Module, label_names: list[str]):
@@ -122,15 +125,21 @@ def save_seq_cls(out_dir: Path, encoder: nn.Module, tokenizer, dense, out, label
         cfg.save_pretrained(out_dir)
         save_tensors(out_dir / "model.safetensors", state, metadata={"format": "pt"})
         return True
-    cfg.architectures = None
-    cfg.save_pretrained(out_dir)
+    from fastmt.io import write_json
+
+    d = cfg.to_dict()
+    d.pop("architectures", None)
+    d["fastmt"] = {**fastmt_block, "model_type": d["model_type"]}
+    d["model_type"] = NOT_STOCK
+    write_json(out_dir / "config.json", d)
     save_tensors(out_dir / ENCODER_WEIGHTS, encoder.state_dict(), metadata={"format": "pt"})
     reason = why_not or f"fastmt's head has no stock form for model type {cfg.model_type!r}"
     atomic_write_text(out_dir / "README.md",
                       "# Not a stand-alone Hugging Face model\n\n"
-                      f"{reason}, so this dir holds the encoder's weights only ({ENCODER_WEIGHTS}) and no "
-                      "model.safetensors: `AutoModelForSequenceClassification.from_pretrained` refuses it rather "
-                      "than load it with a freshly initialised head. fastmt loads it with its head.\n")
+                      f"{reason}, so this dir holds the encoder's weights only ({ENCODER_WEIGHTS}) and its "
+                      f"config.json names the model type `{NOT_STOCK}`: transformers refuses it rather than "
+                      "load it with a freshly initialised head (the real model type is under the `fastmt` key). "
+                      "fastmt loads it with its head, from the teachers dir above.\n")
     return False
 
 
@@ -140,16 +149,21 @@ def load_seq_cls(model_dir: Path) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     holds the encoder only)."""
     from transformers import AutoConfig
 
-    from fastmt.io import load_tensors
+    from fastmt.io import load_tensors, read_json
     from fastmt.models import encoder_from_config
 
-    cfg = AutoConfig.from_pretrained(str(model_dir))
-    d = cfg.to_dict()
+    raw = read_json(model_dir / "config.json")
+    if raw.get("model_type") == NOT_STOCK:
+        d = {**raw, "model_type": raw["fastmt"]["model_type"]}
+        cfg = None
+    else:
+        cfg = AutoConfig.from_pretrained(str(model_dir))
+        d = cfg.to_dict()
     for k in ("architectures", "id2label", "label2id", "fastmt", "_name_or_path", "transformers_version", "dtype",
               "torch_dtype"):
         d.pop(k, None)
     encoder = encoder_from_config(d)
-    if (model_dir / "model.safetensors").is_file():
+    if cfg is not None and (model_dir / "model.safetensors").is_file():
         state = load_tensors(model_dir / "model.safetensors")
         found = _stock_keys(cfg)
         base = found[0] if found else cfg.model_type

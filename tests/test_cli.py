@@ -262,3 +262,14 @@ def test_device_auto_is_cuda_only_where_there_is_a_gpu(monkeypatch):
     assert T.resolve_device("auto") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert T.TrainArgs(train="t", dev="d", out="o", device="auto").device == "cuda"
+
+
+def test_cli_student_loads_in_a_transformers_pipeline(pipeline, tiny_task):
+    from transformers import pipeline as hf_pipeline
+
+    clf = hf_pipeline("text-classification", model=str(pipeline / "student"))
+    texts = tiny_task["dev"].read_text().splitlines()[1:21]
+    out = clf([t.split("\t")[0] for t in texts])
+    gold = [t.split("\t")[1] for t in texts]
+    assert {o["label"] for o in out} <= {"bad", "good"}
+    assert sum(o["label"] == g for o, g in zip(out, gold)) >= 14  # the student is well above chance here
