@@ -34,6 +34,13 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*a, **kw)
 
     def error(self, message: str):  # noqa: D401 - argparse's hook
+        import re
+
+        # "argument --preset: invalid choice: 'huge' (choose from tiny, base)" -> "--preset huge: choose ..."
+        m = re.match(r"argument ([-\w]+)(?:/[-\w]+)*: invalid choice: '(.*)' \(choose from (.*)\)$", message)
+        if m:
+            choices = m.group(3).replace("'", "")
+            message = f"{m.group(1)} {m.group(2)}: choose one of {choices}"
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
@@ -53,6 +60,15 @@ def _add_columns(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-column", default=None, metavar="C", help="the text column (default: guessed from the names)")
     p.add_argument("--text-pair-column", default=None, metavar="C", help="the second text of a pair (default: guessed)")
     p.add_argument("--label-column", default=None, metavar="C", help="the label column (default: guessed)")
+
+
+def _head_lr(text: str):
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a learning rate or auto") from None
 
 
 DEVICE_HELP = "auto (CUDA when this machine has a GPU, else cpu), cpu, cuda or cuda:N"
@@ -111,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cofinetune", help="fine-tune teachers jointly through one shared head")
     p.add_argument("--teacher", action="append", required=True, metavar="M", help="HF model name or dir (repeat)")
+    p.add_argument("--pooling", default="auto", choices=["auto", "cls", "mean"],
+                   help="what the shared head reads: the first token (cls) or the mean of the tokens; auto: mean when "
+                        "every teacher is a sentence-transformers folder that mean-pools, else cls (the student follows)")
+    p.add_argument("--head-lr", type=_head_lr, default="auto", metavar="LR",
+                   help="learning rate of the freshly initialised shared head and adapters; auto: the larger of "
+                        "--lr and 1e-3")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the teachers' forward and losses (one graph per length bucket); "
                         "default: on for jobs of 1000 steps or more")

@@ -49,6 +49,47 @@ def _quiet_transformers() -> None:
     warnings.filterwarnings("ignore", message=".*were not initialized.*")
 
 
+POOLINGS = ("cls", "mean")
+
+
+def pool(last: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """What the head reads from the last hidden states ``[N,S,D]``: the first token (``cls``) or the
+    mean over the real tokens (``mean``, as sentence-transformers checkpoints were trained to be read)."""
+    if how == "cls":
+        return last[:, 0]
+    m = mask.to(last.dtype).unsqueeze(-1)
+    return (last * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def sentence_transformers_pooling(source: str | Path) -> str | None:
+    """``mean`` or ``cls`` when ``source`` is a sentence-transformers folder that says how it pools
+    (modules.json + a Pooling module's config), else None."""
+    d = Path(source)
+    try:
+        modules = read_json(d / "modules.json")
+    except (OSError, ValueError):
+        return None
+    for m in modules if isinstance(modules, list) else []:
+        if isinstance(m, dict) and str(m.get("type", "")).endswith("Pooling"):
+            try:
+                cfg = read_json(d / m.get("path", "") / "config.json")
+            except (OSError, ValueError):
+                return None
+            if cfg.get("pooling_mode_mean_tokens"):
+                return "mean"
+            if cfg.get("pooling_mode_cls_token"):
+                return "cls"
+    return None
+
+
+def choose_pooling(sources: Sequence[str]) -> tuple[str, str]:
+    """``--pooling auto``: mean when every teacher is a sentence-transformers folder that mean-pools."""
+    said = [sentence_transformers_pooling(s) for s in sources]
+    if said and all(x == "mean" for x in said):
+        return "mean", "every teacher is a mean-pooling sentence-transformers folder"
+    return "cls", "not every teacher is a mean-pooling sentence-transformers folder"
+
+
 class SharedHead(nn.Module):
     """BERT's pooler (tanh(Linear) over the first token) followed by the classifier."""
 
@@ -148,9 +189,12 @@ def encode_hidden(encoder: nn.Module, inputs: dict[str, torch.Tensor], want_hidd
 class Teachers(nn.Module):
     """T encoders, their adapters and ONE shared head. ``forward`` gives logits ``[T, N, C]``."""
 
-    def __init__(self, encoders: Sequence[nn.Module], tokenizers: Sequence, names: Sequence[str], num_labels: int):
+    def __init__(self, encoders: Sequence[nn.Module], tokenizers: Sequence, names: Sequence[str], num_labels: int,
+                 pooling: str = "cls"):
         super().__init__()
         from fastmt.data import tokenizer_key
+
+        self.pooling = pooling
 
         if not encoders:
             raise UsageError("no teachers given: pass --teacher at least once")
@@ -176,7 +220,7 @@ class Teachers(nn.Module):
         """Logits ``[N, C]`` of teacher i, and (when asked) its adapted hidden states at those indices."""
         last, all_hidden = encode_hidden(self.encoders[i], inputs, want_hidden=hidden_indices is not None)
         adapter = self.adapters[i]
-        logits = self.head(adapter(last[:, 0]))
+        logits = self.head(adapter(pool(last, inputs["attention_mask"], self.pooling)))
         if hidden_indices is None:
             return logits, None
         return logits, [adapter(all_hidden[j]) for j in hidden_indices]
@@ -202,6 +246,8 @@ class Teachers(nn.Module):
                 folded = fold_adapter(self.adapters[i], self.head.dense, self.head.classifier, hidden_size(enc))
                 why = ("" if folded else f"this teacher (hidden size {hidden_size(enc)}) feeds fastmt's shared head of "
                        f"size {self.hidden_size} through an adapter, which no square stock head can hold")
+                if self.pooling != "cls":
+                    folded, why = None, f"fastmt's shared head reads the {self.pooling} of the tokens, which no stock head does"
                 stock = save_seq_cls(stage / f"teacher_{i}", enc, tok, *(folded or (None, None)), label_names,
                                      {"kind": "fastmt-teacher", "index": i, "name": name}, why_not=why)
                 entries.append({"name": name, "dir": f"teacher_{i}", "hidden_size": hidden_size(enc),
@@ -214,16 +260,17 @@ class Teachers(nn.Module):
                     "teachers": entries,
                     "hidden_size": self.hidden_size,
                     "num_labels": self.num_labels,
+                    "pooling": self.pooling,
                     "label_names": label_names,
                     "run": run_config,
                 },
             )
 
     @classmethod
-    def from_pretrained_encoders(cls, sources: Sequence[str], num_labels: int) -> "Teachers":
+    def from_pretrained_encoders(cls, sources: Sequence[str], num_labels: int, pooling: str = "cls") -> "Teachers":
         encoders = [load_encoder(s, "--teacher") for s in sources]
         tokenizers = [load_tokenizer(s, "--teacher") for s in sources]
-        return cls(encoders, tokenizers, [str(s) for s in sources], num_labels)
+        return cls(encoders, tokenizers, [str(s) for s in sources], num_labels, pooling)
 
     @classmethod
     def load(cls, teachers_dir: str | Path, flag: str = "--teachers") -> tuple["Teachers", dict]:
@@ -237,7 +284,8 @@ class Teachers(nn.Module):
             sub = teachers_dir / e["dir"]
             encoders.append(load_encoder(sub, flag))
             tokenizers.append(load_tokenizer(sub, flag))
-        teachers = cls(encoders, tokenizers, [e["name"] for e in cfg["teachers"]], int(cfg["num_labels"]))
+        teachers = cls(encoders, tokenizers, [e["name"] for e in cfg["teachers"]], int(cfg["num_labels"]),
+                       cfg.get("pooling", "cls"))
         state = load_tensors(head_file)
         head = {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")}
         teachers.head.load_state_dict(head)
@@ -307,9 +355,12 @@ class StudentSpec:
 class Student(nn.Module):
     """A K-layer encoder, its own pooler + classifier, and projections ``W [T,K,Ds,Dt]``, ``b [T,K,Dt]``."""
 
-    def __init__(self, encoder: nn.Module, tokenizer, num_labels: int, num_teachers: int, teacher_hidden: int):
+    def __init__(self, encoder: nn.Module, tokenizer, num_labels: int, num_teachers: int, teacher_hidden: int,
+                 pooling: str = "cls"):
         super().__init__()
         from fastmt.data import tokenizer_key
+
+        self.pooling = pooling  # the student reads its tokens the way its teachers' head does
 
         self.encoder = encoder
         self.tokenizer = tokenizer
@@ -334,7 +385,7 @@ class Student(nn.Module):
     def forward(self, inputs: dict[str, torch.Tensor], want_hidden: bool = False):
         """Logits ``[N, C]`` and, when asked, hidden states of layers 1..K stacked ``[K, N, S, Ds]``."""
         last, all_hidden = encode_hidden(self.encoder, inputs, want_hidden)
-        logits = self.head(last[:, 0])
+        logits = self.head(pool(last, inputs["attention_mask"], self.pooling))
         if not want_hidden:
             return logits, None
         return logits, torch.stack(all_hidden[1:])
@@ -353,13 +404,16 @@ class Student(nn.Module):
             "num_labels": self.num_labels,
             "num_teachers": int(self.proj_weight.shape[0]),
             "teacher_hidden": int(self.proj_weight.shape[-1]),
+            "pooling": self.pooling,
             "label_names": label_names,
             "run": run_config,
             **(extra or {}),
         }
         h = self.head
-        save_seq_cls(out_dir, self.encoder, self.tokenizer, (h.dense.weight, h.dense.bias),
-                     (h.classifier.weight, h.classifier.bias), label_names, block)
+        stock = self.pooling == "cls"
+        save_seq_cls(out_dir, self.encoder, self.tokenizer, (h.dense.weight, h.dense.bias) if stock else None,
+                     (h.classifier.weight, h.classifier.bias), label_names, block,
+                     why_not="" if stock else f"this student's head reads the {self.pooling} of the tokens, which no stock head does")
         own = {f"head.{k}": v for k, v in h.state_dict().items()}
         own.update({"proj_weight": self.proj_weight, "proj_bias": self.proj_bias})
         save_tensors(out_dir / STUDENT_WEIGHTS, own, metadata={"kind": STUDENT_KIND})
@@ -382,7 +436,8 @@ class Student(nn.Module):
             except (OSError, ValueError, KeyError) as e:
                 raise UsageError(f"{flag} {student_dir}: cannot load the encoder ({str(e).splitlines()[0]})") from e
         tokenizer = load_tokenizer(student_dir, flag)
-        student = cls(encoder, tokenizer, int(cfg["num_labels"]), int(cfg["num_teachers"]), int(cfg["teacher_hidden"]))
+        student = cls(encoder, tokenizer, int(cfg["num_labels"]), int(cfg["num_teachers"]), int(cfg["teacher_hidden"]),
+                      cfg.get("pooling", "cls"))
         if not weights.is_file():
             raise UsageError(f"{flag} {student_dir}: no {weights.name}")
         state = load_tensors(weights)
@@ -438,7 +493,7 @@ def build_student(spec: StudentSpec, teachers: Teachers, init_from: Teachers | N
         encoder = encoder_from_config(cfg)
         _copy_layers_from(encoder, src, layer_map(k, num_layers(src)), init)
         tokenizer = pool.tokenizers[idx]
-        student = Student(encoder, tokenizer, teachers.num_labels, len(teachers), teachers.hidden_size)
+        student = Student(encoder, tokenizer, teachers.num_labels, len(teachers), teachers.hidden_size, teachers.pooling)
         if hidden_size(encoder) == teachers.hidden_size:
             student.head.load_state_dict(teachers.head.state_dict())
         return student, {"init": init}
@@ -446,7 +501,7 @@ def build_student(spec: StudentSpec, teachers: Teachers, init_from: Teachers | N
         cfg = encoder_config_dict(teachers.encoders[0])
         cfg["num_hidden_layers"] = k
         encoder = encoder_from_config(cfg)
-        student = Student(encoder, teachers.tokenizers[0], teachers.num_labels, len(teachers), teachers.hidden_size)
+        student = Student(encoder, teachers.tokenizers[0], teachers.num_labels, len(teachers), teachers.hidden_size, teachers.pooling)
         student.head.load_state_dict(teachers.head.state_dict())
         return student, {"init": "random"}
     path = Path(init)
@@ -471,7 +526,7 @@ def build_student(spec: StudentSpec, teachers: Teachers, init_from: Teachers | N
         tokenizer = load_tokenizer(path, "--student-init") if any((path / f).is_file() for f in tok_files) else teachers.tokenizers[0]
     if num_layers(encoder) != k:
         raise UsageError(f"--student-init {init}: that encoder has {num_layers(encoder)} layers, but --student-layers is {k}")
-    student = Student(encoder, tokenizer, teachers.num_labels, len(teachers), teachers.hidden_size)
+    student = Student(encoder, tokenizer, teachers.num_labels, len(teachers), teachers.hidden_size, teachers.pooling)
     if hidden_size(encoder) == teachers.hidden_size:
         student.head.load_state_dict(teachers.head.state_dict())
     return student, {"init": str(path)}

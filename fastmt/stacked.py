@@ -174,7 +174,11 @@ class StackedBert:
         want = hidden_indices is not None
         keep = sorted({j for m in hidden_indices for j in m}) if want else []
         last, kept = self.encode(inputs, keep)
-        first = self._adapt(last[:, :, 0])  # [T, N, D]
+        if self.teachers.pooling == "cls":
+            first = self._adapt(last[:, :, 0])  # [T, N, D]
+        else:  # the masked mean over each example's real tokens, for every teacher at once
+            m = inputs["attention_mask"].to(last.dtype)[None, :, :, None]
+            first = self._adapt((last * m).sum(2) / m.sum(2).clamp_min(1.0))
         kept = {j: self._adapt(v) for j, v in kept.items()}
         out = {}
         for j, i in enumerate(self.idx):
@@ -203,7 +207,7 @@ class VmapTeachers:
     def forward(self, inputs, hidden_indices):
         from torch.func import functional_call
 
-        from fastmt.models import encode_hidden
+        from fastmt.models import encode_hidden, pool
 
         want = hidden_indices is not None
         layers = sorted({j for m in hidden_indices for j in m}) if want else []
@@ -211,7 +215,7 @@ class VmapTeachers:
         def one(params, buffers, adapter_params):
             last, all_hidden = encode_hidden(_Bound(self.base, params, buffers), inputs, want)
             adapt = (lambda x: functional_call(self.adapter_base, adapter_params, (x,))) if adapter_params else (lambda x: x)
-            first = adapt(last[:, 0])
+            first = adapt(pool(last, inputs["attention_mask"], self.teachers.pooling))
             hid = tuple(adapt(all_hidden[j]) for j in layers) if want else ()
             return first, hid
 

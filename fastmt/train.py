@@ -36,9 +36,11 @@ from fastmt.errors import FastmtError, UsageError
 from fastmt.io import append_jsonl
 from fastmt.metrics import METRICS
 from fastmt.tracking import TRACKERS, Tracker
+
+HEAD_LR_FLOOR = 1e-3  # --head-lr auto: a freshly initialised head learns at least this fast
 from fastmt.metrics import report as metric_report
 from fastmt.metrics import scores as metric_scores
-from fastmt.models import Student, StudentSpec, Teachers, build_student, count_parameters, layer_maps
+from fastmt.models import POOLINGS, Student, StudentSpec, Teachers, build_student, count_parameters, layer_maps
 from fastmt.distributed import World, barrier, check_batch, local_device, max_over_world, mean_over_world, shard, world_from_env
 from fastmt.optim import GradBuffers, LinearSchedule, make_optimizer, optimizer_step  # noqa: F401 (re-exported)
 from fastmt.step import PRECISIONS, DistillStep, autocast
@@ -82,6 +84,8 @@ class TrainArgs:
     text_column: str | None = None  # [--text-column] the text column (default: guessed from the names)
     text_pair_column: str | None = None  # [--text-pair-column] the second text of a pair
     label_column: str | None = None  # [--label-column] the label column
+    head_lr: float | str | None = None  # [--head-lr] cofinetune: rate of the fresh shared head and adapters; None: --lr; "auto": max(--lr, 1e-3)
+    pooling: str = "cls"  # [--pooling] cofinetune: what the shared head reads: cls (first token), mean (masked mean), auto
 
     @property
     def columns(self) -> Columns:
@@ -108,6 +112,13 @@ class TrainArgs:
             raise UsageError(f"--save-every {self.save_every}: must be >= 0 (0 writes no checkpoint)")
         if self.metric not in METRICS:
             raise UsageError(f"--metric {self.metric}: choose one of {', '.join(METRICS)}")
+        if self.head_lr == "auto":
+            self.head_lr = max(self.lr, HEAD_LR_FLOOR)
+        if self.head_lr is not None and not (isinstance(self.head_lr, (int, float)) and self.head_lr > 0
+                                             and math.isfinite(self.head_lr)):
+            raise UsageError(f"--head-lr {self.head_lr}: must be a positive number (or auto)")
+        if self.pooling not in POOLINGS + ("auto",):
+            raise UsageError(f"--pooling {self.pooling}: choose cls, mean or auto")
         if self.report_to not in TRACKERS:
             raise UsageError(f"--report-to {self.report_to}: choose one of {', '.join(TRACKERS)}")
         if self.max_bad_steps < 1:
@@ -591,9 +602,16 @@ def cofinetune(teacher_sources: list[str], args: TrainArgs) -> RunResult:
     out_dir = check_out_dir(args.out, args.overwrite, args.resume)
     seed_everything(args.seed)
     label_names = train_label_names(read_dataset(args.train, columns=args.columns))
-    teachers = Teachers.from_pretrained_encoders(teacher_sources, len(label_names))
+    pooled = ""
+    if args.pooling == "auto":
+        from fastmt.models import choose_pooling
+
+        args.pooling, why = choose_pooling(teacher_sources)
+        pooled = f"pooling {args.pooling} ({why})"  # told on the path line, once everything has loaded
+    teachers = Teachers.from_pretrained_encoders(teacher_sources, len(label_names), args.pooling)
     splits = prepare_splits(args.train, args.dev, teachers.tokenizers, args.max_length, label_names, args.columns)
     path = fastpath.resolve(args, device, _total_steps(args, splits))
+    path = ", ".join(x for x in (path, pooled) if x)
     splits.buckets = fastpath.widths(args, splits.buckets)
     teachers.to(device)
     run_config = {"command": "cofinetune", "teachers": list(teacher_sources), **asdict(args)}
@@ -726,7 +744,8 @@ def _subset(teachers: Teachers, idx: list[int]) -> Teachers:
     for i in idx:
         if not 0 <= i < len(teachers):
             raise UsageError(f"--teacher-subset {i}: there are {len(teachers)} teachers (0..{len(teachers) - 1})")
-    sub = Teachers([teachers.encoders[i] for i in idx], [teachers.tokenizers[i] for i in idx], [teachers.names[i] for i in idx], teachers.num_labels)
+    sub = Teachers([teachers.encoders[i] for i in idx], [teachers.tokenizers[i] for i in idx], [teachers.names[i] for i in idx],
+                   teachers.num_labels, teachers.pooling)
     sub.head = teachers.head
     sub.adapters = nn.ModuleList(teachers.adapters[i] for i in idx)
     return sub
