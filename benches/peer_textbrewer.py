@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _rows_file(train: str, rows: int | None, tmp: Path) -> str:
+def rows_file(train: str, rows: int | None, tmp: Path) -> str:
+    """The first ``rows`` examples of ``train`` (header kept) as a file in ``tmp``; ``train`` itself if no ``rows``."""
     if not rows:
         return train
     lines = Path(train).read_text().splitlines()
@@ -42,12 +43,26 @@ def _rows_file(train: str, rows: int | None, tmp: Path) -> str:
     return str(out)
 
 
-def run_fastmt(a, train: str, tmp: Path) -> dict:
-    out = tmp / "fastmt-student"
+def add_job_args(p: argparse.ArgumentParser) -> None:
+    """The job both sides run (also used by benches/accuracy_paths.py)."""
+    p.add_argument("--teachers", required=True, help="a fastmt teachers dir")
+    p.add_argument("--train", required=True)
+    p.add_argument("--dev", required=True)
+    p.add_argument("--rows", type=int, default=None, help="use the first N training rows")
+    p.add_argument("--student-layers", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=48)
+    p.add_argument("--lr", type=float, default=5e-5)
+
+
+def run_distill(a, train: str, out: Path, extra: list[str] = (), seed: int | None = None, env: dict | None = None) -> dict:
+    """``fastmt distill`` on the job, in a process of its own: wall time, training time, best dev accuracy, path."""
     cmd = [sys.executable, "-m", "fastmt", "distill", "--teachers", a.teachers, "--student-layers", str(a.student_layers),
            "--train", train, "--dev", a.dev, "--out", str(out), "--epochs", str(a.epochs), "--batch-size",
-           str(a.batch_size), "--max-length", str(a.max_length), "--lr", str(a.lr), "--no-progress"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+           str(a.batch_size), "--max-length", str(a.max_length), "--lr", str(a.lr), "--no-progress",
+           *(["--seed", str(seed)] if seed is not None else []), *extra]
+    env = dict(os.environ, **(env or {}), PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
@@ -57,6 +72,10 @@ def run_fastmt(a, train: str, tmp: Path) -> dict:
     path = next((ln.split("path: ", 1)[1] for ln in r.stderr.splitlines() if "distill path:" in ln), "")
     return {"wall_s": wall, "train_s": done["train_s"], "dev_accuracy": done["best_dev_accuracy"], "path": path,
             "command": " ".join(cmd[1:])}
+
+
+def run_fastmt(a, train: str, tmp: Path) -> dict:
+    return run_distill(a, train, tmp / "fastmt-student")
 
 
 def run_textbrewer(a, train: str, tmp: Path) -> dict:
@@ -157,15 +176,7 @@ def textbrewer_side(a, train: str, tmp: Path) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teachers", required=True)
-    p.add_argument("--train", required=True)
-    p.add_argument("--dev", required=True)
-    p.add_argument("--rows", type=int, default=None, help="use the first N training rows")
-    p.add_argument("--student-layers", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=48)
-    p.add_argument("--lr", type=float, default=5e-5)
+    add_job_args(p)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", default=None, help="JSON row to write (default: print only)")
     p.add_argument("--side", choices=["textbrewer"], default=None, help=argparse.SUPPRESS)
@@ -177,7 +188,7 @@ def main(argv=None) -> int:
         return 0
     with tempfile.TemporaryDirectory(prefix="fastmt-peer-") as d:
         tmp = Path(d)
-        train = _rows_file(a.train, a.rows, tmp)
+        train = rows_file(a.train, a.rows, tmp)
         n = len(Path(train).read_text().splitlines()) - 1
         fm = run_fastmt(a, train, tmp)
         print(f"fastmt distill: {fm['wall_s']:.1f} s whole job, {fm['train_s']:.1f} s training ({fm['path']})", flush=True)

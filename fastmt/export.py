@@ -5,7 +5,7 @@
 Without ``--out`` the dir is rewritten in place, as one unit (a kill leaves the old files or the new
 ones). A student dir becomes a stock ``*ForSequenceClassification`` dir with fastmt's extras beside
 it; each ``teacher_i/`` of a teachers dir becomes one with the shared head folded in (``fastmt.hf``).
-metrics.jsonl and anything else fastmt does not rewrite are copied along to ``--out``.
+metrics.jsonl is copied along to ``--out``.
 """
 
 from __future__ import annotations

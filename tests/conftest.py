@@ -53,6 +53,14 @@ def easy_rows(n: int, seed: int) -> list[tuple[str, str]]:
     return rows
 
 
+def run_args(tiny_task, out, **kw) -> dict:
+    """Keyword arguments of a short training run on the tiny task (for ``TrainArgs``/``DistillArgs``)."""
+    base = dict(train=str(tiny_task["train"]), dev=str(tiny_task["dev"]), out=str(out), epochs=1, batch_size=32,
+                lr=1e-3, max_length=16, progress=False)
+    base.update(kw)
+    return base
+
+
 @pytest.fixture(scope="session")
 def tiny_task(tmp_path_factory) -> dict[str, Path]:
     from fastmt.demo import write_tsv

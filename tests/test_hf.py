@@ -7,16 +7,12 @@ import json
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_args, run_cli
 from fastmt import train as T
 from fastmt.data import read_dataset
 
 
-def _args(tiny_task, out, **kw):
-    base = dict(train=str(tiny_task["train"]), dev=str(tiny_task["dev"]), out=str(out), epochs=1, batch_size=32,
-                lr=1e-3, max_length=16, progress=False)
-    base.update(kw)
-    return base
+_args = run_args
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import run_args
 from fastmt import train as T
 from fastmt.errors import UsageError
 
@@ -20,11 +21,7 @@ def _other_tokenizer_teacher(tiny_encoders, tmp_path):
     return build_encoder(Shape("other", 2, 32, 2), tok, tmp_path, seed=5)
 
 
-def _args(tiny_task, out, **kw):
-    base = dict(train=str(tiny_task["train"]), dev=str(tiny_task["dev"]), out=str(out), epochs=1, batch_size=32,
-                lr=1e-3, max_length=16, progress=False)
-    base.update(kw)
-    return base
+_args = run_args
 
 
 @pytest.fixture(scope="module")
