@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the distillation loss")
     p.add_argument("--weighting", default="paper", choices=["paper", "softmax", "uniform"],
                    help="per-example teacher weights of the distillation loss")
+    p.add_argument("--kd-target", default="teachers", choices=["teachers", "ensemble"],
+                   help="teachers: one weighted KL term per teacher (MT-BERT); ensemble: a single KL term to the "
+                        "teachers' averaged logits (the usual multi-teacher KD; --weighting is then unused)")
     p.add_argument("--hidden-loss", default="tokens", choices=["tokens", "cls", "none"],
                    help="hidden-state loss over every token, over the first token only, or none")
     p.add_argument("--weight-hidden", action="store_true", help="weight the hidden loss by the teacher weights too")

@@ -98,7 +98,13 @@ class DistillStep:
             return loss, parts
         if a.alpha_kd > 0:
             # The scheme name lets the fused kernel compute the teacher weights in the same pass.
-            kd = self.losses.mt_kl_loss(s_logits, t_logits, weights=a.weighting, temperature=a.temperature, labels=labels)
+            if a.kd_target == "ensemble":
+                # One target: the teachers' averaged logits, every example weighted alike.
+                kd = self.losses.mt_kl_loss(s_logits, t_logits.mean(0, keepdim=True), weights="uniform",
+                                            temperature=a.temperature, labels=labels)
+            else:
+                kd = self.losses.mt_kl_loss(s_logits, t_logits, weights=a.weighting, temperature=a.temperature,
+                                            labels=labels)
             loss = loss + a.alpha_kd * kd
             parts["kd"] = kd.detach()
         if self.want_hidden:

@@ -127,6 +127,9 @@ class TrainArgs:
             raise UsageError("--resume and --overwrite: choose one (continue the run, or start it again)")
 
 
+KD_TARGETS = ("teachers", "ensemble")
+
+
 @dataclass
 class DistillArgs(TrainArgs):
     teachers: str = ""  # [--teachers] a dir written by cofinetune
@@ -134,6 +137,7 @@ class DistillArgs(TrainArgs):
     student_init: str = "teacher:0"
     temperature: float = 1.0
     weighting: str = "paper"
+    kd_target: str = "teachers"  # teachers: one KL term per teacher (MT-BERT); ensemble: one KL to the averaged logits
     hidden_loss: str = "tokens"
     weight_hidden: bool = False  # also weight the hidden loss per example by the teacher weights
     kernels: str = "reference"
@@ -154,6 +158,8 @@ class DistillArgs(TrainArgs):
             raise UsageError(f"--temperature {self.temperature}: must be a positive number")
         if self.weighting not in reference_losses.SCHEMES:
             raise UsageError(f"--weighting {self.weighting}: choose one of {', '.join(reference_losses.SCHEMES)}")
+        if self.kd_target not in KD_TARGETS:
+            raise UsageError(f"--kd-target {self.kd_target}: choose one of {', '.join(KD_TARGETS)}")
         if self.hidden_loss not in ("tokens", "cls", "none"):
             raise UsageError(f"--hidden-loss {self.hidden_loss}: choose tokens, cls or none")
         if self.kernels not in ("fused", "reference", "auto"):

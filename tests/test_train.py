@@ -355,3 +355,44 @@ def test_stacked_teachers_forward_reads_nothing_back(tiny_encoders):
     with _HostReads() as reads:
         t_logits, t_hidden = step.teacher_outputs(inputs)
     assert reads.count == 0 and t_logits.shape == (3, 3, 2)
+
+
+def test_kd_target_ensemble_is_one_kl_to_the_averaged_logits(tiny_task, tiny_encoders):
+    """--kd-target ensemble: tau^2 KL(softmax(mean_i t_i / tau) || softmax(s / tau)), averaged over rows."""
+    import torch.nn.functional as F
+
+    from fastmt.data import encode, read_dataset
+    from fastmt.models import StudentSpec, Teachers, build_student, layer_maps
+    from fastmt.step import DistillStep
+
+    teachers = Teachers.from_pretrained_encoders([str(tiny_encoders["a"]), str(tiny_encoders["b"])], 2)
+    student, _ = build_student(StudentSpec(1, "teacher:1"), teachers)
+    teachers.eval().requires_grad_(False)
+    student.eval()
+    enc = encode(student.tokenizer, read_dataset(tiny_task["train"]), 16)
+    rows = enc.input_ids[:10]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    inputs = {student.key: {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}}
+    labels = torch.tensor([0, 1] * 5)
+    parts = {}
+    for target in ("teachers", "ensemble"):
+        args = T.DistillArgs(**_args(tiny_task, "unused"), teachers="x", student_layers=1, temperature=2.0,
+                             hidden_loss="none", kd_target=target)
+        step = DistillStep(student, teachers, layer_maps(1, teachers), args, T._loss_module("reference"), torch.device("cpu"))
+        with torch.no_grad():
+            t_logits, _ = step.teacher_outputs(inputs)
+            s_logits, _ = step.student_forward(inputs)
+            _, parts[target] = step(inputs, labels)
+    tau = 2.0
+    p = F.softmax(t_logits.double().mean(0) / tau, -1)
+    log_q = F.log_softmax(s_logits.double() / tau, -1)
+    want = tau * tau * (p * (p.log() - log_q)).sum(-1).mean()
+    assert abs(parts["ensemble"]["kd"].item() - want.item()) < 1e-5
+    assert abs(parts["teachers"]["kd"].item() - want.item()) > 1e-4  # the two targets really differ
+
+
+def test_kd_target_is_validated(tiny_task, tmp_path):
+    with pytest.raises(UsageError, match="--kd-target"):
+        T.DistillArgs(**_args(tiny_task, tmp_path), teachers="x", student_layers=1, kd_target="mean")
