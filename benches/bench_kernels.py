@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from fastmt.bench import git_sha  # noqa: E402
+from fastmt.bench import git_sha, percentiles  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -72,8 +72,7 @@ def timed(fn, device: torch.device, reps: int = 5) -> tuple[float, float, float]
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    q = torch.tensor(times).quantile(torch.tensor([0.5, 0.2, 0.8])).tolist()
-    return q[0], q[1], q[2]
+    return percentiles(times)
 
 
 # ---------------------------------------------------------------------------------------------------

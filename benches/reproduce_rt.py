@@ -247,7 +247,8 @@ def run_all(a) -> None:
     seed0 = a.seeds[0]
     hp = {"temperature": 1.0, "alpha_kd": 1.0, "alpha_hidden": 1.0}
     sweep = []
-    for knob, values in (("temperature", [1.0, 2.0, 4.0]), ("alpha_hidden", [0.1, 1.0, 10.0]), ("alpha_kd", [0.5, 1.0, 2.0])):
+    grid = (("temperature", [1.0, 2.0, 4.0]), ("alpha_hidden", [0.1, 1.0, 10.0]), ("alpha_kd", [0.5, 1.0, 2.0]))
+    for knob, values in (grid if a.sweep else ()):
         scores = {}
         for v in values:
             trial = {**hp, knob: v}
@@ -263,6 +264,8 @@ def run_all(a) -> None:
 
     # 3. every variant, every seed (the sweep's own run is reused where the flags are the same)
     for variant, _ in VARIANTS:
+        if a.variants and variant not in a.variants:
+            continue
         for seed in a.seeds:
             flags = variant_flags(variant, hp)
             same = [n for n, r in res.data["runs"].items() if n.startswith("sweep-") and r.get("flags") == flags and r.get("seed") == seed]
@@ -331,18 +334,20 @@ def report(a) -> None:
     summ = summary(data)
     if "chosen" in data:
         c = data["chosen"]
-        lines.append(f"Chosen on validation (MT-BERT, seed {data['sweep'][0]['name'].rsplit('-s', 1)[1]}): temperature "
-                     f"{c['temperature']:g}, alpha_kd {c['alpha_kd']:g}, alpha_hidden {c['alpha_hidden']:g}.")
+        how = (f"chosen on validation (MT-BERT, seed {data['sweep'][0]['name'].rsplit('-s', 1)[1]})" if data.get("sweep")
+               else "no sweep (--no-sweep)")
+        lines.append(f"Settings, {how}: temperature {c['temperature']:g}, alpha_kd {c['alpha_kd']:g}, alpha_hidden {c['alpha_hidden']:g}.")
         lines.append("")
-        lines += ["| sweep run | validation acc | dev acc |", "|---|---:|---:|"]
-        seen = set()
-        for r in data["sweep"]:
-            if r["name"] in seen:
-                continue
-            seen.add(r["name"])
-            lines.append(f"| T={r['temperature']:g} kd={r['alpha_kd']:g} hidden={r['alpha_hidden']:g} | "
-                         f"{100 * r['val_acc']:.2f} | {100 * r['dev_acc']:.2f} |")
-        lines.append("")
+        if data.get("sweep"):
+            lines += ["| sweep run | validation acc | dev acc |", "|---|---:|---:|"]
+            seen = set()
+            for r in data["sweep"]:
+                if r["name"] in seen:
+                    continue
+                seen.add(r["name"])
+                lines.append(f"| T={r['temperature']:g} kd={r['alpha_kd']:g} hidden={r['alpha_hidden']:g} | "
+                             f"{100 * r['val_acc']:.2f} | {100 * r['dev_acc']:.2f} |")
+            lines.append("")
     lines += ["| variant | what | seeds | validation acc (mean) | dev acc (mean ± std) | dev acc per seed | train s / run |",
               "|---|---|---:|---:|---:|---|---:|"]
     for variant, info in summ.items():
@@ -447,11 +452,18 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=48)
     p.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples")
+    p.add_argument("--variants", default=None, help="comma-separated variants to run (default: all)")
+    p.add_argument("--no-sweep", dest="sweep", action="store_false",
+                   help="skip the sweep: temperature 1 and both loss weights 1 for every variant")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--markdown", default=str(REPO / "benches" / "results" / "rt_reproduction.md"))
     p.add_argument("--png", default=str(REPO / "benches" / "results" / "rt_reproduction.png"))
     a = p.parse_args()
     a.seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
+    a.variants = [v for v in a.variants.split(",") if v.strip()] if a.variants else None
+    unknown = sorted(set(a.variants or ()) - set(WHAT))
+    if unknown:
+        p.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(WHAT)}")
     if not a.report_only:
         run_all(a)
     report(a)

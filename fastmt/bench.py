@@ -95,6 +95,14 @@ def device_name(device: torch.device) -> str:
     return f"{cpu}, {torch.get_num_threads()} threads"
 
 
+def percentiles(times: list[float]) -> tuple[float, float, float]:
+    """``(p50, p20, p80)`` of ``times``, linearly interpolated between order statistics."""
+    if not times:
+        raise ValueError("percentiles of no timings")
+    q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
+    return q[0], q[1], q[2]
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -232,7 +240,7 @@ class PreparedMode:
         p, mode, device = self.p, self.mode, self.device
         peak_mb = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
         loss = float(self.one_step().detach())  # the mode's one read-back, after timing
-        q = torch.tensor(self.times).quantile(torch.tensor([0.5, 0.2, 0.8])).tolist()
+        q = percentiles(self.times)
         p50 = q[0]
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mode.precision]
         peak = matmul_peak_tflops(device, dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sys
@@ -35,6 +36,48 @@ if "FASTMT_CACHE" not in os.environ:
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "no_launch: a kernel test that checks something other than a kernel's output")
+
+
+@contextlib.contextmanager
+def kernel_launches(device: str | torch.device = "cpu"):
+    """Record the name of every Triton kernel launched inside the block.
+
+    Fails the test at once when the fused kernels cannot run for tensors on ``device`` (Triton not
+    importable, or CPU tensors without the interpreter): ``fastmt.kernels`` would then quietly run the
+    reference, and a "fused matches reference" test would compare the reference with itself.
+    """
+    import fastmt.kernels as fused
+
+    if fused._kl is None:
+        pytest.fail(f"the fused kernels cannot be imported ({fused._IMPORT_ERROR}); a fused test must not fall back")
+    if not fused.available(device):
+        pytest.fail(f"the fused kernels do not run for tensors on {device} here (TRITON_INTERPRET is not 1)")
+    from fastmt.kernels import kl
+
+    names: list[str] = []
+    real = kl.Launch.__call__
+
+    def call(self):
+        names.append(getattr(self.kernel, "fn", self.kernel).__name__)
+        return real(self)
+
+    kl.Launch.__call__ = call
+    try:
+        yield names
+    finally:
+        kl.Launch.__call__ = real
+
+
+@pytest.fixture
+def kernels_ran():
+    """For a test that runs the fused kernels: fails it unless a Triton kernel really was launched."""
+    with kernel_launches() as names:
+        yield names
+    assert names, "no Triton kernel was launched: the fused path fell back to the reference"
 
 
 def easy_rows(n: int, seed: int) -> list[tuple[str, str]]:

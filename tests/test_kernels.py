@@ -25,9 +25,23 @@ if DEVICE.type not in ("cpu", "cuda"):
 pytestmark = [
     pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(),
                        reason="FASTMT_TEST_DEVICE=cuda, but CUDA is not available here"),
-    pytest.mark.skipif(not fused.available(DEVICE), reason="Triton is missing, or CPU tensors without TRITON_INTERPRET=1"),
     pytest.mark.filterwarnings("ignore::RuntimeWarning"),  # the interpreter's numpy on masked -inf lanes
 ]
+
+
+
+@pytest.fixture(autouse=True)
+def _kernels_must_run(request):
+    """Every test here fails unless the Triton kernels are what ran (never the reference fallback)."""
+    from conftest import kernel_launches
+
+    if request.node.get_closest_marker("no_launch"):
+        yield
+        return
+    with kernel_launches(DEVICE) as names:
+        yield
+    assert names, "no Triton kernel was launched: the fused path fell back to the reference"
+
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -321,6 +335,7 @@ def test_no_gradient_into_teacher_tensors():
     assert ht.grad is None and tw.grad is None and w.grad is not None
 
 
+@pytest.mark.no_launch
 def test_bad_arguments_raise_like_the_reference():
     def randn(*shape):
         return torch.randn(*shape, device=DEVICE)
@@ -359,6 +374,7 @@ def test_compiled_step_equals_eager_without_graph_break():
     assert explained.graph_break_count == 0 and explained.graph_count == 1
 
 
+@pytest.mark.no_launch
 def test_fallback_without_cuda_or_interpreter(monkeypatch, caplog):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(fused, "_warned", False)
@@ -370,6 +386,7 @@ def test_fallback_without_cuda_or_interpreter(monkeypatch, caplog):
     assert sum("running the reference" in r.message for r in caplog.records) == 1
 
 
+@pytest.mark.no_launch
 def test_fastmt_check_passes_on_this_machine(tmp_path):
     from conftest import run_cli
 
