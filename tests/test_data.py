@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import SHARED
 from fastmt.data import (
     Batch,
     DataError,
@@ -25,7 +26,6 @@ from fastmt.data import (
     tokenizer_key,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 WORDS = ["the", "a", "film", "movie", "is", "was", "good", "bad", "great", "dull", "not", "very",
          "plot", "acting", "and", "but", "it", "fun", "long", "short", ".", ","]
@@ -634,9 +634,7 @@ def test_batch_to_device():
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not (SHARED / "data" / "rotten_tomatoes" / "train.tsv").exists()
-                    or not (SHARED / "models" / "minilm-l6-h384").exists(),
-                    reason="shared data and model not present")
+@pytest.mark.shared("data/rotten_tomatoes/train.tsv", "data/rotten_tomatoes/dev.tsv", "models/minilm-l6-h384")
 def test_rotten_tomatoes():
     from transformers import AutoTokenizer
 
