@@ -105,4 +105,14 @@ def _fault(name: str, step: int) -> None:
 
 
 def fault_after_step(step: int) -> None:
+    """``FASTMT_FAULT_KILL_AFTER_STEP=STEP`` dies after that step; ``FASTMT_FAULT_PAUSE_AFTER_STEP=STEP``
+    says so on stderr and waits there, forever, for a kill from outside (a test's external kill
+    then lands at a known step, and the run cannot finish first)."""
     _fault("FASTMT_FAULT_KILL_AFTER_STEP", step)
+    at = os.environ.get("FASTMT_FAULT_PAUSE_AFTER_STEP")
+    if at is not None and int(at) == step:
+        import sys
+        import threading
+
+        print(f"fastmt: paused after step {step}", file=sys.stderr, flush=True)
+        threading.Event().wait()

@@ -87,11 +87,18 @@ class DistillStep:
         with autocast(self.device, self.args.precision):
             return self.student_call(inputs[self.student.key], want_hidden=self.want_hidden)
 
-    def losses_from(self, inputs, labels, s_logits, s_hidden, t_logits, t_hidden):
-        """``a_task CE + a_kd L_kd + a_hid L_hid`` and the detached terms."""
+    def losses_from(self, inputs, labels, s_logits, s_hidden, t_logits, t_hidden, scale=None):
+        """``a_task CE + a_kd L_kd + a_hid L_hid`` and the detached terms.
+
+        ``scale`` (data-parallel only) is a ``[2]`` tensor: the weights of this process's means over
+        rows and over tokens (``fastmt.distributed.Shard``); each term, and its logged value, is
+        multiplied by the one that matches its own mean.
+        """
         a, student = self.args, self.student
+        by_rows = (lambda t: t) if scale is None else (lambda t: t * scale[0])
+        by_tokens = (lambda t: t) if scale is None else (lambda t: t * scale[1])
         parts = {}
-        task = F.cross_entropy(s_logits.float(), labels)
+        task = by_rows(F.cross_entropy(s_logits.float(), labels))
         loss = a.alpha_task * task
         parts["task"] = task.detach()
         if t_logits is None:
@@ -105,23 +112,24 @@ class DistillStep:
             else:
                 kd = self.losses.mt_kl_loss(s_logits, t_logits, weights=a.weighting, temperature=a.temperature,
                                             labels=labels)
+            kd = by_rows(kd)
             loss = loss + a.alpha_kd * kd
             parts["kd"] = kd.detach()
         if self.want_hidden:
             if a.hidden_loss == "cls":
-                s_hidden, mask = s_hidden[:, :, :1], None
+                s_hidden, mask, by = s_hidden[:, :, :1], None, by_rows  # a mean over rows
             else:
-                mask = inputs[student.key]["attention_mask"]
+                mask, by = inputs[student.key]["attention_mask"], by_tokens  # a mean over real tokens
             weights = reference_losses.teacher_weights(t_logits, labels, a.weighting) if a.weight_hidden else None
-            hid = self.losses.mt_hidden_loss(s_hidden, t_hidden, student.proj_weight, student.proj_bias,
-                                             mask=mask, weights=weights)
+            hid = by(self.losses.mt_hidden_loss(s_hidden, t_hidden, student.proj_weight, student.proj_bias,
+                                                mask=mask, weights=weights))
             loss = loss + a.alpha_hidden * hid
             parts["hidden"] = hid.detach()
         return loss, parts
 
-    def student_loss(self, inputs, labels, t_logits, t_hidden):
+    def student_loss(self, inputs, labels, t_logits, t_hidden, scale=None):
         s_logits, s_hidden = self.student_forward(inputs)
-        return self.losses_from(inputs, labels, s_logits, s_hidden, t_logits, t_hidden)
+        return self.losses_from(inputs, labels, s_logits, s_hidden, t_logits, t_hidden, scale)
 
     def teacher_outputs(self, inputs):
         """Teachers' outputs as ordinary tensors (made without autograd, then copied out).
@@ -148,12 +156,18 @@ class DistillStep:
 
     takes_index = True  # the training loop passes each batch's example positions (for the cache)
 
-    def __call__(self, inputs, labels, index=None):
+    def __call__(self, inputs, labels, index=None, shard=None):
+        """``shard`` (a ``fastmt.distributed.Shard``, data-parallel only) weighs this process's terms
+        by its share of the global batch."""
         if self.cuda_graphs:
             # A new training step: outputs of the previous replay may be overwritten from here on.
             torch.compiler.cudagraph_mark_step_begin()
         t_logits, t_hidden = self.cached_teacher_outputs(inputs, index)
-        return self._student(inputs, labels, t_logits, t_hidden)
+        if shard is None:
+            return self._student(inputs, labels, t_logits, t_hidden)
+        # A tensor, not Python floats: a compiled step is not specialised (recompiled) per value.
+        scale = torch.tensor([shard.row_weight(), shard.token_weight(self.student.key)], dtype=torch.float32)
+        return self._student(inputs, labels, t_logits, t_hidden, scale.to(self.device, non_blocking=True))
 
     def cached_teacher_outputs(self, inputs, index=None):
         """The teachers' outputs from the cache when every example of the batch is stored there;

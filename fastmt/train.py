@@ -497,10 +497,14 @@ def _fit(
 
         for batch in iterate_batches(encodings_for(splits, keys), splits.train_labels, args.batch_size, splits.buckets, True, gen,
                                      skip_batches=done_in_epoch, group_by_length=bool(args.group_by_length)):
-            shard_inputs, shard_labels = shard(batch.inputs, batch.labels, world)
-            inputs = to_device(shard_inputs, device)
-            labels = host_to(shard_labels, device)
-            if getattr(loss_fn, "takes_index", False) and world.size == 1:
+            part = shard(batch.inputs, batch.labels, world)
+            inputs = to_device(part.inputs, device)
+            labels = host_to(part.labels, device)
+            if world.size > 1:
+                # Weighted by this process's share of the global batch (fastmt.distributed): the
+                # averaged gradients, and the means over processes logged below, are the global batch's.
+                loss, parts = loss_fn(inputs, labels, shard=part)
+            elif getattr(loss_fn, "takes_index", False):
                 loss, parts = loss_fn(inputs, labels, batch.index)
             else:
                 loss, parts = loss_fn(inputs, labels)

@@ -11,7 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -230,7 +230,11 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tiny_task, teach
 
 
 def test_external_sigkill_then_resume(tiny_task, teachers_dir, tmp_path):
-    """A kill from outside, at whatever step the run has reached, then --resume."""
+    """A kill from outside, between two checkpoints, then --resume.
+
+    The run says when it has passed step 10 (its first checkpoint is at step 7) and waits there, so
+    the kill lands at that step whatever the machine's speed: no polling, no race with the run's end.
+    """
     common = ["--epochs", "3", "--batch-size", "8", "--max-length", "16", "--no-progress", "--seed", "1", "--lr", "1e-3",
               "--log-every", "5"]
     base = ["cofinetune", "--teacher", str(teachers_dir / "teacher_0"), "--train", str(tiny_task["train"]),
@@ -239,13 +243,26 @@ def test_external_sigkill_then_resume(tiny_task, teachers_dir, tmp_path):
     assert run_cli(*base, "--out", straight).returncode == 0
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "fastmt", *base, "--out", str(out), "--save-every", "7"], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_run_env())
-    meta = out / "checkpoint" / "meta.json"
-    deadline = time.time() + 300
-    while not meta.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.kill()
-    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=_run_env(FASTMT_FAULT_PAUSE_AFTER_STEP=10))
+    guard = threading.Timer(600, proc.kill)  # a hung run fails the test instead of hanging the suite
+    guard.start()
+    try:
+        seen = []
+        for line in proc.stderr:  # blocks until the run writes a line, or ends
+            seen.append(line)
+            if "paused after step 10" in line:
+                break
+        else:
+            pytest.fail("the run ended before step 10: " + "".join(seen[-20:]))
+        assert json.loads((out / "checkpoint" / "meta.json").read_text())["step"] == 7
+        proc.kill()
+        assert proc.wait() == -signal.SIGKILL
+    finally:
+        guard.cancel()
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
     r = run_cli(*base, "--out", out, "--save-every", "7", "--resume")
     assert r.returncode == 0, r.stderr
     wa, wb = load_file(out / "model.safetensors"), load_file(straight / "model.safetensors")

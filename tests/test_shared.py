@@ -9,7 +9,7 @@ import pytest
 
 from conftest import SHARED
 
-pytestmark = pytest.mark.skipif(not (SHARED / "models" / "minilm-l6-h384").is_dir(), reason="../shared is not here")
+pytestmark = pytest.mark.shared("models/minilm-l6-h384", "models/minilm-l3-h384", "data/rotten_tomatoes")
 
 
 def _slice(src, dst, n):
