@@ -9,6 +9,7 @@ naming the path and the space needed, after dropping its temporary files.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -63,8 +64,8 @@ def read_problem(e: BaseException) -> str:
         return "is missing"
     if isinstance(e, IsADirectoryError):
         return "is a directory, not a file"
-    if isinstance(e, OSError) and e.errno is not None:
-        return f"cannot be read ({e.strerror})"
+    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EIO, errno.ENOTDIR, errno.ELOOP):
+        return f"cannot be read ({e.strerror})"  # the file system's answer, not the file's content
     if isinstance(e, json.JSONDecodeError):
         return f"is not valid JSON ({e.msg}: line {e.lineno} column {e.colno}): damaged or truncated"
     if isinstance(e, UnicodeDecodeError):

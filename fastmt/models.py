@@ -133,7 +133,7 @@ def _check_file(path: Path) -> None:
         with safe_open(str(path), "pt") as f:
             f.keys()
     elif path.suffix in (".bin", ".pt", ".pth"):
-        torch.load(path, map_location="meta", weights_only=True, mmap=True)
+        torch.load(path, map_location="cpu", weights_only=True)
 
 
 def damaged_file(d: Path, names: Sequence[str], fix: str) -> UsageError | None:
