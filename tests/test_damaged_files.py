@@ -474,3 +474,24 @@ def test_staged_set_drops_the_stage_and_names_the_dir(tmp_path):
         raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
     assert caught.value.path == out and "it needs about 5.0 MB" in str(caught.value)
     assert (out / "model.bin").read_text() == "v1" and not (out / STAGING).exists()
+
+
+def test_truncated_teacher_cache_is_rebuilt(tmp_path, caplog):
+    """The teacher cache is derived data: a truncated file of it is rebuilt, with a warning naming it."""
+    import logging
+
+    import numpy as np
+
+    from fastmt import cache as C
+
+    n, t, c = 6, 2, 3
+    fp = {"format": C.FORMAT, "teacher_files": "x", "train_data": "y", "max_length": 8, "teacher_subset": None,
+          "hidden_loss": "none", "layer_maps": None, "precision": "fp32"}
+    cache = C.TeacherCache.open(tmp_path / "c", fp, n, t, c, 0, 0, None, 1e9)
+    cache.put(torch.tensor([0, 1]), torch.randn(t, 2, c), None)
+    cache.flush()
+    _truncate(tmp_path / "c" / "logits.bin", 10)
+    with caplog.at_level(logging.WARNING, logger="fastmt"):
+        again = C.TeacherCache.open(tmp_path / "c", fp, n, t, c, 0, 0, None, 1e9)
+    assert "is damaged (logits.bin (10 bytes, not 144))" in caplog.text and "rebuilding it" in caplog.text
+    assert again.count == 0 and np.asarray(again.logits).shape == (n, t, c)
