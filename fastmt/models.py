@@ -462,6 +462,8 @@ def fitting(path: Path, fix: str):
         lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
         detail = next((x for x in lines if not x.endswith(":")), lines[0] if lines else type(e).__name__)
         detail = detail if len(detail) <= 200 else detail[:197] + "..."
+        if path.name == "config.json":
+            raise UsageError(f"{path} lacks or misstates a setting the model needs ({detail}); {fix}") from e
         raise UsageError(f"{path} does not fit the model its config.json describes ({detail}); {fix}") from e
 
 

@@ -179,7 +179,9 @@ def _damage(name: str, tmp: Path, tiny_task, tiny_encoders, teachers_dir, studen
     if name == "teachers dir whose teacher_0 lost its vocabulary":
         d = _copy(teachers_dir, tmp / "teachers")
         _special_tokens_only(d / "teacher_0")
-        return dis(d), [f"--teachers {d / 'teacher_0'}: the tokenizer knows 5 tokens", "50 rows"], [d]
+        # --hidden-loss cls: nothing else refuses the run (it used to train on [UNK]s and exit 0)
+        argv = [*dis(d), "--hidden-loss", "cls"]
+        return argv, [f"--teachers {d / 'teacher_0'}: the tokenizer knows 5 tokens", "50 rows"], [d]
     if name == "damaged teacher config.json":
         d = _copy(teachers_dir, tmp / "teachers")
         _truncate(d / "teacher_1" / "config.json", 100)
