@@ -39,6 +39,13 @@ FORMAT = 1
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
 def _file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -134,13 +141,22 @@ class TeacherCache:
         path = Path(path)
         manifest = {**fp, "n": n, "teachers": t, "classes": c, "layers": k, "hidden": d}
         mpath = path / "manifest.json"
+        sizes = {"filled.bin": n, "logits.bin": 4 * n * t * c}
+        if kind == "cls":
+            sizes["hidden.bin"] = 4 * n * t * k * d
+        elif kind == "tokens":
+            sizes["hidden.bin"] = 4 * max(int(lengths.sum()), 1) * t * k * d
         if mpath.exists():
             try:
                 old = json.loads(mpath.read_text())
             except (OSError, ValueError):
                 old = {}
             same = {key: old.get(key) == v for key, v in manifest.items() if key != "dtypes"}
-            if all(same.values()):
+            wrong = [f"{name} ({_size(path / name)} bytes, not {size})" for name, size in sizes.items()
+                     if _size(path / name) != size]
+            if all(same.values()) and wrong:  # truncated, or a file lost: the cache is rebuilt
+                log.warning("teacher cache %s is damaged (%s): rebuilding it", path, ", ".join(wrong))
+            elif all(same.values()):
                 cache = cls(path, {**manifest, "dtypes": old.get("dtypes")}, lengths)
                 log.info("teacher cache %s: %d of %d examples stored%s", path, cache.count, n,
                          " (teachers skipped)" if cache.count == n else "; the rest are stored as they are computed")
@@ -149,15 +165,11 @@ class TeacherCache:
                     "teacher_subset": "--teacher-subset", "hidden_loss": "--hidden-loss", "layer_maps": "the layer map",
                     "precision": "--precision"}
             changed = [what.get(key, key) for key, ok in same.items() if not ok]
-            log.warning("teacher cache %s was made for other inputs (%s differ): rebuilding it", path,
-                        ", ".join(changed) or "format")
+            if changed:
+                log.warning("teacher cache %s was made for other inputs (%s differ): rebuilding it", path,
+                            ", ".join(changed) or "format")
             shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
-        sizes = {"filled.bin": n, "logits.bin": 4 * n * t * c}
-        if kind == "cls":
-            sizes["hidden.bin"] = 4 * n * t * k * d
-        elif kind == "tokens":
-            sizes["hidden.bin"] = 4 * max(int(lengths.sum()), 1) * t * k * d
         for name, size in sizes.items():
             with open(path / name, "wb") as f:
                 f.truncate(size)  # zeros; sparse where the filesystem allows

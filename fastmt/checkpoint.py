@@ -3,13 +3,17 @@
 ``DIR/checkpoint/`` holds ``state.pt`` (model, optimizer, scheduler, loss scaler, every RNG, the data
 order and position, the loop's counters) and ``meta.json`` (step and epoch, readable without torch).
 ``state.pt`` is written under a temporary name and renamed into place, so a kill at any instant
-leaves the previous checkpoint or the new one, whole.
+leaves the previous checkpoint or the new one, whole; so does a full disk (:class:`WriteFailed`).
+It is read back with ``torch.load(weights_only=True)``: tensors, plain values and the numpy array of
+numpy's RNG state, nothing else, so a file from elsewhere put in its place cannot run code.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,7 @@ import numpy as np
 import torch
 
 from fastmt.errors import UsageError
-from fastmt.io import atomic_path, read_json, write_json
+from fastmt.io import atomic_path, first_line, read_json, tensor_bytes, write_json
 
 CHECKPOINT = "checkpoint"
 FORMAT = 1
@@ -32,14 +36,16 @@ def checkpoint_dir(out_dir: str | Path) -> Path:
 
 
 def checkpoint_meta(out_dir: str | Path) -> dict | None:
-    """``meta.json`` of the run's checkpoint, or None when there is none."""
+    """``meta.json`` of the run's checkpoint, or None when there is none. A damaged meta.json beside
+    a ``state.pt`` still counts as a checkpoint (of an unknown step): the state is what matters."""
     meta = checkpoint_dir(out_dir) / "meta.json"
     if not meta.is_file() or not (meta.parent / "state.pt").is_file():
         return None
     try:
-        return read_json(meta)
+        found = read_json(meta)
     except (OSError, ValueError):
-        return None
+        found = None
+    return found if isinstance(found, dict) else {"step": None}
 
 
 def rng_state(device: torch.device) -> dict:
@@ -68,12 +74,53 @@ def save_checkpoint(out_dir: str | Path, state: dict[str, Any], meta: dict[str, 
     for error messages.
     """
     target = checkpoint_dir(out_dir)
-    target.mkdir(parents=True, exist_ok=True)
-    with atomic_path(target / "state.pt") as tmp:
-        torch.save({"format": FORMAT, **state}, tmp)
+    state = {"format": FORMAT, **state}
+    with atomic_path(target / "state.pt", need=tensor_bytes(state) + (1 << 16)) as tmp:
+        with open(tmp, "wb") as f:
+            writer = _Writer(f)
+            try:
+                torch.save(state, writer)
+            except RuntimeError as e:  # torch reports a failed write as "unexpected pos": give the OS error
+                if writer.error is None:
+                    raise
+                raise writer.error from e
         _fault("FASTMT_FAULT_KILL_IN_CHECKPOINT", int(meta["step"]))  # the old state.pt is still in place here
     write_json(target / "meta.json", {"format": FORMAT, **meta})
     return target
+
+
+class _Writer:
+    """A file for ``torch.save`` that keeps the OS error of a failed write (torch's own message
+    for it says only where the stream stopped)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+# Everything fastmt puts in a checkpoint besides tensors and plain values: numpy's RNG state array.
+def _numpy_globals() -> list:
+    core = getattr(np, "_core", None) or np.core
+    found = [core.multiarray._reconstruct, np.ndarray, np.dtype]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        found.append(dtypes.UInt32DType)
+    return found
+
+
+def _read_state(path: Path, mmap: bool) -> dict:
+    """``state.pt`` without unpickling anything but tensors, plain values and numpy arrays."""
+    with torch.serialization.safe_globals(_numpy_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def load_checkpoint(out_dir: str | Path, run_config: dict, mmap: bool = False) -> dict:
@@ -82,10 +129,22 @@ def load_checkpoint(out_dir: str | Path, run_config: dict, mmap: bool = False) -
     target = checkpoint_dir(out_dir)
     if checkpoint_meta(out_dir) is None:
         raise UsageError(f"--resume: no checkpoint in {target} (a run writes one with --save-every STEPS)")
+    path = target / "state.pt"
     try:
-        state = torch.load(target / "state.pt", map_location="cpu", weights_only=False, mmap=mmap)
+        state = _read_state(path, mmap)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if "weights_only" in str(e) or "Weights only" in str(e):
+            what = f" ({found.group(1)})" if found else ""
+            raise UsageError(f"--resume: {path} holds Python objects a fastmt checkpoint never holds{what}; it is not "
+                             "loaded, as unpickling it could run code. Start again with --overwrite") from None
+        raise UsageError(f"--resume: {path} cannot be read (UnpicklingError: {first_line(e)}); "
+                         "start again with --overwrite") from None
     except Exception as e:  # a file that is not a checkpoint: say which, not a pickle traceback
-        raise UsageError(f"--resume: {target / 'state.pt'} cannot be read ({type(e).__name__}: {e})") from None
+        raise UsageError(f"--resume: {path} cannot be read ({type(e).__name__}: {first_line(e)}); "
+                         "start again with --overwrite") from None
+    if not isinstance(state, dict) or "run_config" not in state:
+        raise UsageError(f"--resume: {path} is not a fastmt checkpoint; start again with --overwrite")
     if state.get("format") != FORMAT:
         raise UsageError(f"--resume: {target} was written by another fastmt version (format {state.get('format')})")
     old, new = comparable(state["run_config"]), comparable(run_config)

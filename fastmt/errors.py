@@ -1,5 +1,12 @@
 """Errors that reach the user as one line (see ``fastmt.cli``): never a traceback for a user mistake."""
 
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
 
 class FastmtError(Exception):
     """A runtime failure the user should read about in one line (exit status 1)."""
@@ -11,3 +18,45 @@ class UsageError(FastmtError):
     """A bad flag, path or input file (exit status 2). The message names what to fix."""
 
     exit_code = 2
+
+
+# The OS errors that mean "this disk has no room for it": the message then gives the space needed.
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def size_text(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover - the loop returns first
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Free space on the disk that holds ``path`` (its nearest existing parent), or None."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+class WriteFailed(FastmtError):
+    """The OS refused a write (a full disk, a quota, a read-only dir): exit status 1.
+
+    Every fastmt write goes to a temporary name first, so what was on disk before is still there;
+    the temporary files are removed before this is raised. ``need`` is the size of what was being
+    written, the space to free."""
+
+    def __init__(self, path: str | Path, error: OSError, need: int | None = None):
+        self.path, self.error, self.need = Path(path), error, need
+        self.free = free_bytes(path)
+        self.no_space = error.errno in NO_SPACE
+        reason = error.strerror or os.strerror(error.errno or 0) or str(error)
+        msg = f"cannot write {self.path}: {reason}"
+        if self.no_space and need:
+            msg += f" (it needs about {size_text(need)}"
+            msg += f"; {size_text(self.free)} free there)" if self.free is not None else ")"
+        super().__init__(msg)

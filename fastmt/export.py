@@ -22,7 +22,7 @@ def export_dir(model_dir: str, out: str | None = None) -> dict:
     from fastmt.models import STUDENT_KIND, TEACHERS_KIND, Student, Teachers, read_run_kind
 
     src = Path(model_dir)
-    kind = read_run_kind(src)
+    kind = read_run_kind(src, strict=True)
     if kind not in (STUDENT_KIND, TEACHERS_KIND):
         if not src.is_dir():
             raise UsageError(f"--model {model_dir}: no such directory")

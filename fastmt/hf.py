@@ -143,38 +143,50 @@ def save_seq_cls(out_dir: Path, encoder: nn.Module, tokenizer, dense, out, label
     return False
 
 
-def load_seq_cls(model_dir: Path) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def load_seq_cls(model_dir: Path, fix: str = "write it again with fastmt, or restore it from a copy"
+                 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """The encoder (fastmt's ``AutoModel`` without pooler) of a dir written by :func:`save_seq_cls`,
     and its head's weights as ``dense.weight/bias``, ``classifier.weight/bias`` (empty when the dir
-    holds the encoder only)."""
+    holds the encoder only). A damaged file, or weights that do not fit config.json, is one line
+    naming the file and ``fix``."""
     from transformers import AutoConfig
 
-    from fastmt.io import load_tensors, read_json
-    from fastmt.models import encoder_from_config
+    from fastmt.io import load_tensors, read_json, reading
+    from fastmt.models import encoder_from_config, fitting
 
-    raw = read_json(model_dir / "config.json")
-    if raw.get("model_type") == NOT_STOCK:
-        d = {**raw, "model_type": raw["fastmt"]["model_type"]}
-        cfg = None
-    else:
-        cfg = AutoConfig.from_pretrained(str(model_dir))
-        d = cfg.to_dict()
+    config = model_dir / "config.json"
+    with reading(config, fix):
+        raw = read_json(config)
+        if raw.get("model_type") == NOT_STOCK:
+            d = {**raw, "model_type": raw["fastmt"]["model_type"]}
+            cfg = None
+        else:
+            cfg = AutoConfig.from_pretrained(str(model_dir))
+            d = cfg.to_dict()
     for k in ("architectures", "id2label", "label2id", "fastmt", "_name_or_path", "transformers_version", "dtype",
               "torch_dtype"):
         d.pop(k, None)
-    encoder = encoder_from_config(d)
+    with fitting(config, fix):
+        encoder = encoder_from_config(d)
     if cfg is not None and (model_dir / "model.safetensors").is_file():
-        state = load_tensors(model_dir / "model.safetensors")
+        weights = model_dir / "model.safetensors"
+        state = load_tensors(weights, fix)
         found = _stock_keys(cfg)
         base = found[0] if found else cfg.model_type
-        dense_name, out_name = (n.format(base=base) for n in HEADS[cfg.model_type])
-        head = {"dense.weight": state.pop(f"{dense_name}.weight"), "dense.bias": state.pop(f"{dense_name}.bias"),
-                "classifier.weight": state.pop(f"{out_name}.weight"), "classifier.bias": state.pop(f"{out_name}.bias")}
+        with fitting(weights, fix):
+            dense_name, out_name = (n.format(base=base) for n in HEADS[cfg.model_type])
+            head = {"dense.weight": state.pop(f"{dense_name}.weight"), "dense.bias": state.pop(f"{dense_name}.bias"),
+                    "classifier.weight": state.pop(f"{out_name}.weight"), "classifier.bias": state.pop(f"{out_name}.bias")}
         enc_state = {k[len(base) + 1:]: v for k, v in state.items() if k.startswith(base + ".")}
     else:
-        head, enc_state = {}, load_tensors(model_dir / ENCODER_WEIGHTS)
-    missing, unexpected = encoder.load_state_dict(enc_state, strict=False)
+        weights = model_dir / ENCODER_WEIGHTS
+        head, enc_state = {}, load_tensors(weights, fix)
+    with fitting(weights, fix):
+        missing, unexpected = encoder.load_state_dict(enc_state, strict=False)
     missing = [k for k in missing if not k.endswith(("position_ids", "token_type_ids"))]
     if missing or unexpected:
-        raise ValueError(f"{model_dir}: weights do not match the encoder (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        from fastmt.errors import UsageError
+
+        raise UsageError(f"{weights} does not fit the model its config.json describes (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}); {fix}")
     return encoder, head

@@ -1,9 +1,18 @@
-"""Files that are never half-written: everything goes to a temporary name and is renamed into place."""
+"""Files that are never half-written: everything goes to a temporary name and is renamed into place.
+
+This is also the one place where a failed read or write becomes a one-line error: :func:`reading`
+turns a file that cannot be read (missing, truncated, damaged) into a :class:`UsageError` naming the
+file and what to do, and every writer here turns an OS error (a full disk above all, also from the
+native writers of safetensors and tokenizers, which report it as text) into :class:`WriteFailed`,
+naming the path and the space needed, after dropping its temporary files.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from datetime import datetime, timezone
@@ -13,6 +22,66 @@ from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from fastmt.errors import FastmtError, UsageError, WriteFailed
+
+
+def os_error_of(e: BaseException) -> OSError | None:
+    """The OS error behind a failed write: an ``OSError``, or the ``(os error N)`` that the Rust
+    writers (safetensors, tokenizers) put in their messages. None for any other failure."""
+    if isinstance(e, WriteFailed):
+        return e.error
+    if isinstance(e, OSError) and e.errno is not None:
+        return e
+    m = re.search(r"\(os error (\d+)\)", str(e))
+    if m:
+        code = int(m.group(1))
+        return OSError(code, os.strerror(code))
+    return None
+
+
+def write_failure(e: BaseException, path: str | Path, need: int | None = None) -> WriteFailed | None:
+    """``e`` as a :class:`WriteFailed` for ``path`` (None when ``e`` is not an OS error). A
+    WriteFailed from a file inside ``path`` is renamed after ``path`` and keeps its size if none is given."""
+    err = os_error_of(e)
+    if err is None:
+        return None
+    if isinstance(e, WriteFailed):
+        if Path(path) == e.path:
+            return e
+        need = need or e.need
+    return WriteFailed(path, err, need)
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(e).strip().splitlines()[:1]) or type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def read_problem(e: BaseException) -> str:
+    """What is wrong with a file that could not be read, in a few words."""
+    if isinstance(e, FileNotFoundError):
+        return "is missing"
+    if isinstance(e, IsADirectoryError):
+        return "is a directory, not a file"
+    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EIO, errno.ENOTDIR, errno.ELOOP):
+        return f"cannot be read ({e.strerror})"  # the file system's answer, not the file's content
+    if isinstance(e, json.JSONDecodeError):
+        return f"is not valid JSON ({e.msg}: line {e.lineno} column {e.colno}): damaged or truncated"
+    if isinstance(e, UnicodeDecodeError):
+        return f"is not text (bytes that are not UTF-8 at byte {e.start}): damaged, or not this kind of file"
+    return f"is damaged or truncated ({first_line(e)})"
+
+
+@contextmanager
+def reading(path: str | Path, fix: str) -> Iterator[None]:
+    """Any failure of the reads inside becomes one line: ``PATH <what is wrong>; <fix>`` (exit status 2)."""
+    try:
+        yield
+    except FastmtError:
+        raise
+    except Exception as e:
+        raise UsageError(f"{path} {read_problem(e)}; {fix}") from e
 
 
 def _umask() -> int:
@@ -29,29 +98,41 @@ def usual_mode(path: Path, directory: bool = False) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path in the same directory; on success it replaces `path` in one rename."""
+def atomic_path(path: str | Path, need: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path in the same directory; on success it replaces `path` in one rename.
+
+    An OS error while writing (a full disk) removes the temporary file and is raised as
+    :class:`WriteFailed` naming `path` and `need`, the size of what was being written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
         yield tmp
         usual_mode(tmp)  # after the writer: some (safetensors) create the file anew with their own mode
         os.replace(tmp, path)
+    except Exception as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)  # before the error is raised: the space it took is free again
+        failed = write_failure(e, path, need)
+        if failed is None or failed is e:
+            raise
+        raise failed from e
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             tmp.unlink()
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
+    with atomic_path(path, need=len(text.encode())) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path, need=len(text.encode())) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
@@ -61,23 +142,51 @@ def read_json(path: str | Path) -> Any:
 
 def append_jsonl(path: str | Path, row: dict) -> None:
     """Append one line, stamped with the wall-clock ``time`` (UTC, ISO 8601) unless it has one; a
-    line is written with a single write call, so a kill cannot tear earlier lines."""
+    line is written with a single write call, so a kill cannot tear earlier lines. A line the disk
+    has no room for is taken back whole (:class:`WriteFailed`)."""
     if "time" not in row:
         row = {**row, "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
+    data = (json.dumps(row) + "\n").encode("utf-8")
+    try:
+        with open(path, "ab", buffering=0) as f:
+            start = f.seek(0, os.SEEK_END)
+            try:
+                done = 0
+                while done < len(data):  # a raw write may take part of the line, then fail
+                    done += f.write(data[done:])
+            except OSError:
+                try:
+                    f.truncate(start)
+                except OSError:
+                    pass
+                raise
+    except OSError as e:
+        raise WriteFailed(path, e, len(data)) from e
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in a nest of dicts, lists and tuples: what saving it takes on disk."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     # safetensors refuses shared or non-contiguous storage; a copy per tensor is cheap next to the write.
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
+    header = 8 + sum(len(k) + 80 for k in flat) + len(json.dumps(metadata or {}))
+    with atomic_path(path, need=tensor_bytes(flat) + header) as tmp:
         save_file(flat, str(tmp), metadata=metadata)
 
 
-def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+def load_tensors(path: str | Path, fix: str = "restore it, or write it again") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a missing, truncated or damaged one is one line naming it."""
+    with reading(path, fix):
+        return load_file(str(path))
 
 
 @contextmanager
@@ -108,27 +217,33 @@ _COMPLETE = ".complete"
 
 
 @contextmanager
-def staged_set(out_dir: str | Path) -> Iterator[Path]:
+def staged_set(out_dir: str | Path, need: int | None = None) -> Iterator[Path]:
     """Write a set of files and dirs that belong together (a model's weights, tokenizer and config)
     into a staging dir; on exit they replace their namesakes in ``out_dir`` as one unit.
 
     A kill before the set is complete leaves the old set (the staging dir is dropped later); a kill
     while it is being moved into place is finished by :func:`recover`, which every reader and
     writer of a run dir calls first. So a reader sees the old set or the new one, never a mix.
+    An OS error while the set is written (a full disk) drops the staging dir, keeps the old set and
+    is raised as :class:`WriteFailed` naming ``out_dir`` and ``need``, the set's size.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    recover(out_dir)
     stage = out_dir / STAGING
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
     try:
-        yield stage
-    except BaseException:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        recover(out_dir)
         shutil.rmtree(stage, ignore_errors=True)
-        raise
-    with atomic_path(stage / _COMPLETE) as tmp:
-        tmp.write_text("complete\n", encoding="utf-8")
+        stage.mkdir()
+        yield stage
+        with atomic_path(stage / _COMPLETE) as tmp:
+            tmp.write_text("complete\n", encoding="utf-8")
+    except BaseException as e:
+        if not (stage / _COMPLETE).is_file():
+            shutil.rmtree(stage, ignore_errors=True)
+        failed = write_failure(e, out_dir, need) if isinstance(e, Exception) else None
+        if failed is None or failed is e:
+            raise
+        raise failed from e
     _roll_forward(out_dir)
 
 

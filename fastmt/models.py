@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -32,12 +33,14 @@ import torch
 import torch.nn as nn
 
 from fastmt.errors import UsageError
-from fastmt.io import load_tensors, read_json, recover, save_tensors, staged_set, write_json
+from fastmt.io import (first_line, load_tensors, read_json, read_problem, reading, recover, save_tensors, staged_set,
+                       tensor_bytes, write_json)
 from fastmt.losses import layer_map
 
 TEACHERS_KIND = "fastmt-teachers"
 STUDENT_KIND = "fastmt-student"
 STUDENT_WEIGHTS = "fastmt.safetensors"  # a student's head and projections, beside the stock model.safetensors
+TOKENIZER_BYTES = 1 << 20  # room for a saved tokenizer and config in the estimate of a save's size
 
 
 def _quiet_transformers() -> None:
@@ -107,36 +110,185 @@ class SharedHead(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 # Loading Hugging Face encoders and tokenizers with one-line errors
 
+# What to do about a damaged file, by where it came from.
+FIX_SOURCE = "copy or download the model again"
+FIX_TEACHERS = "write the teachers dir again with `fastmt cofinetune`, or restore it from a copy"
+FIX_STUDENT = "write the student dir again with `fastmt distill`, or restore it from a copy"
 
-def load_encoder(source: str | Path, flag: str = "--teacher") -> nn.Module:
-    """``AutoModel.from_pretrained`` in float32, without the model's own pooler where it has one."""
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.pt", "*.pth")
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "config.json")
+VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
+# Buffers and pooler weights a base model may lack in a checkpoint without losing anything it uses.
+_OPTIONAL_KEYS = ("position_ids", "token_type_ids")
+
+
+def _check_file(path: Path) -> None:
+    """Read enough of ``path`` to know that it is whole: a JSON file parses, a safetensors file's
+    header covers the file, a torch file's archive opens. Raises what the reader raised."""
+    if path.suffix == ".json":
+        read_json(path)
+    elif path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            f.keys()
+    elif path.suffix in (".bin", ".pt", ".pth"):
+        torch.load(path, map_location="cpu", weights_only=True)
+
+
+def damaged_file(d: Path, names: Sequence[str], fix: str) -> UsageError | None:
+    """The first of these files (names or glob patterns) in ``d`` that cannot be read whole, as the
+    one-line error to raise; None when every one reads."""
+    for pattern in names:
+        for path in sorted(d.glob(pattern)):
+            if not path.is_file():
+                continue
+            try:
+                _check_file(path)
+            except Exception as e:
+                return UsageError(f"{path} {read_problem(e)}; {fix}")
+    return None
+
+
+def _weights_name(d: Path) -> str:
+    for pattern in ("model.safetensors", "model.safetensors.index.json", "*.safetensors", "pytorch_model*.bin"):
+        found = sorted(d.glob(pattern))
+        if found:
+            return str(found[0])
+    return f"the weights in {d}"
+
+
+def _check_loading(source: str, info: dict, flag: str, fix: str) -> None:
+    """Refuse weights that do not fit the config.json they came with: tensors of other shapes, or
+    weights the config asks for that the file does not have (transformers would start them at random)."""
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda m: str(m[0]))
+    missing = sorted(k for k in info.get("missing_keys") or [] if not k.endswith(_OPTIONAL_KEYS) and "pooler" not in k)
+    if not mismatched and not missing:
+        return
+    weights = _weights_name(Path(source)) if Path(source).is_dir() else f"the weights of {source}"
+    if mismatched:
+        key, *shapes = mismatched[0]
+        shown = f" ({list(shapes[0])} in the file, {list(shapes[1])} by config.json)" if len(shapes) == 2 else ""
+        what = f"{len(mismatched)} tensor(s) have other shapes than its config.json says, e.g. {key}{shown}"
+    else:
+        what = f"{len(missing)} weight(s) that its config.json asks for are not in it, e.g. {missing[0]}"
+    raise UsageError(f"{flag} {source}: {weights} does not fit the model: {what}; the weights and config.json "
+                     f"come from different models ({fix})")
+
+
+def load_encoder(source: str | Path, flag: str = "--teacher", fix: str = FIX_SOURCE) -> nn.Module:
+    """``AutoModel.from_pretrained`` in float32, without the model's own pooler where it has one.
+    A damaged file or weights that do not fit config.json are one line naming the file and ``fix``."""
     from transformers import AutoModel
 
     _quiet_transformers()
     source = str(source)
-    if (Path(source) / "encoder.safetensors").is_file() and not (Path(source) / "model.safetensors").is_file():
+    d = Path(source)
+    if (d / "encoder.safetensors").is_file() and not (d / "model.safetensors").is_file():
         from fastmt.hf import load_seq_cls
 
-        return load_seq_cls(Path(source))[0]  # a teacher whose head has no stock form (fastmt.hf)
+        return load_seq_cls(d, fix)[0]  # a teacher whose head has no stock form (fastmt.hf)
+    kw = dict(dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True)
     try:
         try:
-            return AutoModel.from_pretrained(source, dtype=torch.float32, add_pooling_layer=False)
+            model, info = AutoModel.from_pretrained(source, add_pooling_layer=False, **kw)
         except TypeError:
-            return AutoModel.from_pretrained(source, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"{flag} {source}: cannot load a model from it ({first})") from e
+            model, info = AutoModel.from_pretrained(source, **kw)
+    except Exception as e:  # which file is at fault, when one of them is
+        damaged = damaged_file(d, ("config.json", *WEIGHT_FILES), fix) if d.is_dir() else None
+        if damaged is not None:
+            raise damaged from e
+        raise UsageError(f"{flag} {source}: cannot load a model from it ({first_line(e)})") from e
+    _check_loading(source, info, flag, fix)
+    return model
 
 
-def load_tokenizer(source: str | Path, flag: str = "--teacher"):
+def load_tokenizer(source: str | Path, flag: str = "--teacher", fix: str = FIX_SOURCE):
     from transformers import AutoTokenizer
 
     _quiet_transformers()
+    d = Path(source)
     try:
         return AutoTokenizer.from_pretrained(str(source))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"{flag} {source}: cannot load a tokenizer from it ({first})") from e
+    except Exception as e:  # tokenizers raises a bare Exception for a damaged tokenizer.json
+        if d.is_dir():
+            damaged = damaged_file(d, TOKENIZER_JSON, fix)
+            if damaged is not None:
+                raise damaged from e
+            if not any((d / f).is_file() for f in VOCAB_FILES):
+                raise UsageError(f"{flag} {source}: no tokenizer vocabulary in it (none of {', '.join(VOCAB_FILES)}); "
+                                 f"{fix}") from e
+        raise UsageError(f"{flag} {source}: cannot load a tokenizer from it ({first_line(e)})") from e
+
+
+def check_tokenizer(tokenizer, encoder: nn.Module, where: str, fix: str = FIX_SOURCE) -> None:
+    """Refuse, in one line, a tokenizer that does not belong to this model: ids past its embedding
+    table, a vocabulary far smaller than the table (vocabulary files lost: transformers then builds a
+    tokenizer of special tokens alone), special tokens it names but does not have, or none added to a
+    text at all (a model trained with [CLS]/[SEP] would read text without them)."""
+    vocab = tokenizer.get_vocab()
+    rows = int(encoder.get_input_embeddings().num_embeddings)
+    files = "its vocabulary files (tokenizer.json, vocab.txt, ...) are missing, damaged or another model's"
+    if not vocab:
+        raise UsageError(f"{where}: the tokenizer has an empty vocabulary; {files}; {fix}")
+    top = max(vocab.values())
+    if top >= rows:
+        token = next(t for t, i in vocab.items() if i == top)
+        raise UsageError(f"{where}: the tokenizer gives ids up to {top} ({token!r}) but the model's embedding table "
+                         f"has {rows} rows: the tokenizer is not this model's; {fix}")
+    if len(vocab) * 2 < rows:
+        raise UsageError(f"{where}: the tokenizer knows {len(vocab)} tokens but the model's embedding table has {rows} "
+                         f"rows; {files}; {fix}")
+    special = {name: getattr(tokenizer, name, None) for name in
+               ("unk_token", "pad_token", "cls_token", "sep_token", "bos_token", "eos_token", "mask_token")}
+    special = {n: str(t) for n, t in special.items() if t is not None}
+    special_ids = {vocab[t] for t in special.values() if t in vocab}
+    by_id: dict[int, list[str]] = {}
+    for t, i in vocab.items():
+        if i in special_ids:
+            by_id.setdefault(i, []).append(t)
+    for name, token in special.items():
+        shared = [t for t in by_id.get(vocab.get(token), []) if t != token]
+        if token not in vocab or shared:
+            why = f"shares id {vocab[token]} with {shared[0]!r}" if shared else "is not in its vocabulary"
+            raise UsageError(f"{where}: the tokenizer's {name.replace('_', ' ')} {token!r} {why}; {files}; {fix}")
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    marked = tokenizer("a", add_special_tokens=True)["input_ids"]
+    if list(plain) == list(marked):
+        raise UsageError(f"{where}: the tokenizer adds no special tokens (such as [CLS] and [SEP]) to a text, which "
+                         f"the model was trained with; {files}; {fix}")
+
+
+def check_tokenizer_on(tokenizer, texts: Sequence[str], where: str, what: str = "the training text") -> None:
+    """Refuse a tokenizer that turns a few ordinary texts (``texts``: a sample of the data) into
+    nothing but unknown tokens, or into no tokens at all."""
+    sample = [t for t in texts if t and t.strip()][:64]
+    if not sample:
+        return
+    unk = getattr(tokenizer, "unk_token_id", None)
+    special = set(getattr(tokenizer, "all_special_ids", []) or []) - {unk}
+    ids = [[i for i in row if i not in special] for row in tokenizer(sample, add_special_tokens=False)["input_ids"]]
+    tokens = [i for row in ids for i in row]
+    if not tokens:
+        raise UsageError(f"{where}: its tokenizer turns {what} into no tokens at all (e.g. {sample[0][:40]!r}); "
+                         "its vocabulary files are missing, damaged or another model's")
+    if unk is not None and all(i == unk for i in tokens):
+        raise UsageError(f"{where}: its tokenizer turns {what} into nothing but unknown tokens "
+                         f"({tokenizer.unk_token}, e.g. {sample[0][:40]!r} -> {len(ids[0])} x {tokenizer.unk_token}); "
+                         "its vocabulary files (tokenizer.json, vocab.txt, ...) are missing, damaged or another model's")
+
+
+def tokenizer_source(tokenizer) -> str:
+    """Where a tokenizer was loaded from, for messages."""
+    return str(getattr(tokenizer, "name_or_path", "") or "the tokenizer")
+
+
+def load_model_dir(source: str | Path, flag: str = "--teacher", fix: str = FIX_SOURCE):
+    """(encoder, tokenizer) of a model dir or hub name, checked to belong together."""
+    encoder = load_encoder(source, flag, fix)
+    tokenizer = load_tokenizer(source, flag, fix)
+    check_tokenizer(tokenizer, encoder, f"{flag} {source}", fix)
+    return encoder, tokenizer
 
 
 def encoder_from_config(config_dict: dict) -> nn.Module:
@@ -240,7 +392,8 @@ class Teachers(nn.Module):
         from fastmt.hf import fold_adapter, save_seq_cls
 
         entries = []
-        with staged_set(out_dir) as stage:
+        need = sum(tensor_bytes(e.state_dict()) + TOKENIZER_BYTES for e in self.encoders) + tensor_bytes(self.head_state())
+        with staged_set(out_dir, need) as stage:
             for i, (enc, tok, name) in enumerate(zip(self.encoders, self.tokenizers, self.names)):
                 # The teacher as a stock classifier: its adapter and the shared head folded into its own head.
                 folded = fold_adapter(self.adapters[i], self.head.dense, self.head.classifier, hidden_size(enc))
@@ -268,9 +421,8 @@ class Teachers(nn.Module):
 
     @classmethod
     def from_pretrained_encoders(cls, sources: Sequence[str], num_labels: int, pooling: str = "cls") -> "Teachers":
-        encoders = [load_encoder(s, "--teacher") for s in sources]
-        tokenizers = [load_tokenizer(s, "--teacher") for s in sources]
-        return cls(encoders, tokenizers, [str(s) for s in sources], num_labels, pooling)
+        loaded = [load_model_dir(s, "--teacher") for s in sources]
+        return cls([e for e, _ in loaded], [t for _, t in loaded], [str(s) for s in sources], num_labels, pooling)
 
     @classmethod
     def load(cls, teachers_dir: str | Path, flag: str = "--teachers") -> tuple["Teachers", dict]:
@@ -280,20 +432,39 @@ class Teachers(nn.Module):
         if not head_file.is_file():
             raise UsageError(f"{flag} {teachers_dir}: no model.safetensors (the shared head); re-run `fastmt cofinetune`")
         encoders, tokenizers = [], []
-        for e in cfg["teachers"]:
-            sub = teachers_dir / e["dir"]
-            encoders.append(load_encoder(sub, flag))
-            tokenizers.append(load_tokenizer(sub, flag))
-        teachers = cls(encoders, tokenizers, [e["name"] for e in cfg["teachers"]], int(cfg["num_labels"]),
-                       cfg.get("pooling", "cls"))
-        state = load_tensors(head_file)
+        try:
+            entries = [(teachers_dir / e["dir"], e["name"]) for e in cfg["teachers"]]
+            num_labels = int(cfg["num_labels"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise UsageError(f"{teachers_dir / 'config.json'} lacks the teachers' {e} entry; {FIX_TEACHERS}") from e
+        for sub, _ in entries:
+            encoder, tokenizer = load_model_dir(sub, flag, FIX_TEACHERS)
+            encoders.append(encoder)
+            tokenizers.append(tokenizer)
+        teachers = cls(encoders, tokenizers, [name for _, name in entries], num_labels, cfg.get("pooling", "cls"))
+        state = load_tensors(head_file, FIX_TEACHERS)
         head = {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")}
-        teachers.head.load_state_dict(head)
-        for i, a in enumerate(teachers.adapters):
-            prefix = f"adapters.{i}."
-            sub_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            a.load_state_dict(sub_state)
+        with fitting(head_file, FIX_TEACHERS):
+            teachers.head.load_state_dict(head)
+            for i, a in enumerate(teachers.adapters):
+                prefix = f"adapters.{i}."
+                sub_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+                a.load_state_dict(sub_state)
         return teachers, cfg
+
+
+@contextmanager
+def fitting(path: Path, fix: str):
+    """Tensors of ``path`` loaded into a model inside: a missing, extra or misshapen one is one line."""
+    try:
+        yield
+    except (RuntimeError, KeyError, ValueError) as e:
+        lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+        detail = next((x for x in lines if not x.endswith(":")), lines[0] if lines else type(e).__name__)
+        detail = detail if len(detail) <= 200 else detail[:197] + "..."
+        if path.name == "config.json":
+            raise UsageError(f"{path} lacks or misstates a setting the model needs ({detail}); {fix}") from e
+        raise UsageError(f"{path} does not fit the model its config.json describes ({detail}); {fix}") from e
 
 
 def _read_run_config(d: Path, kind: str, flag: str, what: str) -> dict:
@@ -303,10 +474,8 @@ def _read_run_config(d: Path, kind: str, flag: str, what: str) -> dict:
     path = d / "config.json"
     if not path.is_file():
         raise UsageError(f"{flag} {d}: no config.json; expected {what}")
-    try:
+    with reading(path, FIX_TEACHERS if kind == TEACHERS_KIND else FIX_STUDENT):
         cfg = read_json(path)
-    except ValueError as e:
-        raise UsageError(f"{path}: not valid JSON ({e})") from e
     block = fastmt_block(cfg)
     if not block or block.get("kind") != kind:
         raise UsageError(f"{flag} {d}: config.json is not {what}")
@@ -331,12 +500,18 @@ def fastmt_block(cfg) -> dict | None:
     return block if isinstance(block, dict) and block.get("kind") else None
 
 
-def read_run_kind(d: str | Path) -> str | None:
+def read_run_kind(d: str | Path, strict: bool = False) -> str | None:
+    """The ``kind`` of a run dir's config.json; None when there is none. With ``strict``, a
+    config.json that exists but cannot be read is one line naming it."""
     if Path(d).is_dir():
         _recover(Path(d))
+    path = Path(d) / "config.json"
     try:
-        cfg = read_json(Path(d) / "config.json")
+        cfg = read_json(path)
     except (OSError, ValueError):
+        if strict and path.is_file():
+            with reading(path, "write the dir again with `fastmt cofinetune` or `fastmt distill`, or restore it from a copy"):
+                read_json(path)
         return None
     block = fastmt_block(cfg)
     return block.get("kind") if block else None
@@ -391,7 +566,7 @@ class Student(nn.Module):
         return logits, torch.stack(all_hidden[1:])
 
     def save(self, out_dir: str | Path, run_config: dict, label_names: list[str], extra: dict | None = None) -> None:
-        with staged_set(out_dir) as stage:
+        with staged_set(out_dir, tensor_bytes(self.state_dict()) + TOKENIZER_BYTES) as stage:
             self._save_into(stage, run_config, label_names, extra)
 
     def _save_into(self, out_dir: Path, run_config: dict, label_names: list[str], extra: dict | None) -> None:
@@ -423,7 +598,8 @@ class Student(nn.Module):
         student_dir = Path(student_dir)
         cfg = _read_run_config(student_dir, STUDENT_KIND, flag, "a student dir written by `fastmt distill`")
         if "encoder" in cfg:  # the older layout: everything in one model.safetensors
-            encoder = encoder_from_config(cfg["encoder"])
+            with fitting(student_dir / "config.json", FIX_STUDENT):
+                encoder = encoder_from_config(cfg["encoder"])
             weights = student_dir / "model.safetensors"
         else:
             from fastmt.hf import load_seq_cls
@@ -432,22 +608,25 @@ class Student(nn.Module):
             if not weights.is_file():
                 raise UsageError(f"{flag} {student_dir}: no {STUDENT_WEIGHTS}")
             try:
-                encoder, _ = load_seq_cls(student_dir)
+                encoder, _ = load_seq_cls(student_dir, FIX_STUDENT)
             except (OSError, ValueError, KeyError) as e:
-                raise UsageError(f"{flag} {student_dir}: cannot load the encoder ({str(e).splitlines()[0]})") from e
-        tokenizer = load_tokenizer(student_dir, flag)
-        student = cls(encoder, tokenizer, int(cfg["num_labels"]), int(cfg["num_teachers"]), int(cfg["teacher_hidden"]),
-                      cfg.get("pooling", "cls"))
+                raise UsageError(f"{flag} {student_dir}: cannot load the encoder ({first_line(e)})") from e
+        tokenizer = load_tokenizer(student_dir, flag, FIX_STUDENT)
+        check_tokenizer(tokenizer, encoder, f"{flag} {student_dir}", FIX_STUDENT)
+        with fitting(student_dir / "config.json", FIX_STUDENT):
+            student = cls(encoder, tokenizer, int(cfg["num_labels"]), int(cfg["num_teachers"]), int(cfg["teacher_hidden"]),
+                          cfg.get("pooling", "cls"))
         if not weights.is_file():
             raise UsageError(f"{flag} {student_dir}: no {weights.name}")
-        state = load_tensors(weights)
-        if "encoder" in cfg:
-            student.load_state_dict(state)
-        else:
-            student.head.load_state_dict({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")})
-            with torch.no_grad():
-                student.proj_weight.copy_(state["proj_weight"])
-                student.proj_bias.copy_(state["proj_bias"])
+        state = load_tensors(weights, FIX_STUDENT)
+        with fitting(weights, FIX_STUDENT):
+            if "encoder" in cfg:
+                student.load_state_dict(state)
+            else:
+                student.head.load_state_dict({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")})
+                with torch.no_grad():
+                    student.proj_weight.copy_(state["proj_weight"])
+                    student.proj_bias.copy_(state["proj_bias"])
         return student, cfg
 
 
@@ -514,16 +693,17 @@ def build_student(spec: StudentSpec, teachers: Teachers, init_from: Teachers | N
         prev, _ = Student.load(path, "--student-init")
         encoder, tokenizer = prev.encoder, prev.tokenizer
     elif has_weights:
-        encoder = load_encoder(path, "--student-init")
-        tokenizer = load_tokenizer(path, "--student-init")
+        encoder, tokenizer = load_model_dir(path, "--student-init")
     else:
         # A config-only directory: a fresh encoder of that shape (its tokenizer, else teacher 0's).
         from transformers import AutoConfig
 
         _quiet_transformers()
-        encoder = encoder_from_config({**AutoConfig.from_pretrained(str(path)).to_dict()})
+        with reading(path / "config.json", FIX_SOURCE):
+            encoder = encoder_from_config({**AutoConfig.from_pretrained(str(path)).to_dict()})
         tok_files = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
         tokenizer = load_tokenizer(path, "--student-init") if any((path / f).is_file() for f in tok_files) else teachers.tokenizers[0]
+        check_tokenizer(tokenizer, encoder, f"--student-init {init}")
     if num_layers(encoder) != k:
         raise UsageError(f"--student-init {init}: that encoder has {num_layers(encoder)} layers, but --student-layers is {k}")
     student = Student(encoder, tokenizer, teachers.num_labels, len(teachers), teachers.hidden_size, teachers.pooling)

@@ -39,6 +39,7 @@ class LoadedModel:
     def logits(self, ds, batch_size: int = 128, max_length: int | None = None, timings: list[float] | None = None) -> torch.Tensor:
         """``[n, C]`` for a student, ``[T, n, C]`` for teachers (float32, on the CPU)."""
         from fastmt.data import encode, tokenizer_key
+        from fastmt.models import check_tokenizer_on, tokenizer_source
         from fastmt.train import student_logits, teacher_logits
 
         if batch_size < 1:
@@ -46,7 +47,10 @@ class LoadedModel:
         max_length = max_length or self.max_length
         enc = {}
         for t in self.tokenizers:
-            enc.setdefault(tokenizer_key(t), encode(t, ds, max_length))
+            key = tokenizer_key(t)
+            if key not in enc:
+                check_tokenizer_on(t, ds.text_a[:64], tokenizer_source(t), "the data")
+                enc[key] = encode(t, ds, max_length)
         widths = list(range(1, max_length + 1))  # sorted by length: each batch padded to its longest row
         if self.kind == "teachers":
             return teacher_logits(self.model, enc, len(ds), batch_size, widths, self.device, timings=timings)
@@ -56,7 +60,7 @@ class LoadedModel:
 def load_model(model_dir: str | Path, device: torch.device, flag: str = "--model") -> LoadedModel:
     from fastmt.models import STUDENT_KIND, TEACHERS_KIND, Student, Teachers, read_run_kind
 
-    kind = read_run_kind(model_dir)
+    kind = read_run_kind(model_dir, strict=True)
     if kind is None:
         if not Path(model_dir).is_dir():
             raise UsageError(f"{flag} {model_dir}: no such directory")

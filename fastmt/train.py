@@ -40,7 +40,8 @@ from fastmt.tracking import TRACKERS, Tracker
 HEAD_LR_FLOOR = 1e-3  # --head-lr auto: a freshly initialised head learns at least this fast
 from fastmt.metrics import report as metric_report
 from fastmt.metrics import scores as metric_scores
-from fastmt.models import POOLINGS, Student, StudentSpec, Teachers, build_student, count_parameters, layer_maps
+from fastmt.models import (POOLINGS, Student, StudentSpec, Teachers, build_student, check_tokenizer_on, count_parameters,
+                           layer_maps, tokenizer_source)
 from fastmt.distributed import World, barrier, check_batch, local_device, max_over_world, mean_over_world, shard, world_from_env
 from fastmt.optim import GradBuffers, LinearSchedule, make_optimizer, optimizer_step  # noqa: F401 (re-exported)
 from fastmt.step import PRECISIONS, DistillStep, autocast
@@ -222,7 +223,8 @@ def check_out_dir(out: str, overwrite: bool, resume: bool = False) -> Path:
             raise UsageError(f"--resume: {out} {what}; nothing to resume (runs write checkpoints with --save-every STEPS)")
         return d
     if meta is not None and not overwrite:
-        raise UsageError(f"--out {out}: holds an interrupted run (checkpoint at step {meta.get('step')}); "
+        at = f"checkpoint at step {meta.get('step')}" if meta.get("step") is not None else "a checkpoint"
+        raise UsageError(f"--out {out}: holds an interrupted run ({at}); "
                          "pass --resume to continue it, or --overwrite to start again")
     if finished and not overwrite:
         raise UsageError(f"--out {out}: already holds a run; choose another dir or pass --overwrite")
@@ -281,6 +283,7 @@ def prepare_splits(train: str, dev: str, tokenizers: Iterable, max_length: int, 
     for tok in tokenizers:
         key = tokenizer_key(tok)
         if key not in train_enc:
+            check_tokenizer_on(tok, train_ds.text_a[:64], tokenizer_source(tok), f"the training text ({train})")
             train_enc[key] = encode(tok, train_ds, max_length)
             dev_enc[key] = encode(tok, dev_ds, max_length)
     return Splits(label_names, train_labels, dev_labels, train_enc, dev_enc, length_buckets(max_length), str(train), str(dev))
@@ -371,7 +374,69 @@ class RunResult:
     best_dev_score: float = float("nan")  # that metric at the best epoch
 
 
-def _fit(
+@dataclass
+class _Progress:
+    """How far a run got, for the message when a write fails (a full disk)."""
+
+    epoch: int = 0
+    step: int = 0
+    trained: bool = False  # every training step of the last epoch is done
+    checkpoint: int | None = None  # step of the checkpoint on disk
+    saved_epoch: int = 0  # epoch of the model this run saved last
+
+
+def _fit(model: nn.Module, args: TrainArgs, splits: Splits, keys: list[str], device: torch.device, loss_fn, evaluate,
+         save_best: Callable[[], None], out_dir: Path, desc: str, world: World | None = None, run_config: dict | None = None,
+         faults: Callable[[], str] | None = None) -> RunResult:
+    """:func:`_fit_loop`, with a failed write (a full disk) told in one line: what was written and
+    what is kept, and how to go on (``--resume`` where a checkpoint was written)."""
+    from fastmt.errors import WriteFailed
+
+    progress = _Progress()
+    try:
+        return _fit_loop(model, args, splits, keys, device, loss_fn, evaluate, save_best, out_dir, desc, world,
+                         run_config, faults, progress)
+    except WriteFailed as e:
+        raise _write_failed(e, progress, args, out_dir, desc) from e
+
+
+def _write_failed(e, progress: _Progress, args: TrainArgs, out_dir: Path, desc: str) -> FastmtError:
+    from fastmt.checkpoint import checkpoint_dir
+    from fastmt.errors import WriteFailed, size_text
+
+    try:  # the reason in the log too, where the disk still takes a line
+        append_jsonl(out_dir / "metrics.jsonl", {"event": "stopped", "epoch": progress.epoch, "step": progress.step,
+                                                 "reason": "write failed", "path": str(e.path), "error": e.error.strerror})
+    except (WriteFailed, OSError):
+        pass
+    ck = checkpoint_dir(out_dir)
+    if e.path == out_dir:
+        if progress.trained:
+            told = f"training finished (epoch {progress.epoch} of {args.epochs}) but its model could not be saved"
+        else:
+            told = f"the model of epoch {progress.epoch} (of {args.epochs}) could not be saved, so training stopped"
+    elif ck in e.path.parents:
+        told = f"the checkpoint of step {progress.step} could not be written, so training stopped"
+    else:
+        told = f"training stopped at step {progress.step} (epoch {progress.epoch} of {args.epochs})"
+    if progress.saved_epoch:
+        kept = f"{out_dir} holds the model of epoch {progress.saved_epoch}"
+    elif (out_dir / "config.json").is_file():
+        kept = f"the model that was in {out_dir} is still there, unchanged"
+    else:
+        kept = f"{out_dir} holds no model yet"
+    if progress.checkpoint is not None:
+        kept += f", and the checkpoint of step {progress.checkpoint} ({ck}) is kept"
+    room = f"free {size_text(e.need)} or more there" if e.no_space and e.need else (
+        "free some space there" if e.no_space else "fix that")
+    if progress.checkpoint is not None:
+        then = f"{room}, then run the same command with --resume: it goes on from step {progress.checkpoint}"
+    else:
+        then = f"{room}, then run the command again (--save-every STEPS writes checkpoints that --resume continues from)"
+    return FastmtError(f"{desc}: {e}; {told}. Nothing already on disk was lost; {kept}. To recover, {then}")
+
+
+def _fit_loop(
     model: nn.Module,
     args: TrainArgs,
     splits: Splits,
@@ -382,15 +447,17 @@ def _fit(
     save_best: Callable[[], None],
     out_dir: Path,
     desc: str,
-    world: World | None = None,
-    run_config: dict | None = None,
-    faults: Callable[[], str] | None = None,
+    world: World | None,
+    run_config: dict | None,
+    faults: Callable[[], str] | None,
+    progress: _Progress,
 ) -> RunResult:
     """Epoch loop: AdamW + schedule + clipping, dev after each epoch, best model saved, metrics logged.
 
     With several processes, each trains on its shard of every global batch; only the first writes.
     ``--save-every`` checkpoints the whole loop state; ``--resume`` continues from it exactly.
     ``faults()`` (optional) describes non-finite inputs seen so far, for the logs and the stop message.
+    ``progress`` is kept up to date for the message of a failed write.
     """
     from fastmt.checkpoint import checkpoint_dir, fault_after_step, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
@@ -431,7 +498,7 @@ def _fit(
         window_loss = c["window_loss"].to(device)
         window_parts = {k: v.to(device) for k, v in c["window_parts"].items()}
         start_epoch, done_in_epoch, epoch_gen_state = c["epoch"], c["done_in_epoch"], ck["epoch_gen_state"]
-        last_checkpoint = step
+        last_checkpoint = progress.checkpoint = step
         if world.is_main:
             start_out_dir(out_dir, c["metrics_bytes"])
         set_rng_state(ck["rng"], device)
@@ -456,7 +523,7 @@ def _fit(
                      "scaler": scaler.state_dict(), "rng": rng_state(device), "epoch_gen_state": epoch_gen_state,
                      "counters": counters, "run_config": run_config}
             save_checkpoint(out_dir, state, {"step": step, "epoch": epoch, "batch_in_epoch": done, "steps_per_epoch": steps_per_epoch})
-        last_checkpoint = step
+        last_checkpoint = progress.checkpoint = step
         barrier(world)
 
     def stop_if_diverged(epoch: int) -> None:
@@ -476,6 +543,7 @@ def _fit(
 
     tracker = Tracker(args.report_to, out_dir, enabled=world.is_main)  # flushed after every row
     for epoch in range(start_epoch, args.epochs + 1):
+        progress.epoch, progress.step = epoch, step
         resuming = epoch == start_epoch and epoch_gen_state is not None
         if resuming:
             gen.set_state(epoch_gen_state)
@@ -561,6 +629,7 @@ def _fit(
                 bar.set_postfix(loss=f"{avg:.4f}", sps=f"{sps:.0f}")
                 window_loss, window_n, window_good = torch.zeros((), device=device), 0, zero()
                 window_parts = {}
+            progress.step = step
             if args.save_every and step % args.save_every == 0 and int(bad_run) == 0:
                 lap()
                 checkpoint(epoch, done)
@@ -568,6 +637,7 @@ def _fit(
             fault_after_step(step)
         lap()
         bar.close()
+        progress.trained = epoch == args.epochs
         scores = evaluate()  # every process: the same replica on the same dev set
         score = scores[f"dev_{args.metric}"]
         improved = best_epoch == 0 or score > best
@@ -575,6 +645,7 @@ def _fit(
             best, best_epoch, best_accuracy = score, epoch, scores["dev_accuracy"]
             if world.is_main:
                 save_best()
+                progress.saved_epoch = epoch
         if world.is_main:
             row = {"event": "eval", "epoch": epoch, "step": step, **scores, "best": improved}
             append_jsonl(metrics, row)
@@ -725,7 +796,38 @@ def _check_resume(args: TrainArgs, out_dir: Path, run_config: dict) -> None:
     if args.resume:
         from fastmt.checkpoint import load_checkpoint
 
-        load_checkpoint(out_dir, run_config, mmap=True)
+        state = load_checkpoint(out_dir, run_config, mmap=True)
+        counters = state.get("counters")
+        _check_metrics(out_dir / "metrics.jsonl", int(counters.get("metrics_bytes", 0)) if isinstance(counters, dict) else 0)
+
+
+def _check_metrics(path: Path, size: int) -> None:
+    """--resume cuts metrics.jsonl back to ``size``, its length at the checkpoint: refuse a file that
+    is shorter (it would be padded with zeros) or whose lines up to there are not whole JSON rows."""
+    import json
+
+    if size <= 0:
+        return
+    fix = "restore it from a copy, or start again with --overwrite"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(size)
+    except FileNotFoundError:
+        raise UsageError(f"--resume: {path} is missing (the checkpoint was taken after {size} bytes of it); {fix}") from None
+    except OSError as e:
+        raise UsageError(f"--resume: {path} cannot be read ({e.strerror}); {fix}") from None
+    if len(head) < size:
+        raise UsageError(f"--resume: {path} is truncated ({len(head)} bytes; it had {size} when the checkpoint was "
+                         f"taken); {fix}")
+    lines = head.split(b"\n")
+    if lines[-1]:
+        raise UsageError(f"--resume: {path}:{len(lines)} is not a whole metrics row (damaged); {fix}")
+    for n, line in enumerate(lines[:-1], 1):
+        try:
+            if not isinstance(json.loads(line), dict):
+                raise ValueError("not an object")
+        except ValueError:
+            raise UsageError(f"--resume: {path}:{n} is not a whole metrics row (damaged); {fix}") from None
 
 
 def _total_steps(args: TrainArgs, splits: Splits) -> int:
