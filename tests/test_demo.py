@@ -3,13 +3,28 @@
 from conftest import run_cli
 
 
-def test_demo_prints_the_table(tmp_path):
+def _accuracies(stdout: str) -> dict[str, str]:
+    """Model name -> dev accuracy as printed (the samples/s column is left out: it is a timing)."""
+    names = ("teacher-a", "teacher-b", "teacher ensemble", "student alone", "MT-BERT student")
+    out = {}
+    for line in stdout.splitlines():
+        for name in names:
+            if line.startswith(name):
+                out[name] = line[30:].split()[0]
+    return out
+
+
+def test_demo_prints_the_table_and_repeats_exactly(tmp_path):
+    """The README says the demo's accuracies repeat exactly on rerun: two runs print the same ones."""
     r = run_cli("demo", "--fast", "--quiet", "--out", tmp_path / "demo")
     assert r.returncode == 0, r.stderr
-    for name in ("teacher-a", "teacher-b", "teacher ensemble", "student alone", "MT-BERT student"):
-        assert name in r.stdout
+    first = _accuracies(r.stdout)
+    assert len(first) == 5, r.stdout
     for d in ("teachers", "student_alone", "student_mtbert"):
         assert (tmp_path / "demo" / d / "model.safetensors").is_file()
+    again = run_cli("demo", "--fast", "--quiet", "--out", tmp_path / "demo2")
+    assert again.returncode == 0, again.stderr
+    assert _accuracies(again.stdout) == first
 
 
 def test_demo_task_is_deterministic_and_not_a_bag_of_words():

@@ -414,3 +414,24 @@ def test_kd_target_ensemble_is_one_kl_to_the_averaged_logits(tiny_task, tiny_enc
 def test_kd_target_is_validated(tiny_task, tmp_path):
     with pytest.raises(UsageError, match="--kd-target"):
         T.DistillArgs(**_args(tiny_task, tmp_path), teachers="x", student_layers=1, kd_target="mean")
+
+
+def test_student_init_from_a_config_only_dir(same_tokenizer_teachers, tiny_task, tmp_path):
+    """--student-init DIR where DIR holds only a config.json: a fresh encoder of that shape (here
+    narrower than the teachers), trained, saved and loadable, its weights its own."""
+    from safetensors.torch import load_file
+    from transformers import BertConfig
+
+    cfg_dir = tmp_path / "narrow"
+    teacher_cfg = json.loads((same_tokenizer_teachers / "teacher_0" / "config.json").read_text())
+    BertConfig(vocab_size=teacher_cfg["vocab_size"], hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
+               intermediate_size=48, max_position_embeddings=64).save_pretrained(cfg_dir)
+    assert sorted(p.name for p in cfg_dir.iterdir()) == ["config.json"]
+    res = T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "s"), teachers=str(same_tokenizer_teachers),
+                                  student_layers=2, student_init=str(cfg_dir)))
+    saved = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert saved["hidden_size"] == 24 and saved["num_hidden_layers"] == 2
+    weights = load_file(str(tmp_path / "s" / "model.safetensors"))
+    emb = [v for k, v in weights.items() if k.endswith("word_embeddings.weight")][0]
+    assert emb.shape == (teacher_cfg["vocab_size"], 24)
+    assert T.evaluate_dir(str(tmp_path / "s"), str(tiny_task["dev"]))["accuracy"] == pytest.approx(res.best_dev_accuracy)
