@@ -85,17 +85,11 @@ WHAT = dict(VARIANTS)
 def machine() -> str:
     import platform
 
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import torch
 
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.python_version()}"
+    from fastmt.bench import device_name
+
+    return f"{device_name(torch.device('cpu'))}, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 class Results:

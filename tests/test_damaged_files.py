@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_args, run_cli
 from fastmt import train as T
 
 FAST = ["--epochs", "1", "--batch-size", "32", "--max-length", "16", "--no-progress", "--seed", "0", "--lr", "2e-3", "-q"]
@@ -29,10 +29,7 @@ FULL_DISK = Path(__file__).resolve().parent / "full_disk"
 
 
 def _args(tiny_task, out, **kw):
-    base = dict(train=str(tiny_task["train"]), dev=str(tiny_task["dev"]), out=str(out), epochs=1, batch_size=32,
-                lr=2e-3, max_length=16, progress=False)
-    base.update(kw)
-    return base
+    return run_args(tiny_task, out, **{"lr": 2e-3, **kw})
 
 
 @pytest.fixture(scope="module")
