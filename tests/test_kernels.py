@@ -9,6 +9,7 @@ see the same numbers).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -223,10 +224,10 @@ def test_kl_classification_kernel_matches_row_kernel_and_reference(shape, scheme
     assert rel_err(loss, loss_rows) < 1e-6 and rel_err(grad, grad_rows) < 1e-6
 
 
-def test_kl_classification_sizes_are_one_launch_each_way(monkeypatch):
-    """Forward and backward of a classification-size loss are one kernel launch each, with no torch
-    computation around them (only allocations); the row kernels count valid rows and sum the loss
-    with torch ops."""
+@contextlib.contextmanager
+def launcher_ops():
+    """Record the Triton kernels launched inside the block and the torch ops the launchers run
+    around them (the interpreter's own copies inside a launch are not counted)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from fastmt.kernels import kl
@@ -244,25 +245,36 @@ def test_kl_classification_sizes_are_one_launch_each_way(monkeypatch):
 
     class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not inside[0]:  # the interpreter's own copies inside a launch are not the launcher's
+            if not inside[0]:
                 ops.append(func.__name__)
             return func(*args, **(kwargs or {}))
 
-    monkeypatch.setattr(kl.Launch, "__call__", call)
+    kl.Launch.__call__ = call
+    try:
+        with Record():
+            yield launched, ops
+    finally:
+        kl.Launch.__call__ = real_call
+
+
+def test_kl_classification_sizes_are_one_launch_each_way():
+    """Forward and backward of a classification-size loss are one kernel launch each, with no torch
+    computation around them (only allocations); the row kernels count valid rows and sum the loss
+    with torch ops."""
+    from fastmt.kernels import kl
+
     allocations = {"empty.memory_format", "empty_like.default", "new_empty.default", "view.default"}
     s, tl, labels, _ = _kl_case(3, 64, 2, torch.float32, None, ignore=True, seed=9)
     up = torch.tensor(2.0, device=DEVICE)
-    with Record():
+    with launcher_ops() as (launched, ops):
         loss, stats = kl.kl_forward(s, tl, None, "paper", 1.0, labels, -100)
         grad = kl.kl_backward(up, s, tl, stats, 1.0)
     assert launched == ["_mt_kl_small_fwd_kernel", "_mt_kl_small_bwd_kernel"]
     assert set(ops) <= allocations, ops
     assert loss.shape == () and grad.shape == s.shape
 
-    launched.clear()
-    ops.clear()
     s, tl, labels, _ = _kl_case(3, 8, 100, torch.float32, None, ignore=True, seed=9)
-    with Record():
+    with launcher_ops() as (launched, ops):
         loss, stats = kl.kl_forward(s, tl, None, "paper", 1.0, labels, -100)
     assert launched == ["_mt_kl_fwd_kernel"] and {"ne.Scalar", "sum.default"} <= set(ops)
 
@@ -511,35 +523,12 @@ def test_kl_a_262144_wide_row(dtype):
 def test_kl_reads_nothing_back_to_the_host(shape):
     """The KL loss and its gradient never read a device value on the host (no ``.item()``, no
     ``.tolist()``, no data-dependent shape): on a GPU each would stall the stream."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from fastmt.kernels import kl
-
-    reads, inside = [], [False]
-    real_call = kl.Launch.__call__
-
-    def call(self):
-        inside[0] = True
-        try:
-            real_call(self)
-        finally:
-            inside[0] = False
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not inside[0] and func.__name__ in ("_local_scalar_dense.default", "nonzero.default", "masked_select.default"):
-                reads.append(func.__name__)
-            return func(*args, **(kwargs or {}))
-
-    kl.Launch.__call__ = call
-    try:
-        t, n, c = shape
-        s, tl, labels, _ = _kl_case(t, n, c, torch.float32, "paper", ignore=True, seed=4)
-        s = s.requires_grad_()
-        with Record():
-            loss = fused.mt_kl_loss(s, tl, "paper", temperature=2.0, labels=labels)
-            (grad,) = torch.autograd.grad(loss, s)
-    finally:
-        kl.Launch.__call__ = real_call
-    assert reads == [], reads
+    t, n, c = shape
+    s, tl, labels, _ = _kl_case(t, n, c, torch.float32, "paper", ignore=True, seed=4)
+    s = s.requires_grad_()
+    with launcher_ops() as (launched, ops):
+        loss = fused.mt_kl_loss(s, tl, "paper", temperature=2.0, labels=labels)
+        (grad,) = torch.autograd.grad(loss, s)
+    reads = [op for op in ops if op in ("_local_scalar_dense.default", "nonzero.default", "masked_select.default")]
+    assert launched and reads == [], reads
     assert grad.shape == s.shape
