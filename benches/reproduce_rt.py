@@ -300,7 +300,7 @@ def summary(data: dict) -> dict:
         if recs:
             d = [r["dev_acc"] for r in recs]
             out[variant] = {"n": len(recs), "mean": statistics.mean(d), "sd": statistics.stdev(d) if len(d) > 1 else float("nan"),
-                            "val": statistics.mean(r["val_acc"] for r in recs), "train_s": statistics.mean(r["train_s"] for r in recs),
+                            "val": statistics.mean(r["val_acc"] for r in recs), "train_s": statistics.median(r["train_s"] for r in recs),
                             "seeds": sorted(r["seed"] for r in recs),
                             "by_seed": {r["seed"]: r["dev_acc"] for r in recs},
                             "bits": [r["dev_correct"] for r in sorted(recs, key=lambda r: r["seed"])]}
@@ -342,7 +342,7 @@ def report(a) -> None:
                 lines.append(f"| T={r['temperature']:g} kd={r['alpha_kd']:g} hidden={r['alpha_hidden']:g} | "
                              f"{100 * r['val_acc']:.2f} | {100 * r['dev_acc']:.2f} |")
             lines.append("")
-    lines += ["| variant | what | seeds | validation acc (mean) | dev acc (mean ± std) | dev acc per seed | train s / run |",
+    lines += ["| variant | what | seeds | validation acc (mean) | dev acc (mean ± std) | dev acc per seed | train s / run (median) |",
               "|---|---|---:|---:|---:|---|---:|"]
     for variant, info in summ.items():
         per = ", ".join(f"{100 * info['by_seed'][k]:.2f}" for k in sorted(info["by_seed"]))
