@@ -127,6 +127,17 @@ def tiny_encoders(tmp_path_factory) -> dict[str, Path]:
     return {"a": a, "b": b, "tokenizer": d / "tokenizer", "dir": d}
 
 
+@pytest.fixture(scope="session")
+def teachers_dir(tiny_task, tiny_encoders, tmp_path_factory) -> Path:
+    """Both tiny encoders co-finetuned once (one epoch, lr 1e-3). Shared by the whole session: read it,
+    and copy it before damaging or extending it."""
+    from fastmt import train as T
+
+    d = tmp_path_factory.mktemp("tiny-teachers") / "teachers"
+    T.cofinetune([str(tiny_encoders["a"]), str(tiny_encoders["b"])], T.TrainArgs(**run_args(tiny_task, d)))
+    return d
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600):
     """Run the real ``fastmt`` command in a subprocess."""
     import subprocess

@@ -21,13 +21,6 @@ def _args(tiny_task, out, **kw):
     return base
 
 
-@pytest.fixture(scope="module")
-def teachers_dir(tiny_task, tiny_encoders, tmp_path_factory):
-    d = tmp_path_factory.mktemp("cache-teachers") / "teachers"
-    T.cofinetune([str(tiny_encoders["a"]), str(tiny_encoders["b"])], T.TrainArgs(**_args(tiny_task, d, epochs=1)))
-    return d
-
-
 def _losses(out):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if r["event"] == "train"]

@@ -33,13 +33,6 @@ def _args(tiny_task, out, **kw):
 
 
 @pytest.fixture(scope="module")
-def teachers_dir(tiny_task, tiny_encoders, tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("damaged") / "teachers"
-    T.cofinetune([str(tiny_encoders["a"]), str(tiny_encoders["b"])], T.TrainArgs(**_args(tiny_task, d)))
-    return d
-
-
-@pytest.fixture(scope="module")
 def student_dir(tiny_task, teachers_dir, tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("damaged") / "student"
     T.distill(T.DistillArgs(**_args(tiny_task, d), teachers=str(teachers_dir), student_layers=1))

@@ -26,13 +26,6 @@ from fastmt import train as T
 from test_train import _args  # the tiny task's training flags, shared
 
 
-@pytest.fixture(scope="module")
-def teachers_dir(tiny_task, tiny_encoders, tmp_path_factory):
-    d = tmp_path_factory.mktemp("graph-teachers") / "teachers"
-    T.cofinetune([str(tiny_encoders["a"]), str(tiny_encoders["b"])], T.TrainArgs(**_args(tiny_task, d)))
-    return d
-
-
 class _Watch:
     """Records, per parameter, the gradient each backward delivers, by address and a weak reference
     to its storage (holding the tensor itself would change whether autograd may adopt it; the weak

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_args, run_cli
 from fastmt import train as T
 
 FAST = ["--epochs", "2", "--batch-size", "32", "--max-length", "16", "--no-progress", "--seed", "0", "--lr", "2e-3"]
@@ -27,17 +27,7 @@ TIMING = {"samples_per_s", "train_s", "time"}
 
 
 def _args(tiny_task, out, **kw):
-    base = dict(train=str(tiny_task["train"]), dev=str(tiny_task["dev"]), out=str(out), epochs=1, batch_size=32,
-                lr=2e-3, max_length=16, progress=False)
-    base.update(kw)
-    return base
-
-
-@pytest.fixture(scope="module")
-def teachers_dir(tiny_task, tiny_encoders, tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("rel") / "teachers"
-    T.cofinetune([str(tiny_encoders["a"]), str(tiny_encoders["b"])], T.TrainArgs(**_args(tiny_task, d)))
-    return d
+    return run_args(tiny_task, out, **{"lr": 2e-3, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -118,21 +118,14 @@ def test_out_dir_with_a_run_is_refused(tiny_task, tiny_encoders, tmp_path):
     T.cofinetune([str(tiny_encoders["a"])], T.TrainArgs(**_args(tiny_task, tmp_path / "r"), overwrite=True))
 
 
-@pytest.fixture(scope="module")
-def same_tokenizer_teachers(tiny_task, tiny_encoders, tmp_path_factory):
-    d = tmp_path_factory.mktemp("same-tok")
-    T.cofinetune([str(tiny_encoders["a"]), str(tiny_encoders["b"])], T.TrainArgs(**_args(tiny_task, d / "teachers")))
-    return d / "teachers"
-
-
-def test_fused_and_reference_kernels_train_alike(same_tokenizer_teachers, tiny_task, tmp_path, kernels_ran):
+def test_fused_and_reference_kernels_train_alike(teachers_dir, tiny_task, tmp_path, kernels_ran):
     """Every step of a short run with the token-level hidden loss: the fused kernels' losses follow the
     reference's, step for step, and the trained students end up the same."""
     from safetensors.torch import load_file
 
     runs = {}
     for kind in ("reference", "fused"):
-        T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / kind, log_every=1, epochs=2), teachers=str(same_tokenizer_teachers),
+        T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / kind, log_every=1, epochs=2), teachers=str(teachers_dir),
                                 student_layers=2, hidden_loss="tokens", kernels=kind, temperature=2.0))
         rows = [json.loads(x) for x in (tmp_path / kind / "metrics.jsonl").read_text().splitlines()]
         runs[kind] = [r for r in rows if r["event"] == "train"]
@@ -416,18 +409,18 @@ def test_kd_target_is_validated(tiny_task, tmp_path):
         T.DistillArgs(**_args(tiny_task, tmp_path), teachers="x", student_layers=1, kd_target="mean")
 
 
-def test_student_init_from_a_config_only_dir(same_tokenizer_teachers, tiny_task, tmp_path):
+def test_student_init_from_a_config_only_dir(teachers_dir, tiny_task, tmp_path):
     """--student-init DIR where DIR holds only a config.json: a fresh encoder of that shape (here
     narrower than the teachers), trained, saved and loadable, its weights its own."""
     from safetensors.torch import load_file
     from transformers import BertConfig
 
     cfg_dir = tmp_path / "narrow"
-    teacher_cfg = json.loads((same_tokenizer_teachers / "teacher_0" / "config.json").read_text())
+    teacher_cfg = json.loads((teachers_dir / "teacher_0" / "config.json").read_text())
     BertConfig(vocab_size=teacher_cfg["vocab_size"], hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
                intermediate_size=48, max_position_embeddings=64).save_pretrained(cfg_dir)
     assert sorted(p.name for p in cfg_dir.iterdir()) == ["config.json"]
-    res = T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "s"), teachers=str(same_tokenizer_teachers),
+    res = T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "s"), teachers=str(teachers_dir),
                                   student_layers=2, student_init=str(cfg_dir)))
     saved = json.loads((tmp_path / "s" / "config.json").read_text())
     assert saved["hidden_size"] == 24 and saved["num_hidden_layers"] == 2
