@@ -19,20 +19,40 @@
 The choice is printed as one line. An explicit flag always wins; ``--precision fp32 --no-compile
 --kernels reference --no-stack-teachers --cache-teachers off --no-group-by-length`` is the reference
 path.
+
+The one hardware reading behind these choices, whether the device multiplies bf16 natively, can be
+forced: ``FASTMT_NATIVE_BF16=1`` takes the bf16 plan (on a CPU without AVX-512 BF16 it runs, emulated
+and slow, but computes the same thing), ``FASTMT_NATIVE_BF16=0`` the plan of a device without bf16
+(fp32 on a CPU, fp16 on a GPU). Python callers can pass ``native_bf16=`` to ``resolve`` instead. The
+tests use it to run both plans on any machine.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
+
+from fastmt.errors import UsageError
 
 log = logging.getLogger("fastmt")
 
 AUTO = "auto"
 CACHE_DEFAULT = "default"  # the CLI's --cache-teachers when not given: auto with several epochs
 COMPILE_MIN_STEPS = 1000
+NATIVE_BF16_ENV = "FASTMT_NATIVE_BF16"  # 1 / 0: force the bf16 reading below; unset: read the hardware
+
+
+def forced_bf16() -> bool | None:
+    """``FASTMT_NATIVE_BF16`` as a bool, or None when it is unset (read the hardware)."""
+    value = os.environ.get(NATIVE_BF16_ENV, "").strip()
+    if not value:
+        return None
+    if value not in ("0", "1"):
+        raise UsageError(f"{NATIVE_BF16_ENV}={value}: set it to 1 (bf16 plan), 0 (no-bf16 plan), or unset it")
+    return value == "1"
 
 
 def cpu_bf16(cpuinfo: str | None = None) -> tuple[bool, str]:
@@ -53,20 +73,36 @@ def cpu_bf16(cpuinfo: str | None = None) -> tuple[bool, str]:
     return False, "CPU has no AVX-512 BF16 or AMX"
 
 
-def choose_precision(device: torch.device) -> tuple[str, str]:
+def native_bf16(device: torch.device, force: bool | None = None) -> tuple[bool, str]:
+    """Whether ``device`` multiplies bf16 natively, and why: ``force`` when given, else
+    ``FASTMT_NATIVE_BF16`` when set, else the hardware's own answer."""
+    if force is None:
+        force = forced_bf16()
+        source = f"{NATIVE_BF16_ENV}={int(force)}" if force is not None else None
+    else:
+        source = f"native_bf16={force}"
+    if force is not None:
+        return force, f"forced by {source}"
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return "bf16", "GPU supports bf16"
-        return "fp16", "GPU has no bf16"
-    ok, why = cpu_bf16()
-    return ("bf16", why) if ok else ("fp32", why)
+        ok = torch.cuda.is_bf16_supported()
+        return ok, "GPU supports bf16" if ok else "GPU has no bf16"
+    return cpu_bf16()
 
 
-def resolve(args, device: torch.device, steps: int, stackable: bool = False, data_parallel: bool = False) -> str:
-    """Replace every ``auto`` (or unset) setting of ``args`` with a concrete one; the one-line summary."""
+def choose_precision(device: torch.device, force_bf16: bool | None = None) -> tuple[str, str]:
+    ok, why = native_bf16(device, force_bf16)
+    if ok:
+        return "bf16", why
+    return ("fp16" if device.type == "cuda" else "fp32"), why
+
+
+def resolve(args, device: torch.device, steps: int, stackable: bool = False, data_parallel: bool = False,
+            native_bf16: bool | None = None) -> str:
+    """Replace every ``auto`` (or unset) setting of ``args`` with a concrete one; the one-line summary.
+    ``native_bf16`` forces the hardware reading (default: ``FASTMT_NATIVE_BF16``, else the hardware)."""
     parts = []
     if args.precision == AUTO:
-        args.precision, why = choose_precision(device)
+        args.precision, why = choose_precision(device, native_bf16)
         parts.append(f"precision {args.precision} ({why})")
     if getattr(args, "kernels", None) == AUTO:
         from fastmt import kernels

@@ -29,6 +29,7 @@ def teacher_groups(teachers) -> list[tuple[int, ...]]:
     for i, enc in enumerate(teachers.encoders):
         cfg = enc.config.to_diff_dict()
         cfg.pop("_name_or_path", None)
+        cfg.pop("fastmt", None)  # a teachers dir's bookkeeping (the teacher's index and name), not architecture
         sig = f"{type(enc).__name__}|{teachers.keys[i]}|{type(teachers.adapters[i]).__name__}|{sorted(cfg.items())}"
         groups.setdefault(sig, []).append(i)
     return [tuple(g) for g in groups.values()]

@@ -138,11 +138,11 @@ def teachers_dir(tiny_task, tiny_encoders, tmp_path_factory) -> Path:
     return d
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600):
-    """Run the real ``fastmt`` command in a subprocess."""
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
+    """Run the real ``fastmt`` command in a subprocess (``env``: variables to set for it)."""
     import subprocess
 
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run([sys.executable, "-m", "fastmt", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd or REPO, env=env, timeout=timeout)
 

@@ -11,7 +11,9 @@ import torch
 
 from conftest import run_cli
 
-COMMON = ["--epochs", "3", "--batch-size", "16", "--max-length", "16", "--no-progress", "--seed", "0"]
+# fp32 pinned: these tests are about the CLI and its run dirs, and eval (fp32) must reproduce the logged
+# accuracy; `--precision auto` would pick bf16 on a CPU with AVX-512 BF16 and fp32 elsewhere.
+COMMON = ["--epochs", "3", "--batch-size", "16", "--max-length", "16", "--no-progress", "--seed", "0", "--precision", "fp32"]
 
 
 def _rows(path: Path) -> list[dict]:
@@ -226,7 +228,7 @@ def test_report_to_tensorboard_gets_the_same_scalars(pipeline, tiny_task, tmp_pa
     out = tmp_path / "s"
     r = run_cli("distill", "--teachers", pipeline / "teachers", "--student-layers", "1", "--train", tiny_task["train"],
                 "--dev", tiny_task["dev"], "--out", out, "--epochs", "2", "--batch-size", "16", "--max-length", "16",
-                "--no-progress", "--log-every", "4", "--report-to", "tensorboard", "--metric", "f1")
+                "--no-progress", "--log-every", "4", "--report-to", "tensorboard", "--metric", "f1", "--precision", "fp32")
     assert r.returncode == 0, r.stderr
     assert "best dev f1" in r.stdout
     acc = EventAccumulator(str(out / "tensorboard"))
