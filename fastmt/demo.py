@@ -107,11 +107,13 @@ def write_tsv(rows: list[tuple[str, str]], path: Path) -> None:
             f.write(f"{text}\t{label}\n")
 
 
-def build_tokenizer(out_dir: Path, reverse: bool = False, extra_words: tuple[str, ...] = ()):
+def build_tokenizer(out_dir: Path, reverse: bool = False, extra_words: tuple[str, ...] = (),
+                    split_punctuation: bool = False):
     """A word-level tokenizer over the task's vocabulary, saved in Hugging Face format.
 
     ``reverse`` numbers the words the other way round: a tokenizer that splits text identically but
-    gives other ids (handy to exercise teachers whose tokenizers differ).
+    gives other ids (handy to exercise teachers whose tokenizers differ). ``split_punctuation`` also
+    splits "good," into "good" and ",": texts with commas get other lengths than with the default.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -122,7 +124,7 @@ def build_tokenizer(out_dir: Path, reverse: bool = False, extra_words: tuple[str
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
     vocab = {tok: i for i, tok in enumerate(specials + words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace() if split_punctuation else pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
@@ -145,7 +147,7 @@ TEACHERS = [Shape("teacher-a", 4, 128, 4), Shape("teacher-b", 3, 96, 4)]
 STUDENT = Shape("student", 2, 64, 2)
 
 
-def build_encoder(shape: Shape, tokenizer, out_dir: Path, seed: int) -> Path:
+def build_encoder(shape: Shape, tokenizer, out_dir: Path, seed: int, positions: int = 64) -> Path:
     from transformers import BertConfig, BertModel
 
     from fastmt.models import _quiet_transformers
@@ -154,7 +156,7 @@ def build_encoder(shape: Shape, tokenizer, out_dir: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=shape.hidden, num_hidden_layers=shape.layers,
                         num_attention_heads=shape.heads, intermediate_size=4 * shape.hidden,
-                        max_position_embeddings=64, type_vocab_size=2, pad_token_id=tokenizer.pad_token_id)
+                        max_position_embeddings=positions, type_vocab_size=2, pad_token_id=tokenizer.pad_token_id)
     d = out_dir / shape.name
     BertModel(config, add_pooling_layer=False).save_pretrained(d)
     tokenizer.save_pretrained(d)

@@ -64,6 +64,16 @@ def _stock_keys(cfg) -> tuple[str, set[str]] | None:
     return model.base_model_prefix, set(model.state_dict())
 
 
+def prepare_stock_class(encoder: nn.Module) -> None:
+    """Build, on the meta device, the stock class that saving ``encoder``'s dir builds.
+
+    transformers registers every model class in a table the first time one is built, and a compiled
+    graph that runs a transformers encoder guards on that table's size: the first save of a run dir
+    in the middle of a compiled run would otherwise invalidate every graph made so far (each shape
+    compiled twice). Called before the first compiled step."""
+    _stock_keys(seq_cls_config(encoder, ["0", "1"]))
+
+
 def stock_state(encoder: nn.Module, dense: tuple[torch.Tensor, torch.Tensor], out: tuple[torch.Tensor, torch.Tensor],
                 cfg) -> dict[str, torch.Tensor] | None:
     """The weights under the stock class's names, or None when the head is not a stock head."""

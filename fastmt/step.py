@@ -1,14 +1,16 @@
 """One distillation step's forward: frozen teachers, then the student and the three losses.
 
 The same two functions serve the eager reference and the compiled path (``--compile``): compiled,
-each is one ``torch.compile(fullgraph=True)`` graph per sequence-length bucket (a handful, by design
-of the length buckets); with ``--cuda-graphs`` each is also recorded and replayed as a CUDA graph.
+each is one ``torch.compile(fullgraph=True)`` graph per input shape (batch rows x length bucket per
+tokenizer; ``fastmt.shapes`` counts them before step 1 and fits Dynamo's limits to them); with
+``--cuda-graphs`` each is also recorded and replayed as a CUDA graph.
 Backward and the optimizer step stay in ``fastmt.train``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,19 @@ from fastmt import losses as reference_losses
 from fastmt.stacked import make_stacked, teacher_groups
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+COMPILE_BACKEND_ENV = "FASTMT_COMPILE_BACKEND"  # e.g. "eager": Dynamo's tracing alone (tests, debugging)
+
+
+def compile_fn(fn, mode: str | None = None):
+    """``torch.compile(fn, fullgraph=True, dynamic=False)``: one graph per input shape, none broken.
+    ``FASTMT_COMPILE_BACKEND`` picks another backend than Inductor (``eager`` or ``aot_eager`` trace
+    and check the same graphs, without generating code)."""
+    backend = os.environ.get(COMPILE_BACKEND_ENV) or "inductor"
+    if backend != "inductor":
+        mode = None  # modes are Inductor's
+    return torch.compile(fn, fullgraph=True, dynamic=False, mode=mode, backend=backend)
 
 
 def autocast(device: torch.device, precision: str):
@@ -58,8 +73,8 @@ class DistillStep:
         self.cuda_graphs = bool(getattr(args, "cuda_graphs", False)) and compile and device.type == "cuda"
         if compile:
             mode = "reduce-overhead" if self.cuda_graphs else None
-            self._teachers = torch.compile(self.teachers_forward, fullgraph=True, dynamic=False, mode=mode)
-            self._student = torch.compile(self.student_loss, fullgraph=True, dynamic=False, mode=mode)
+            self._teachers = compile_fn(self.teachers_forward, mode)
+            self._student = compile_fn(self.student_loss, mode)
 
     def teachers_forward(self, inputs):
         """Teacher logits ``[T,N,C]`` and, for the hidden loss, the mapped hidden states ``[T,K,N,S,D]``."""
@@ -186,9 +201,14 @@ class DistillStep:
 
 def _install_output_hooks(encoders, device: torch.device) -> None:
     """Run each encoder once eagerly: transformers installs its hidden-state hooks on the first call,
-    under a lock that dynamo cannot trace, so the compiled call must not be the first."""
+    under a lock that dynamo cannot trace, so the compiled call must not be the first. Also build the
+    classes that saving a run dir builds (``fastmt.hf.prepare_stock_class``): the compiled graphs guard
+    on transformers' table of them, which must not grow after the first graph."""
+    from fastmt.hf import prepare_stock_class
+
     with torch.no_grad():
         for enc in encoders:
+            prepare_stock_class(enc)
             was_training = enc.training
             enc.eval()  # no dropout: the warm-up must not consume random numbers
             ids = torch.zeros(1, 2, dtype=torch.long, device=device)

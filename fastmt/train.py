@@ -31,7 +31,7 @@ from fastmt.data import (
     num_batches,
     read_dataset,
 )
-from fastmt import fastpath
+from fastmt import fastpath, shapes
 from fastmt.errors import FastmtError, UsageError
 from fastmt.io import append_jsonl
 from fastmt.metrics import METRICS
@@ -44,7 +44,7 @@ from fastmt.models import (POOLINGS, Student, StudentSpec, Teachers, build_stude
                            layer_maps, tokenizer_source)
 from fastmt.distributed import World, barrier, check_batch, local_device, max_over_world, mean_over_world, shard, world_from_env
 from fastmt.optim import GradBuffers, LinearSchedule, make_optimizer, optimizer_step  # noqa: F401 (re-exported)
-from fastmt.step import PRECISIONS, DistillStep, autocast
+from fastmt.step import PRECISIONS, DistillStep, autocast, compile_fn
 
 log = logging.getLogger("fastmt")
 
@@ -691,8 +691,11 @@ def cofinetune(teacher_sources: list[str], args: TrainArgs) -> RunResult:
         pooled = f"pooling {args.pooling} ({why})"  # told on the path line, once everything has loaded
     teachers = Teachers.from_pretrained_encoders(teacher_sources, len(label_names), args.pooling)
     splits = prepare_splits(args.train, args.dev, teachers.tokenizers, args.max_length, label_names, args.columns)
+    auto_compile = args.compile is None
     path = fastpath.resolve(args, device, _total_steps(args, splits))
-    path = ", ".join(x for x in (path, pooled) if x)
+    compiled = shapes.plan(args, encodings_for(splits, teachers.keys), len(splits.train_labels), None, splits.buckets,
+                           auto_compile, functions=1)
+    path = ", ".join(x for x in (path, compiled, pooled) if x)
     splits.buckets = fastpath.widths(args, splits.buckets)
     teachers.to(device)
     run_config = {"command": "cofinetune", "teachers": list(teacher_sources), **asdict(args)}
@@ -710,7 +713,7 @@ def cofinetune(teacher_sources: list[str], args: TrainArgs) -> RunResult:
 
         _install_output_hooks(list(teachers.encoders), device)
         # One graph per length bucket (forward + the T losses); backward is compiled with it.
-        loss_fn = torch.compile(loss_fn, fullgraph=True, dynamic=False)
+        loss_fn = compile_fn(loss_fn)
 
     def evaluate():
         logits = teacher_logits(teachers, splits.dev_enc, len(splits.dev_labels), args.eval_batch_size, splits.buckets, device, args.precision)
@@ -754,7 +757,13 @@ def distill(args: DistillArgs) -> RunResult:
     from fastmt.stacked import teacher_groups
 
     stackable = use_teachers and any(len(g) > 1 for g in teacher_groups(teachers))
+    auto_compile = args.compile is None
     path = fastpath.resolve(args, device, _total_steps(args, splits), stackable, world.size > 1)
+    keys = [student.key, *teachers.keys] if use_teachers else [student.key]
+    # Two compiled functions: the teachers' forward and the student's forward + loss.
+    compiled = shapes.plan(args, encodings_for(splits, keys), len(splits.train_labels), world, splits.buckets,
+                           auto_compile, functions=2)
+    path = ", ".join(x for x in (path, compiled) if x)
     splits.buckets = fastpath.widths(args, splits.buckets)
     losses_mod = _loss_module(args.kernels)
     teachers.to(device).eval().requires_grad_(False)
@@ -784,7 +793,6 @@ def distill(args: DistillArgs) -> RunResult:
     def save_best():
         student.save(out_dir, run_config, label_names, {"layer_maps": maps, "teachers": teachers.names})
 
-    keys = [student.key, *teachers.keys] if use_teachers else [student.key]
     result = _fit(student, args, splits, keys, device, loss_fn, evaluate, save_best, out_dir, "distill", world,
                   run_config=fit_config, faults=loss_fn.describe_faults)
     result.extra["parameters"] = count_parameters(student.encoder) + count_parameters(student.head)
