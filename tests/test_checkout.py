@@ -121,3 +121,46 @@ def test_the_gpu_suite_runs_from_the_checkout_and_keeps_its_files_few(checkout):
     assert all(p.parent == out and p.stat().st_size < 16 * 2**20 for p in files)
     summary = (out / "suite.log").read_text().split("gpu_suite: cpu")[-1]
     assert re.search(r"kbench\s+ok", summary) and re.search(r"memory\s+ok", summary), summary
+
+
+BLOCKER = """import sys
+from importlib.abc import MetaPathFinder
+
+ABSENT = {"pytest", "_pytest", "hypothesis", "matplotlib"}
+
+
+class Absent(MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ABSENT:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, Absent())
+"""
+
+
+def test_the_gpu_suite_skips_what_is_not_installed_and_passes(checkout):
+    """Only torch, triton and transformers (pytest, hypothesis and matplotlib made unimportable): the
+    tests stage and the chart are skipped and named, the rest runs, and the suite passes."""
+    copy, py, env, neutral = checkout
+    if not (shutil.which("bash") and shutil.which("timeout")):
+        pytest.skip("needs bash and coreutils' timeout")
+    blocked = neutral / "without-test-packages"
+    blocked.mkdir()
+    (blocked / "sitecustomize.py").write_text(BLOCKER)
+    env = dict(env, PATH=f"{py.parent}{os.pathsep}{env.get('PATH', '')}", DEVICE="cpu", PRESET="tiny",
+               STAGES="tests kbench", PYTHONPATH=os.pathsep.join(x for x in (str(blocked), env.get("PYTHONPATH")) if x))
+    r = _run(py, ["-c", "import matplotlib"], neutral, env)
+    assert r.returncode != 0 and "No module named 'matplotlib'" in r.stderr  # the blocker works
+    out = neutral / "suite-bare"
+    r = subprocess.run(["bash", str(copy / "benches" / "gpu_suite.sh"), str(out)], cwd=neutral, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "tests: skipped, pytest is not installed" in r.stdout
+    assert "kbench: no chart, matplotlib is not installed" in r.stdout
+    summary = (out / "suite.log").read_text().split("gpu_suite: cpu")[-1]
+    assert re.search(r"tests\s+SKIPPED \(not installed\)", summary) and re.search(r"kbench\s+ok", summary), summary
+    assert "skipped (not installed here): tests (no pytest), kbench chart (no matplotlib)" in summary
+    assert "every stage that could run here passed" in summary
+    assert {p.name for p in out.iterdir()} == {"suite.log", "kernels.jsonl"}
