@@ -119,6 +119,54 @@ def test_adopted_gradients_equal_plain_autograd():
 
 
 # ---------------------------------------------------------------------------------------------------
+# What a replay does to the previous replay's outputs, held on the CPU: the loop reads a step's loss
+# and loss terms within that step only.
+
+
+class _OverwrittenByNextStep:
+    """A step whose outputs are overwritten (NaN) when the next step starts, as CUDA graph trees reuse
+    a replay's output memory for the next replay."""
+
+    def __init__(self, real):
+        self.real, self.last = real, []
+
+    def __call__(self, step, *args, **kwargs):
+        with torch.no_grad():
+            for t in self.last:
+                t.fill_(float("nan"))
+        loss, parts = self.real(step, *args, **kwargs)
+        self.last = [loss, *parts.values()]
+        return loss, parts
+
+
+def test_overwriting_a_step_s_outputs_at_the_next_step_changes_nothing(monkeypatch, tiny_task, teachers_dir, tmp_path):
+    from fastmt.step import DistillStep
+
+    def run(out):
+        T.distill(T.DistillArgs(**_args(tiny_task, out, epochs=2, log_every=3), teachers=str(teachers_dir),
+                                student_layers=1, temperature=2.0))
+        return _train_rows(out)
+
+    plain = run(tmp_path / "plain")
+    overwrite = _OverwrittenByNextStep(DistillStep.__call__)
+    monkeypatch.setattr(DistillStep, "__call__", lambda self, *a, **k: overwrite(self, *a, **k))
+    overwritten = run(tmp_path / "overwritten")
+    assert overwrite.last  # the wrapper was in the loop
+    assert len(plain) == len(overwritten) > 3
+    for a, b in zip(plain, overwritten):
+        for key in ("loss", "loss_task", "loss_kd", "loss_hidden"):
+            assert b[key] == a[key], (a["step"], key)  # bit-identical, and never NaN
+
+
+def test_the_overwrite_reaches_a_reader_that_keeps_outputs_too_long():
+    # The check above can fail: a reader that keeps the previous step's loss sees NaN.
+    step = _OverwrittenByNextStep(lambda self, x: (x.sum(), {"x": x.detach().sum()}))
+    kept, _ = step(None, torch.ones(3))
+    fresh, _ = step(None, torch.ones(3))
+    assert torch.isnan(kept) and float(fresh) == 3.0
+
+
+# ---------------------------------------------------------------------------------------------------
 # On a GPU: the graphs replayed for real (skipped on the CPU).
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
@@ -153,6 +201,44 @@ def test_distill_under_cuda_graphs_trains_like_eager(tiny_task, tiny_encoders, t
     last = sum(r["loss"] for r in graphs[-4:]) / 4
     assert last < 0.9 * first, (first, last)
     assert all(r["loss"] == r["loss"] for r in graphs)  # no NaN
+
+
+@needs_cuda
+def test_every_replayed_step_matches_eager_on_the_same_weights_and_batch(tiny_task, tmp_path, monkeypatch):
+    """Each step under CUDA graphs (the first records, every later one replays) against the eager
+    functions on the same weights and batch, read before the next replay. Dropout-free models: the
+    eager shadow must not draw other random numbers than the graphs do."""
+    from fastmt.demo import build_tokenizer
+    from fastmt.step import DistillStep
+    from test_distributed import _encoder_without_dropout
+
+    tok = build_tokenizer(tmp_path / "tok")
+    enc = _encoder_without_dropout(tok, tmp_path, "a", 2, 32, 1)
+    teachers = tmp_path / "teachers"
+    T.cofinetune([str(enc), str(enc)], T.TrainArgs(**_args(tiny_task, teachers, device="cuda")))
+    pairs = []
+    real = DistillStep.__call__
+
+    def shadowed(self, inputs, labels, index=None, shard=None):
+        loss, parts = real(self, inputs, labels, index, shard)
+        got = [float(loss)] + [float(parts[k]) for k in sorted(parts)]  # before the next replay reuses them
+        with torch.no_grad():
+            t_logits, t_hidden = self.teachers_forward(inputs)
+            want_loss, want_parts = self.student_loss(inputs, labels, t_logits, t_hidden)
+        pairs.append((got, [float(want_loss)] + [float(want_parts[k]) for k in sorted(want_parts)]))
+        return loss, parts
+
+    monkeypatch.setattr(DistillStep, "__call__", shadowed)
+    T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "s", device="cuda", precision="fp16", kernels="fused",
+                                    epochs=4, log_every=1), teachers=str(teachers), student_layers=1,
+                            stack_teachers=True, temperature=2.0, compile=True, cuda_graphs=True))
+    assert len(pairs) == 32
+    # The same fp16 computation, compiled and eager: they differ by rounding, a few fp16 ulps
+    # (2^-11) per layer; 2e-2 is ~40 ulps. A replay that read a stale batch or stale weights would
+    # be off by the difference between batches or steps.
+    for step, (got, want) in enumerate(pairs, 1):
+        assert got == pytest.approx(want, rel=2e-2, abs=1e-3), f"step {step}"
+    assert len({round(g[0], 6) for g, _ in pairs}) > 16  # the steps did differ
 
 
 @needs_cuda
