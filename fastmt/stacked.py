@@ -12,6 +12,11 @@ Two implementations, picked per group by :func:`make_stacked`:
 
 Both re-point the teachers' own parameters at slices of the stacked tensors: there is no second
 copy of any teacher weight. Teachers are frozen and run in eval mode (no dropout).
+
+The stacked tensors live on plain objects, not on an ``nn.Module``, so a compiled graph would take
+them as ordinary inputs, which CUDA graph trees copy into the recorded buffers on every replay (the
+whole of the teachers' weights, every step). :func:`_frozen` marks each one a static input
+(``torch._dynamo.mark_static_address``): its address is fixed, and a replay reads it where it is.
 """
 
 from __future__ import annotations
@@ -46,9 +51,15 @@ _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, 
                 "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
+def _frozen(t: torch.Tensor) -> torch.Tensor:
+    """``t``, marked a static input of compiled graphs: frozen weights at a fixed address."""
+    torch._dynamo.mark_static_address(t)
+    return t
+
+
 def _stack_into(params: list[nn.Parameter]) -> torch.Tensor:
     """One ``[T, *shape]`` tensor holding the given parameters; each parameter becomes a view of it."""
-    stacked = torch.stack([p.detach() for p in params])
+    stacked = _frozen(torch.stack([p.detach() for p in params]))
     for j, p in enumerate(params):
         p.data = stacked[j]
     return stacked
@@ -89,10 +100,10 @@ class StackedBert:
             L = [e.encoder.layer[li] for e in encs]
             # Q, K and V as one [T, 3D, D] weight: the three projections in one batched GEMM. Each
             # teacher's query/key/value weights are re-pointed at its rows of it.
-            qkv_w = torch.stack([torch.cat([l.attention.self.query.weight, l.attention.self.key.weight,
-                                            l.attention.self.value.weight]).detach() for l in L])
-            qkv_b = torch.stack([torch.cat([l.attention.self.query.bias, l.attention.self.key.bias,
-                                            l.attention.self.value.bias]).detach() for l in L])
+            qkv_w = _frozen(torch.stack([torch.cat([l.attention.self.query.weight, l.attention.self.key.weight,
+                                                    l.attention.self.value.weight]).detach() for l in L]))
+            qkv_b = _frozen(torch.stack([torch.cat([l.attention.self.query.bias, l.attention.self.key.bias,
+                                                    l.attention.self.value.bias]).detach() for l in L]))
             d = qkv_w.shape[-1]
             for j, l in enumerate(L):
                 for k, lin in enumerate((l.attention.self.query, l.attention.self.key, l.attention.self.value)):
@@ -199,6 +210,8 @@ class VmapTeachers:
         adapters = [teachers.adapters[i] for i in idx]
         self.params, self.buffers = stack_module_state(encoders)
         self.adapter_params, _ = stack_module_state(adapters) if any(True for _ in adapters[0].parameters()) else ({}, {})
+        for t in [*self.params.values(), *self.buffers.values(), *self.adapter_params.values()]:
+            _frozen(t)
         for j, enc in enumerate(encoders):
             for name, p in enc.named_parameters():
                 p.data = self.params[name][j]

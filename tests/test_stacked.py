@@ -148,3 +148,46 @@ def test_make_stacked_falls_back_to_vmap_for_other_architectures(one_tokenizer):
     bert = Teachers([_bert(24, 2, 3, seed=s) for s in (1, 2)], [None] * 2, ["a", "b"], 2).eval()
     assert isinstance(make_stacked(bert, (0, 1)), StackedBert)
     assert isinstance(make_stacked(bert, (0, 1), "vmap"), VmapTeachers)
+
+
+def _placeholders(fn, *args):
+    """Compile ``fn`` (Dynamo only) and return each graph input as (source, static?): static inputs
+    are the ones CUDA graph trees read in place instead of copying on every replay."""
+    seen = []
+
+    def record(gm, example_inputs):
+        for node in gm.graph.find_nodes(op="placeholder"):
+            if isinstance(node.meta.get("example_value"), torch.Tensor):
+                src = getattr(node, "_dynamo_source", None)
+                static = node.meta.get("tensor_dict", {}).get("_dynamo_static_input_type") is not None
+                seen.append((src.name if src is not None else node.name, static))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(fn, fullgraph=True, dynamic=False, backend=record)(*args)
+    torch._dynamo.reset()
+    return seen
+
+
+def test_stacked_teachers_weights_are_static_inputs_of_the_compiled_forward(tiny_encoders, monkeypatch):
+    from fastmt import losses
+    from fastmt import train as T
+    from fastmt.models import StudentSpec, Teachers, build_student, layer_maps
+    from fastmt.step import COMPILE_BACKEND_ENV, DistillStep
+
+    teachers = Teachers.from_pretrained_encoders([str(tiny_encoders["a"])] * 3, 2)
+    teachers.eval().requires_grad_(False)
+    student, _ = build_student(StudentSpec(1, "teacher:0"), teachers)
+    args = T.DistillArgs(train="-", dev="-", out="-", teachers="-", student_layers=1, stack_teachers=True)
+    monkeypatch.setenv(COMPILE_BACKEND_ENV, "eager")
+    step = DistillStep(student, teachers, layer_maps(1, teachers), args, losses, torch.device("cpu"), compile=True)
+    assert isinstance(step.stacked[(0, 1, 2)], StackedBert)
+    ids = torch.randint(4, 40, (3, 7))
+    inputs = {teachers.keys[0]: {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                 "token_type_ids": torch.zeros_like(ids)}}
+    seen = _placeholders(step.teachers_forward, inputs)
+    ordinary = sorted(name for name, static in seen if not static)
+    # The batch is the only ordinary input; every weight (the stacked teachers', the shared head's) is static.
+    assert ordinary and all(name.startswith("L['inputs']") for name in ordinary), ordinary
+    assert sum(static for _, static in seen) >= 16  # the stacked embeddings, layers and norms among them
