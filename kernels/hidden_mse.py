@@ -18,6 +18,12 @@ one ``[BLOCK_R, BLOCK_D]`` tile at a time; all T*K pairs are one launch. Rows ar
 Products run in the student's dtype on tensor cores for fp16/bf16 (the weight is cast to it, as
 autocast would) and in exact float32 (``input_precision="ieee"``, no TF32) for float32 and float64
 inputs; accumulation is float32.
+
+One plan per dtype, on every device: the weight's and dE's dtypes, the tiles and the chunks do not
+depend on where the kernels run. The one difference is how Triton's CPU interpreter multiplies bf16
+(numpy has no bfloat16, and a bf16 ``tl.dot`` there returns garbage): it loads the same bf16 values
+and multiplies them as float32 (``DOT_FP32``). A product of two bf16 numbers is exact in float32, so
+that is the tensor cores' computation, up to the order of the float32 accumulation.
 """
 
 from __future__ import annotations
@@ -227,9 +233,10 @@ def _fit(n: int, most: int) -> int:
     return max(16, min(most, triton.next_power_of_2(n)))
 
 
-def hidden_config(rows: int, ds: int, dt: int, dot_fp32: bool, backward: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_R, BLOCK_D, BLOCK_K, num_warps) of the error kernels (forward, and dE in backward)."""
-    if dot_fp32:
+def hidden_config(rows: int, ds: int, dt: int, fp32: bool, backward: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_R, BLOCK_D, BLOCK_K, num_warps) of the error kernels (forward, and dE in backward);
+    ``fp32``: the float32 plan (else half precision)."""
+    if fp32:
         # Exact float32 products run on FMA units: small tiles, 8 warps keep them in registers.
         return _fit(rows, 64 if not backward else 32), _fit(dt, 64), _fit(ds, 32 if not backward else 16), 8
     if _vector_rows(ds, dt):
@@ -245,9 +252,9 @@ def _vector_rows(ds: int, dt: int) -> bool:
     return ds % 16 == 0 and dt % 16 == 0
 
 
-def gemm_config(m: int, n: int, red: int, dot_fp32: bool, vector: bool = True) -> tuple[int, int, int, int]:
+def gemm_config(m: int, n: int, red: int, fp32: bool, vector: bool = True) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_RED, num_warps) of the backward's GEMM kernels."""
-    if dot_fp32:
+    if fp32:
         return _fit(m, 64), _fit(n, 64), _fit(red, 16), 8
     if vector:
         return _fit(m, 128), _fit(n, 128), _fit(red, 64), 8
@@ -267,23 +274,28 @@ def chunk_rows(rows: int, pairs: int, dt: int, itemsize: int, budget: int = DE_B
     return min(most, triton.cdiv(triton.cdiv(rows, n_chunks), unit) * unit)
 
 
+def dot_plan(dtype: torch.dtype, device_type: str) -> tuple[bool, bool]:
+    """``(half, dot_fp32)``: whether the plan is half precision (weight and dE in the student's dtype,
+    tensor-core tiles), and whether the kernels multiply loaded values as float32 (``DOT_FP32``)."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    # The interpreter's bf16: the half plan's values, multiplied as float32 (exact products; above).
+    interpreted_bf16 = dtype == torch.bfloat16 and device_type == "cpu"
+    return half, (not half) or interpreted_bf16
+
+
 def _prepare(hs, ht, w, b, mask, tw):
-    """Contiguous views, the dot dtype, and the dims every kernel takes."""
+    """Contiguous views, the plan (``dot_plan``), and the dims every kernel takes."""
     k, n, s, ds = hs.shape
     t, dt = ht.shape[0], ht.shape[-1]
     rows = n * s
-    dot_fp32 = hs.dtype not in (torch.float16, torch.bfloat16)
-    if hs.dtype == torch.bfloat16 and hs.device.type == "cpu":
-        # Triton's CPU interpreter returns garbage from a bfloat16 tl.dot (numpy has no bfloat16):
-        # there the products run in float32. On a GPU bfloat16 takes the same path as float16.
-        dot_fp32 = True
+    half, dot_fp32 = dot_plan(hs.dtype, hs.device.type)
     # Half-precision students multiply on tensor cores: the weight joins their dtype, as under autocast.
-    w_in = w.contiguous() if dot_fp32 else w.to(hs.dtype).contiguous()
+    w_in = w.to(hs.dtype).contiguous() if half else w.contiguous()
     m = mask.reshape(rows).contiguous() if mask is not None else None
     if m is not None and m.dtype == torch.bool:
         m = m.to(torch.uint8)
     tw_in = tw.contiguous() if tw is not None else None
-    return hs.contiguous(), ht.contiguous(), w_in, b.contiguous(), m, tw_in, dot_fp32, (t, k, rows, s, n, ds, dt)
+    return hs.contiguous(), ht.contiguous(), w_in, b.contiguous(), m, tw_in, (half, dot_fp32), (t, k, rows, s, n, ds, dt)
 
 
 def _denominator(mask, rows: int, dt: int, device) -> torch.Tensor:
@@ -295,10 +307,10 @@ def _denominator(mask, rows: int, dt: int, device) -> torch.Tensor:
 def hidden_fwd_launch(hs, ht, w, b, mask=None, tw=None) -> tuple[Launch | None, torch.Tensor | None]:
     """The forward launch and its buffer of partial sums (allocated, not written); ``(None, None)`` for
     empty inputs. Nothing runs on the inputs' data, so meta tensors give the exact launch."""
-    hs_c, ht_c, w_c, b_c, m, tw_c, dot_fp32, (t, k, rows, s, n, ds, dt) = _prepare(hs, ht, w, b, mask, tw)
+    hs_c, ht_c, w_c, b_c, m, tw_c, (half, dot_fp32), (t, k, rows, s, n, ds, dt) = _prepare(hs, ht, w, b, mask, tw)
     if hs.numel() == 0 or ht.numel() == 0:
         return None, None
-    br, bd, bk, num_warps = hidden_config(rows, ds, dt, dot_fp32, backward=False)
+    br, bd, bk, num_warps = hidden_config(rows, ds, dt, not half, backward=False)
     grid = (t * k, triton.cdiv(rows, br), triton.cdiv(dt, bd))
     parts = torch.empty(grid[0] * grid[1] * grid[2], dtype=torch.float32, device=hs.device)
     args = (hs_c, ht_c, w_c, b_c, m if m is not None else hs_c, tw_c if tw_c is not None else hs_c, parts,
@@ -310,7 +322,7 @@ def hidden_fwd_launch(hs, ht, w, b, mask=None, tw=None) -> tuple[Launch | None, 
 def hidden_bwd_launch(grad, hs, ht, w, b, mask=None, tw=None, budget: int = DE_BUDGET_BYTES):
     """The backward's launches, in order (three per chunk of rows; none for empty inputs), and the
     gradients they write: ``dhs`` (the student's dtype), ``dw``, ``db`` (float32)."""
-    hs_c, ht_c, w_c, b_c, m, tw_c, dot_fp32, (t, k, rows, s, n, ds, dt) = _prepare(hs, ht, w, b, mask, tw)
+    hs_c, ht_c, w_c, b_c, m, tw_c, (half, dot_fp32), (t, k, rows, s, n, ds, dt) = _prepare(hs, ht, w, b, mask, tw)
     dev = hs.device
     if not (hs.numel() and ht.numel()):
         return [], torch.zeros(hs.shape, dtype=hs.dtype, device=dev), \
@@ -318,16 +330,16 @@ def hidden_bwd_launch(grad, hs, ht, w, b, mask=None, tw=None, budget: int = DE_B
     dhs = torch.empty(hs.shape, dtype=hs.dtype, device=dev)
     dw = torch.empty(w.shape, dtype=torch.float32, device=dev)
     db = torch.empty(b.shape, dtype=torch.float32, device=dev)
-    de_dtype = torch.float32 if dot_fp32 else hs.dtype
+    de_dtype = hs.dtype if half else torch.float32
     rc = chunk_rows(rows, t * k, dt, torch.empty((), dtype=de_dtype).element_size(), budget)
     de = torch.empty((t * k, rc, dt), dtype=de_dtype, device=dev)
     scale = (grad.to(torch.float32) * 2.0 / _denominator(mask, rows, dt, dev)).reshape(())
     mask_arg = m if m is not None else hs_c
     tw_arg = tw_c if tw_c is not None else hs_c
-    br, bd, bk, warps_e = hidden_config(rc, ds, dt, dot_fp32, backward=True)
+    br, bd, bk, warps_e = hidden_config(rc, ds, dt, not half, backward=True)
     meta_e = dict(HAS_MASK=m is not None, HAS_TW=tw_c is not None, DOT_FP32=dot_fp32, BLOCK_R=br, BLOCK_D=bd, BLOCK_K=bk)
-    wm, wn, wr, warps_w = gemm_config(ds, dt, rc, dot_fp32, _vector_rows(ds, dt))
-    xm, xn, xk, warps_x = gemm_config(rc, ds, dt, dot_fp32, _vector_rows(ds, dt))
+    wm, wn, wr, warps_w = gemm_config(ds, dt, rc, not half, _vector_rows(ds, dt))
+    xm, xn, xk, warps_x = gemm_config(rc, ds, dt, not half, _vector_rows(ds, dt))
     launches = []
     for r0 in range(0, rows, rc):
         nr = min(rc, rows - r0)

@@ -102,9 +102,12 @@ def hidden_grad_scales(hs, ht, w, b, mask, tw, upstream):
 
 
 # The kernels compute in float32: a few float32 ulps of the terms an element is made of. The hidden
-# backward keeps its intermediate dE in float16 for float16 inputs: there, ulps of float16.
+# backward keeps its intermediate dE in the student's dtype for half-precision inputs (as on a GPU,
+# where the products read it on tensor cores), so each gradient term carries dE's one rounding:
+# relative 2^-11 (half an fp16 ulp), 2^-8 for bf16 on a GPU, 2^-7 in the interpreter (it truncates
+# float32 to bf16). Bounds: twice the largest of these.
 K_KL = 8 * EPS32
-K_HID = {torch.float16: 2 * 2.0**-11}
+K_HID = {torch.float16: 2 * 2.0**-11, torch.bfloat16: 2 * 2.0**-7}
 
 
 def assert_elementwise(got, want, scale, dtype, k, name=""):
@@ -354,7 +357,7 @@ def test_hidden_backward_in_chunks_matches_reference(dtype):
     hs, ht, w, b, m, tw = _hidden_case(t, k, n, s, ds, dt, dtype, seed=11)
     hs = hs.transpose(1, 2).contiguous().transpose(1, 2)  # same values, strides of a transposed tensor
     assert not hs.is_contiguous()
-    item = 2 if dtype in (torch.float16,) else 4  # dE's dtype: the student's for fp16, else float32
+    item = 2 if dtype in (torch.float16, torch.bfloat16) else 4  # dE's dtype: the student's for half, else float32
     budget = 16 * t * k * dt * item  # 16 rows per chunk
     launches, *_ = hidden_mse.hidden_bwd_launch(torch.ones(()), hs, ht, w, b, m, tw, budget=budget)
     chunks = [launch.args[7:9] for launch in launches if launch.kernel is hidden_mse._hidden_de_kernel]
@@ -390,6 +393,41 @@ def hidden_loss_error_bound(hs, ht, w, b, loss, lam=6.0):
     m = hs.shape[-1] + 2
     var = (2 * c * EPS32) ** 2 * m * float((r**2 * R**2).sum()) + r.numel() * (EPS32 * float(loss)) ** 2
     return lam * var**0.5
+
+
+@pytest.mark.no_launch
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("shape", HIDDEN_SHAPES + [(3, 4, 8, 512, 384, 768)], ids=lambda s: "x".join(map(str, s)))
+def test_hidden_plan_is_the_same_on_the_cpu_and_on_a_gpu(shape, dtype):
+    """What the tests here check on the CPU is what a GPU runs: the same launches, grids, tiles,
+    chunks and buffer dtypes. The only difference allowed is the interpreter's bf16 (multiplied as
+    float32, which is exact for bf16 values), in the DOT_FP32 flag. Meta tensors give the launches a
+    GPU would make (nothing runs)."""
+    from fastmt.kernels import hidden_mse
+
+    def plan(device):
+        hs, ht, w, b, m, tw = _hidden_case(*shape, torch.float32, seed=1)
+        hs, ht, w, b = (x.to(dtype).to(device) for x in (hs, ht, w, b))
+        m, tw = m.to(device), tw.to(dtype).to(device)
+        budget = 256 * shape[0] * shape[1] * shape[-1]  # a few chunks where there are many rows
+        launches, dhs, dw, db = hidden_mse.hidden_bwd_launch(torch.ones((), device=device), hs, ht, w, b, m, tw,
+                                                             budget=budget)
+        fwd, _ = hidden_mse.hidden_fwd_launch(hs, ht, w, b, m, tw)
+        out = []
+        for launch in [fwd, *launches]:
+            meta = {k: v for k, v in launch.constexprs.items() if k != "DOT_FP32"}
+            tensors = [a.dtype for a in launch.args if isinstance(a, torch.Tensor)]
+            ints = [a for a in launch.args if isinstance(a, int)]
+            out.append((launch.kernel.fn.__name__, tuple(launch.grid), tuple(sorted(meta.items())), launch.num_warps,
+                        tuple(tensors), tuple(ints)))
+        flags = {launch.constexprs["DOT_FP32"] for launch in [fwd, *launches]}
+        return out, (dhs.dtype, dw.dtype, db.dtype), flags
+
+    cpu, gpu = plan("cpu"), plan("meta")
+    assert cpu[:2] == gpu[:2]
+    half = dtype in (torch.float16, torch.bfloat16)
+    assert gpu[2] == {not half}  # a GPU multiplies half precision on tensor cores
+    assert cpu[2] == {not half or dtype == torch.bfloat16}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
