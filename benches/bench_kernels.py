@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -40,6 +41,7 @@ class Case:
     op: str  # "mt_kl_loss" or "mt_hidden_loss"
     shape: dict
     dtype: torch.dtype
+    temperature: float | None = None  # the KL's (None: TEMPERATURE)
 
 
 def device_name(device: torch.device) -> str:
@@ -176,7 +178,7 @@ def provider_fn(name: str, case: Case, x: dict, temperature: float | None = None
 
 def measure(case: Case, provider: str, mode: str, device: torch.device, copy_gbps: float) -> dict | None:
     x = make_inputs(case, device)
-    fn = provider_fn(provider, case, x)
+    fn = provider_fn(provider, case, x, case.temperature)
     if fn is None:
         return None
     grads_of = [x["s"]] if case.op == "mt_kl_loss" else [x["hs"], x["w"], x["b"]]
@@ -216,7 +218,8 @@ def measure(case: Case, provider: str, mode: str, device: torch.device, copy_gbp
 
     return {
         "op": case.op, "provider": provider, "mode": mode, "dtype": str(case.dtype).replace("torch.", ""),
-        "shape": case.shape, "temperature": TEMPERATURE if case.op == "mt_kl_loss" else None,
+        "shape": case.shape,
+        "temperature": (TEMPERATURE if case.temperature is None else case.temperature) if case.op == "mt_kl_loss" else None,
         "ms_p50": p50, "ms_p20": p20, "ms_p80": p80, "gbps": gbps,
         "copy_share": gbps / copy_gbps, "bytes": nbytes,
         "gbps_moved": moved / (p50 * 1e-3) / 1e9 if moved else None, "bytes_moved": moved,
@@ -226,13 +229,16 @@ def measure(case: Case, provider: str, mode: str, device: torch.device, copy_gbp
     }
 
 
-def default_cases(quick: bool, dtypes: tuple[str, ...] = ("bf16", "fp16")) -> list[Case]:
+def default_cases(quick: bool, dtypes: tuple[str, ...] = ("bf16", "fp16"),
+                  temperatures: tuple[float, ...] = (None,)) -> list[Case]:
+    """The benchmark's cases; the KL ones once per temperature (the KL forward's cost depends on it:
+    at 1 the tempered and untempered statistics are one and the same)."""
     if quick:  # CPU interpreter: keeps the script working, says nothing about speed
-        return [Case("mt_kl_loss", {"T": 3, "N": 8, "C": 37}, torch.float32),
+        return [*(Case("mt_kl_loss", {"T": 3, "N": 8, "C": 37}, torch.float32, tau) for tau in temperatures),
                 Case("mt_hidden_loss", {"T": 2, "K": 2, "R": 24, "Ds": 32, "Dt": 48}, torch.float32)]
     cases = []
     for dt in (DTYPES[d] for d in dtypes):
-        cases += [Case("mt_kl_loss", {"T": 3, "N": 8192, "C": 30522}, dt),
+        cases += [*(Case("mt_kl_loss", {"T": 3, "N": 8192, "C": 30522}, dt, tau) for tau in temperatures),
                   Case("mt_kl_loss", {"T": 3, "N": 64, "C": 2}, dt),
                   Case("mt_hidden_loss", {"T": 3, "K": 4, "R": 8192, "Ds": 768, "Dt": 768}, dt)]
     return cases
@@ -275,7 +281,8 @@ def format_row(r: dict) -> str:
         extra += f" | {r['gbps_moved']:8.1f} GB/s moved ({100 * r['gbps_moved'] / r['copy_gbps']:5.1f}%)"
     if r.get("tflops"):
         extra += f" | {r['tflops']:7.1f} TFLOP/s"
-    return (f"{r['op']:15s} {r['provider']:9s} {r['mode']:4s} {r['dtype']:8s} {json.dumps(r['shape']):48s} "
+    shape = json.dumps(r["shape"]) + (f" tau={r['temperature']:g}" if r.get("temperature") is not None else "")
+    return (f"{r['op']:15s} {r['provider']:9s} {r['mode']:4s} {r['dtype']:8s} {shape:48s} "
             f"{r['ms_p50']:9.3f} ms [{r['ms_p20']:.3f}, {r['ms_p80']:.3f}] {r['gbps']:8.1f} GB/s "
             f"({100 * r['copy_share']:5.1f}% of copy) peak {peak} MB{extra}")
 
@@ -285,13 +292,15 @@ def print_ratios(rows: list[dict]) -> None:
     by = {}
     for r in rows:
         if "error" not in r:
-            by.setdefault((r["op"], r["mode"], r["dtype"], json.dumps(r["shape"])), {})[r["provider"]] = r["ms_p50"]
+            key = (r["op"], r["mode"], r["dtype"], json.dumps(r["shape"]), r.get("temperature"))
+            by.setdefault(key, {})[r["provider"]] = r["ms_p50"]
     print("\nfused speed-up (other p50 / fused p50), same run:")
-    for (op, mode, dtype, shape), times in by.items():
+    for (op, mode, dtype, shape, tau), times in by.items():
         if "fused" not in times:
             continue
         ratios = ", ".join(f"{p} {t / times['fused']:.2f}x" for p, t in times.items() if p != "fused")
-        print(f"  {op:15s} {mode:4s} {dtype:8s} {shape}: {ratios}")
+        at = f" at temperature {tau:g}" if tau is not None else ""
+        print(f"  {op:15s} {mode:4s} {dtype:8s} {shape}{at}: {ratios}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,22 +311,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--providers", default="fused,eager,compiled,liger")
     p.add_argument("--modes", default="fwd,bwd,full")
     p.add_argument("--dtypes", default="bf16,fp16", help="of the GPU shapes: bf16, fp16 or both")
-    p.add_argument("--temperature", type=float, default=2.0, help="of the KL loss (default 2)")
+    p.add_argument("--temperature", default="1,2",
+                   help="of the KL loss: one value, or several separated by commas, each measured (default 1,2; "
+                        "the small-class KL case runs at the first)")
     p.add_argument("--out", default=str(ROOT / "benches" / "results" / "kernels.jsonl"), help="JSONL to append to ('' for none)")
     a = p.parse_args(argv)
     dtypes = tuple(d for d in a.dtypes.split(",") if d)
     bad = [d for d in dtypes if d not in DTYPES]
     if bad or not dtypes:
         p.error(f"--dtypes {a.dtypes}: choose from {', '.join(DTYPES)}")
-    TEMPERATURE = a.temperature
+    try:
+        temperatures = tuple(float(x) for x in a.temperature.split(",") if x.strip())
+    except ValueError:
+        temperatures = ()
+    if not temperatures or not all(t > 0 and math.isfinite(t) for t in temperatures):
+        p.error(f"--temperature {a.temperature}: positive numbers separated by commas, e.g. 1,2")
+    TEMPERATURE = temperatures[0]
     device = torch.device(a.device)
     if device.type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
         import warnings
 
         warnings.filterwarnings("ignore", category=RuntimeWarning)  # interpreter numpy on masked lanes
-    run(default_cases(a.quick or device.type == "cpu", dtypes), a.providers.split(","), a.modes.split(","), device,
-        Path(a.out) if a.out else None)
+    run(default_cases(a.quick or device.type == "cpu", dtypes, temperatures), a.providers.split(","), a.modes.split(","),
+        device, Path(a.out) if a.out else None)
     return 0
 
 

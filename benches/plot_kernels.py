@@ -17,12 +17,18 @@ PROVIDERS = ["fused", "eager", "compiled", "liger"]
 MODES = ["fwd", "bwd", "full"]
 
 
+def case_label(r: dict) -> str:
+    """A row's shape, and its temperature where it has one (the KL is measured at several)."""
+    tau = r.get("temperature")
+    return json.dumps(r["shape"]) + (f" tau={tau:g}" if tau is not None else "")
+
+
 def load(path: Path, device: str | None = None) -> list[dict]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "error" not in r and (device is None or r["device"] == device)]
     newest = {}
     for r in rows:  # later lines win
-        newest[(r["device"], r["op"], r["provider"], r["mode"], r["dtype"], json.dumps(r["shape"]))] = r
+        newest[(r["device"], r["op"], r["provider"], r["mode"], r["dtype"], case_label(r))] = r
     return list(newest.values())
 
 
@@ -32,12 +38,12 @@ def plot(rows: list[dict], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(r["op"], r["dtype"], json.dumps(r["shape"])) for r in rows})
+    panels = sorted({(r["op"], r["dtype"], case_label(r)) for r in rows})
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.8 * len(panels)), squeeze=False)
     width = 0.8 / len(PROVIDERS)
     for ax, (op, dtype, shape) in zip(axes[:, 0], panels):
         for j, prov in enumerate(PROVIDERS):
-            sel = {r["mode"]: r for r in rows if (r["op"], r["dtype"], json.dumps(r["shape"]), r["provider"]) == (op, dtype, shape, prov)}
+            sel = {r["mode"]: r for r in rows if (r["op"], r["dtype"], case_label(r), r["provider"]) == (op, dtype, shape, prov)}
             if not sel:
                 continue
             xs = [i + j * width for i, m in enumerate(MODES) if m in sel]

@@ -25,13 +25,15 @@ def test_bench_rows_and_plot(tmp_path):
     bench_kernels.main(["--device", "cpu", "--quick", "--providers", "fused,eager", "--modes", "fwd,full",
                         "--out", str(out)])
     rows = [json.loads(x) for x in out.read_text().splitlines()]
-    assert len(rows) == 2 * 2 * 2  # ops x providers x modes
+    assert len(rows) == (2 + 1) * 2 * 2  # (the KL at temperatures 1 and 2, the hidden loss) x providers x modes
+    assert sorted(r["temperature"] for r in rows if r["op"] == "mt_kl_loss") == [1.0] * 4 + [2.0] * 4
     for r in rows:
         assert FIELDS <= set(r)
         assert r["ms_p50"] > 0 and r["gbps"] > 0
         # Bandwidth is the op's bytes over its median time.
         assert r["gbps"] == pytest.approx(r["bytes"] / (r["ms_p50"] * 1e-3) / 1e9, rel=1e-9)
     assert {r["op"] for r in rows} == {"mt_kl_loss", "mt_hidden_loss"}
+    assert len(plot_kernels.load(out)) == len(rows)  # one temperature's rows do not hide the other's
     png = plot_kernels.plot(plot_kernels.load(out), tmp_path / "k.png")
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
 
@@ -60,3 +62,9 @@ def test_fused_kl_interpreter_benchmark(benchmark):
 
     grad = benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
     assert torch.isfinite(grad).all()
+
+
+def test_bad_temperature_is_one_line():
+    with pytest.raises(SystemExit) as e:
+        bench_kernels.main(["--device", "cpu", "--quick", "--temperature", "1,zero", "--out", ""])
+    assert e.value.code == 2
