@@ -252,7 +252,19 @@ class PreparedMode:
             "compile_s": self.compile_s, "peak_mb": peak_mb, "timed_steps": len(self.times),
             "mfu": step_flops(p) / p50 / 1e12 / peak, "matmul_peak_tflops": peak,
             "first_loss": self.first_loss, "final_loss": loss,
+            "hidden_products": hidden_products(mode, dtype, device),
         }
+
+
+def hidden_products(mode: Mode, dtype: torch.dtype, device: torch.device) -> str:
+    """Where the mode's hidden-loss GEMMs run: ``torch`` (the reference losses), ``cublas`` (float32 on a
+    GPU without TF32: the fused loss hands them to cuBLAS), or the Triton plan: ``half``, ``tf32``,
+    ``ieee`` (exact float32, the CPU interpreter)."""
+    if mode.kernels != "fused":
+        return "torch"
+    from fastmt import kernels
+
+    return kernels.hidden_products(dtype, device)
 
 
 def run_mode(p: Preset, mode: Mode, device: torch.device, steps: int, warmup: int, workdir: Path,
@@ -359,7 +371,7 @@ def format_table(result: dict) -> str:
         return "\n".join(f"{r['name']:20s} FAILED: {r['error']}" for r in failed)
     base = next((r for r in rows if r["name"] == "reference"), rows[0])
     head = (f"{'mode':20s} {'samples/s':>10s} {'tokens/s':>10s} {'ms p50':>9s} {'[p20, p80]':>17s} "
-            f"{'compile s':>9s} {'peak MB':>8s} {'MFU':>6s} {'vs ref':>7s} {'loss 1st -> last':>17s}")
+            f"{'compile s':>9s} {'peak MB':>8s} {'MFU':>6s} {'vs ref':>7s} {'loss 1st -> last':>17s} hidden GEMMs")
     rounds = result.get("rounds", 1)
     dealt = f", dealt round-robin in {rounds} rounds" if rounds > 1 else ""
     out = [f"fastmt bench --preset {result['preset']} on {result['device']}, torch {result['torch']}, "
@@ -369,7 +381,7 @@ def format_table(result: dict) -> str:
         out.append(f"{r['name']:20s} {r['samples_per_s']:10.1f} {r['tokens_per_s']:10.0f} {r['step_ms_p50']:9.1f} "
                    f"[{r['step_ms_p20']:7.1f}, {r['step_ms_p80']:7.1f}] {r['compile_s']:9.1f} {peak} "
                    f"{100 * r['mfu']:5.1f}% {base['step_ms_p50'] / r['step_ms_p50']:6.2f}x "
-                   f"{_loss_pair(r):>17s}")
+                   f"{_loss_pair(r):>17s} {r.get('hidden_products', '-')}")
     out += [f"{r['name']:20s} FAILED: {r['error'][:150]}" for r in failed]
     return "\n".join(out)
 

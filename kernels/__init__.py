@@ -21,7 +21,7 @@ import torch
 
 from fastmt import losses as _ref
 
-__all__ = ["mt_kl_loss", "mt_hidden_loss", "available", "SCHEMES"]
+__all__ = ["mt_kl_loss", "mt_hidden_loss", "hidden_products", "available", "SCHEMES"]
 
 SCHEMES = _ref.SCHEMES
 log = logging.getLogger("fastmt")
@@ -70,10 +70,23 @@ def mt_kl_loss(student_logits, teacher_logits, weights=None, temperature=1.0, la
     return loss
 
 
+def hidden_products(dtype: torch.dtype, device: torch.device | str) -> str:
+    """Where the hidden loss's GEMMs run for inputs of ``dtype`` on ``device``: "cublas" for float32
+    on a GPU without TF32 (the reference: cuBLAS's float32 GEMMs beat exact-float32 Triton tiles on
+    FMA units, so the fused loss is never slower than the reference there), else the Triton plan's
+    mode ("half", "tf32", or "ieee" in the CPU interpreter), or "reference" where no kernel runs."""
+    device = torch.device(device)
+    if not available(device):
+        return "reference"
+    plan = _hidden.dot_plan(dtype, device.type)
+    return "cublas" if device.type == "cuda" and plan.mode == "ieee" else plan.mode
+
+
 def mt_hidden_loss(student_hidden, teacher_hidden, proj_weight, proj_bias, mask=None, weights=None):
-    """Fused ``fastmt.losses.mt_hidden_loss``: same arguments, same value, float32 loss."""
+    """Fused ``fastmt.losses.mt_hidden_loss``: same arguments, same value, float32 loss. Float32 on a
+    GPU without TF32 runs the reference's cuBLAS GEMMs (``hidden_products``)."""
     _ref.check_hidden_args(student_hidden, teacher_hidden, proj_weight, proj_bias, mask, weights)
-    if not _use_kernels(student_hidden.device):
+    if not _use_kernels(student_hidden.device) or hidden_products(student_hidden.dtype, student_hidden.device) == "cublas":
         return _ref.mt_hidden_loss(student_hidden, teacher_hidden, proj_weight, proj_bias, mask, weights)
     return _hidden.mt_hidden_op(student_hidden, teacher_hidden.detach(), proj_weight, proj_bias,
                                 mask.detach() if mask is not None else None,

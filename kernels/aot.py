@@ -87,8 +87,10 @@ HIDDEN_SHAPES: dict[str, tuple[int, int, int, int, int, int]] = {  # (T, K, N, S
 
 HIDDEN_AXES: dict[str, list] = {
     # fpXX: every tensor in that dtype (tests, ``fastmt check``); -amp: training under autocast, where
-    # activations are half precision and the projection and teacher weights stay float32.
-    "dtype": ["fp32", "fp16", "bf16", "fp64", "fp16-amp", "bf16-amp"],
+    # activations are half precision and the projection and teacher weights stay float32; fp32-tf32:
+    # float32 where torch allows TF32 (the GPU plan for float32; without TF32 cuBLAS serves, the
+    # exact-float32 kernels are built as the interpreter's plan).
+    "dtype": ["fp32", "fp16", "bf16", "fp64", "fp16-amp", "bf16-amp", "fp32-tf32"],
     "mask": ["none", "int64", "bool"],
     "tw": [False, True],
     "shape": list(HIDDEN_SHAPES),
@@ -199,10 +201,11 @@ def launches_of(case: Case) -> list:
     w, b = meta((t, k, ds, dt_), par), meta((t, k, dt_), par)
     mask = None if p["mask"] == "none" else meta((n, s), getattr(torch, p["mask"]))
     tw = meta((t, n), par) if p["tw"] else None
+    tf32 = name.endswith("-tf32")
     if p["direction"] == "fwd":
-        launch, _ = hidden_mse.hidden_fwd_launch(hs, ht, w, b, mask, tw)
+        launch, _ = hidden_mse.hidden_fwd_launch(hs, ht, w, b, mask, tw, tf32=tf32)
         return [launch] if launch is not None else []
-    launches, *_ = hidden_mse.hidden_bwd_launch(meta((), torch.float32), hs, ht, w, b, mask, tw)
+    launches, *_ = hidden_mse.hidden_bwd_launch(meta((), torch.float32), hs, ht, w, b, mask, tw, tf32=tf32)
     return launches
 
 

@@ -16,8 +16,10 @@ one ``[BLOCK_R, BLOCK_D]`` tile at a time; all T*K pairs are one launch. Rows ar
   the float32 accumulation (folded into a half-precision dE, a converged error would underflow).
 
 Products run in the student's dtype on tensor cores for fp16/bf16 (the weight is cast to it, as
-autocast would) and in exact float32 (``input_precision="ieee"``, no TF32) for float32 and float64
-inputs; accumulation is float32.
+autocast would). Float32 and float64 inputs: on a GPU where torch allows TF32 for matmuls, TF32 on
+tensor cores; else exact float32 (``input_precision="ieee"``) on FMA units, which on a GPU
+``fastmt.kernels`` never runs for training (cuBLAS's float32 GEMMs, the reference, serve there; they
+are faster than exact-float32 Triton tiles). Accumulation is float32.
 
 One plan per dtype, on every device: the weight's and dE's dtypes, the tiles and the chunks do not
 depend on where the kernels run. The one difference is how Triton's CPU interpreter multiplies bf16
@@ -27,6 +29,8 @@ that is the tensor cores' computation, up to the order of the float32 accumulati
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -52,7 +56,8 @@ def _row_coef(mask_ptr, tw_ptr, i, offs_r, r_ok, S, N, HAS_MASK: tl.constexpr, H
 
 @triton.jit
 def _error_tile(hs_ptr, ht_ptr, w_ptr, b_ptr, i, k, K, R, Ds, Dt, offs_r, offs_d, r_ok, d_ok,
-                DOT_FP32: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+                DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
     """``hs[k] @ W[i,k] + b[i,k] - ht[i,k]`` on one tile, float32."""
     x_base = hs_ptr + k * R * Ds
     w_base = w_ptr + (i * K + k) * Ds * Dt
@@ -63,7 +68,7 @@ def _error_tile(hs_ptr, ht_ptr, w_ptr, b_ptr, i, k, K, R, Ds, Dt, offs_r, offs_d
         x = tl.load(x_base + offs_r[:, None] * Ds + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_base + offs_k[:, None] * Dt + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
         if DOT_FP32:
-            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION)
         else:
             acc = tl.dot(x, w.to(x.dtype), acc)
     bias = tl.load(b_ptr + (i * K + k) * Dt + offs_d, mask=d_ok, other=0.0).to(tl.float32)
@@ -74,7 +79,7 @@ def _error_tile(hs_ptr, ht_ptr, w_ptr, b_ptr, i, k, K, R, Ds, Dt, offs_r, offs_d
 
 @triton.jit
 def _program_tile(hs_ptr, ht_ptr, w_ptr, b_ptr, mask_ptr, tw_ptr, r0, r_end, K, R, S, N, Ds, Dt,
-                  HAS_MASK: tl.constexpr, HAS_TW: tl.constexpr, DOT_FP32: tl.constexpr,
+                  HAS_MASK: tl.constexpr, HAS_TW: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
     """This program's (teacher, layer), its rows (from ``r0``, before ``r_end``) and columns, its error
     tile and row coefficients."""
@@ -88,7 +93,7 @@ def _program_tile(hs_ptr, ht_ptr, w_ptr, b_ptr, mask_ptr, tw_ptr, r0, r_end, K, 
     r_ok = offs_r < r_end
     d_ok = offs_d < Dt
     e = _error_tile(hs_ptr, ht_ptr, w_ptr, b_ptr, i, k, K, R, Ds, Dt, offs_r, offs_d, r_ok, d_ok,
-                    DOT_FP32, BLOCK_R, BLOCK_D, BLOCK_K)
+                    DOT_FP32, PRECISION, BLOCK_R, BLOCK_D, BLOCK_K)
     c = _row_coef(mask_ptr, tw_ptr, i, offs_r, r_ok, S, N, HAS_MASK, HAS_TW)
     # Rows with c == 0 (padding) are dropped, not multiplied: non-finite values there stay out.
     keep = (c[:, None] != 0) & d_ok[None, :]
@@ -105,12 +110,12 @@ def _hidden_fwd_kernel(
     tw_ptr,  # [T, N] teacher weights per example (read when HAS_TW)
     part_ptr,  # [T*K * row blocks * col blocks] float32 partial sums
     K, R, S, N, Ds, Dt,
-    HAS_MASK: tl.constexpr, HAS_TW: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_TW: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_r, offs_d, r_ok, d_ok, e, c, keep = _program_tile(
         hs_ptr, ht_ptr, w_ptr, b_ptr, mask_ptr, tw_ptr, 0, R, K, R, S, N, Ds, Dt,
-        HAS_MASK, HAS_TW, DOT_FP32, BLOCK_R, BLOCK_D, BLOCK_K)
+        HAS_MASK, HAS_TW, DOT_FP32, PRECISION, BLOCK_R, BLOCK_D, BLOCK_K)
     sq = tl.where(keep, c[:, None] * e * e, 0.0)
     pid = (tl.program_id(0).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
     tl.store(part_ptr + pid, tl.sum(tl.sum(sq, axis=1), axis=0))
@@ -123,12 +128,12 @@ def _hidden_de_kernel(
     r0, rows,  # the chunk: its first row and its row count (<= RC)
     RC,  # the buffer's rows per teacher and layer
     K, R, S, N, Ds, Dt,
-    HAS_MASK: tl.constexpr, HAS_TW: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_TW: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_r, offs_d, r_ok, d_ok, e, c, keep = _program_tile(
         hs_ptr, ht_ptr, w_ptr, b_ptr, mask_ptr, tw_ptr, r0, r0 + rows, K, R, S, N, Ds, Dt,
-        HAS_MASK, HAS_TW, DOT_FP32, BLOCK_R, BLOCK_D, BLOCK_K)
+        HAS_MASK, HAS_TW, DOT_FP32, PRECISION, BLOCK_R, BLOCK_D, BLOCK_K)
     de = tl.where(keep, c[:, None] * e, 0.0)
     ik = tl.program_id(0).to(tl.int64)
     local = offs_r - r0
@@ -146,7 +151,7 @@ def _hidden_dw_kernel(
     r0, rows,  # the chunk: its first row and its row count (<= RC)
     RC, K, R, Ds, Dt,
     ACCUMULATE: tl.constexpr,  # add to dw/db (every chunk after the first) instead of storing
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,  # over Ds
     BLOCK_N: tl.constexpr,  # over Dt
     BLOCK_R: tl.constexpr,  # over the chunk's rows (the reduction)
@@ -171,7 +176,7 @@ def _hidden_dw_kernel(
         xt = tl.load(x_base + offs_q[None, :] * Ds + offs_m[:, None], mask=m_ok[:, None] & q_ok[None, :], other=0.0)
         de = tl.load(e_base + offs_q[:, None] * Dt + offs_n[None, :], mask=q_ok[:, None] & n_ok[None, :], other=0.0)
         if DOT_FP32:
-            acc = tl.dot(xt.to(tl.float32), de.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(xt.to(tl.float32), de.to(tl.float32), acc, input_precision=PRECISION)
         else:
             acc = tl.dot(xt.to(de.dtype), de, acc)
         col += tl.sum(de.to(tl.float32), axis=0)
@@ -196,7 +201,7 @@ def _hidden_dx_kernel(
     scale_ptr,  # [] float32
     dhs_ptr,  # [K, R, Ds] the student's gradient, in its dtype
     r0, rows, RC, T, K, R, Ds, Dt,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,  # over the chunk's rows
     BLOCK_N: tl.constexpr,  # over Ds
     BLOCK_K: tl.constexpr,  # over Dt, for each teacher in turn
@@ -220,7 +225,7 @@ def _hidden_dx_kernel(
             de = tl.load(e_base + offs_m[:, None] * Dt + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
             wt = tl.load(w_base + offs_n[None, :] * Dt + offs_d[:, None], mask=d_ok[:, None] & n_ok[None, :], other=0.0)
             if DOT_FP32:
-                acc = tl.dot(de.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
+                acc = tl.dot(de.to(tl.float32), wt.to(tl.float32), acc, input_precision=PRECISION)
             else:
                 acc = tl.dot(de, wt.to(de.dtype), acc)
     scale = tl.load(scale_ptr)
@@ -233,15 +238,16 @@ def _fit(n: int, most: int) -> int:
     return max(16, min(most, triton.next_power_of_2(n)))
 
 
-def hidden_config(rows: int, ds: int, dt: int, fp32: bool, backward: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_R, BLOCK_D, BLOCK_K, num_warps) of the error kernels (forward, and dE in backward);
-    ``fp32``: the float32 plan (else half precision)."""
-    if fp32:
+def hidden_config(rows: int, ds: int, dt: int, mode: str, backward: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_R, BLOCK_D, BLOCK_K, num_warps) of the error kernels (forward, and dE in backward), for
+    the plan's ``mode``: "ieee" (exact float32), "tf32" or "half" (tensor cores)."""
+    if mode == "ieee":
         # Exact float32 products run on FMA units: small tiles, 8 warps keep them in registers.
         return _fit(rows, 64 if not backward else 32), _fit(dt, 64), _fit(ds, 32 if not backward else 16), 8
+    deep = 64 if mode == "half" else 32  # a float32 operand tile takes twice the bytes of a half one
     if _vector_rows(ds, dt):
-        # Half precision on tensor cores: 128 x 128 tiles with a 64-deep step, Hopper's wgmma shape.
-        return _fit(rows, 128), _fit(dt, 128), _fit(ds, 64), 8
+        # Tensor cores: 128 x 128 tiles, Hopper's wgmma shape.
+        return _fit(rows, 128), _fit(dt, 128), _fit(ds, deep), 8
     return _fit(rows, 64), _fit(dt, 64), _fit(ds, 32), 8
 
 
@@ -252,12 +258,12 @@ def _vector_rows(ds: int, dt: int) -> bool:
     return ds % 16 == 0 and dt % 16 == 0
 
 
-def gemm_config(m: int, n: int, red: int, fp32: bool, vector: bool = True) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_RED, num_warps) of the backward's GEMM kernels."""
-    if fp32:
+def gemm_config(m: int, n: int, red: int, mode: str, vector: bool = True) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_RED, num_warps) of the backward's GEMM kernels (``mode``: as above)."""
+    if mode == "ieee":
         return _fit(m, 64), _fit(n, 64), _fit(red, 16), 8
     if vector:
-        return _fit(m, 128), _fit(n, 128), _fit(red, 64), 8
+        return _fit(m, 128), _fit(n, 128), _fit(red, 64 if mode == "half" else 32), 8
     return _fit(m, 64), _fit(n, 64), _fit(red, 32), 8
 
 
@@ -274,28 +280,46 @@ def chunk_rows(rows: int, pairs: int, dt: int, itemsize: int, budget: int = DE_B
     return min(most, triton.cdiv(triton.cdiv(rows, n_chunks), unit) * unit)
 
 
-def dot_plan(dtype: torch.dtype, device_type: str) -> tuple[bool, bool]:
-    """``(half, dot_fp32)``: whether the plan is half precision (weight and dE in the student's dtype,
-    tensor-core tiles), and whether the kernels multiply loaded values as float32 (``DOT_FP32``)."""
-    half = dtype in (torch.float16, torch.bfloat16)
-    # The interpreter's bf16: the half plan's values, multiplied as float32 (exact products; above).
-    interpreted_bf16 = dtype == torch.bfloat16 and device_type == "cpu"
-    return half, (not half) or interpreted_bf16
+class Plan(NamedTuple):
+    mode: str  # "half" (fp16/bf16 tensor cores), "tf32" (float32 on tensor cores), "ieee" (exact float32)
+    dot_fp32: bool  # the kernels' DOT_FP32: multiply loaded values as float32 (with PRECISION)
+    precision: str  # the kernels' PRECISION: tl.dot's input_precision when DOT_FP32
+
+    @property
+    def half(self) -> bool:
+        return self.mode == "half"
 
 
-def _prepare(hs, ht, w, b, mask, tw):
+def tf32_allowed() -> bool:
+    """Whether torch lets float32 matmuls use TF32 on a GPU (``torch.backends.cuda.matmul.allow_tf32``,
+    which ``torch.set_float32_matmul_precision("high")`` turns on)."""
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def dot_plan(dtype: torch.dtype, device_type: str, tf32: bool | None = None) -> Plan:
+    """How the products run for inputs of ``dtype`` on ``device_type``. ``tf32``: float32 on tensor
+    cores (default: on a GPU, where torch allows it; on the CPU's interpreter never)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        # The interpreter's bf16: the half plan's values, multiplied as float32 (exact products; above).
+        return Plan("half", dtype == torch.bfloat16 and device_type == "cpu", "ieee")
+    if tf32 is None:
+        tf32 = device_type == "cuda" and tf32_allowed()
+    return Plan("tf32", True, "tf32") if tf32 else Plan("ieee", True, "ieee")
+
+
+def _prepare(hs, ht, w, b, mask, tw, tf32=None):
     """Contiguous views, the plan (``dot_plan``), and the dims every kernel takes."""
     k, n, s, ds = hs.shape
     t, dt = ht.shape[0], ht.shape[-1]
     rows = n * s
-    half, dot_fp32 = dot_plan(hs.dtype, hs.device.type)
+    plan = dot_plan(hs.dtype, hs.device.type, tf32)
     # Half-precision students multiply on tensor cores: the weight joins their dtype, as under autocast.
-    w_in = w.to(hs.dtype).contiguous() if half else w.contiguous()
+    w_in = w.to(hs.dtype).contiguous() if plan.half else w.contiguous()
     m = mask.reshape(rows).contiguous() if mask is not None else None
     if m is not None and m.dtype == torch.bool:
         m = m.to(torch.uint8)
     tw_in = tw.contiguous() if tw is not None else None
-    return hs.contiguous(), ht.contiguous(), w_in, b.contiguous(), m, tw_in, (half, dot_fp32), (t, k, rows, s, n, ds, dt)
+    return hs.contiguous(), ht.contiguous(), w_in, b.contiguous(), m, tw_in, plan, (t, k, rows, s, n, ds, dt)
 
 
 def _denominator(mask, rows: int, dt: int, device) -> torch.Tensor:
@@ -304,25 +328,26 @@ def _denominator(mask, rows: int, dt: int, device) -> torch.Tensor:
     return torch.where(denom > 0, denom, torch.ones_like(denom))
 
 
-def hidden_fwd_launch(hs, ht, w, b, mask=None, tw=None) -> tuple[Launch | None, torch.Tensor | None]:
+def hidden_fwd_launch(hs, ht, w, b, mask=None, tw=None, tf32=None) -> tuple[Launch | None, torch.Tensor | None]:
     """The forward launch and its buffer of partial sums (allocated, not written); ``(None, None)`` for
     empty inputs. Nothing runs on the inputs' data, so meta tensors give the exact launch."""
-    hs_c, ht_c, w_c, b_c, m, tw_c, (half, dot_fp32), (t, k, rows, s, n, ds, dt) = _prepare(hs, ht, w, b, mask, tw)
+    hs_c, ht_c, w_c, b_c, m, tw_c, plan, (t, k, rows, s, n, ds, dt) = _prepare(hs, ht, w, b, mask, tw, tf32)
     if hs.numel() == 0 or ht.numel() == 0:
         return None, None
-    br, bd, bk, num_warps = hidden_config(rows, ds, dt, not half, backward=False)
+    br, bd, bk, num_warps = hidden_config(rows, ds, dt, plan.mode, backward=False)
     grid = (t * k, triton.cdiv(rows, br), triton.cdiv(dt, bd))
     parts = torch.empty(grid[0] * grid[1] * grid[2], dtype=torch.float32, device=hs.device)
     args = (hs_c, ht_c, w_c, b_c, m if m is not None else hs_c, tw_c if tw_c is not None else hs_c, parts,
             k, rows, s, n, ds, dt)
-    meta = dict(HAS_MASK=m is not None, HAS_TW=tw_c is not None, DOT_FP32=dot_fp32, BLOCK_R=br, BLOCK_D=bd, BLOCK_K=bk)
+    meta = dict(HAS_MASK=m is not None, HAS_TW=tw_c is not None, DOT_FP32=plan.dot_fp32, PRECISION=plan.precision,
+                BLOCK_R=br, BLOCK_D=bd, BLOCK_K=bk)
     return Launch(_hidden_fwd_kernel, grid, args, meta, num_warps), parts
 
 
-def hidden_bwd_launch(grad, hs, ht, w, b, mask=None, tw=None, budget: int = DE_BUDGET_BYTES):
+def hidden_bwd_launch(grad, hs, ht, w, b, mask=None, tw=None, budget: int = DE_BUDGET_BYTES, tf32=None):
     """The backward's launches, in order (three per chunk of rows; none for empty inputs), and the
     gradients they write: ``dhs`` (the student's dtype), ``dw``, ``db`` (float32)."""
-    hs_c, ht_c, w_c, b_c, m, tw_c, (half, dot_fp32), (t, k, rows, s, n, ds, dt) = _prepare(hs, ht, w, b, mask, tw)
+    hs_c, ht_c, w_c, b_c, m, tw_c, plan, (t, k, rows, s, n, ds, dt) = _prepare(hs, ht, w, b, mask, tw, tf32)
     dev = hs.device
     if not (hs.numel() and ht.numel()):
         return [], torch.zeros(hs.shape, dtype=hs.dtype, device=dev), \
@@ -330,16 +355,17 @@ def hidden_bwd_launch(grad, hs, ht, w, b, mask=None, tw=None, budget: int = DE_B
     dhs = torch.empty(hs.shape, dtype=hs.dtype, device=dev)
     dw = torch.empty(w.shape, dtype=torch.float32, device=dev)
     db = torch.empty(b.shape, dtype=torch.float32, device=dev)
-    de_dtype = hs.dtype if half else torch.float32
+    de_dtype = hs.dtype if plan.half else torch.float32
     rc = chunk_rows(rows, t * k, dt, torch.empty((), dtype=de_dtype).element_size(), budget)
     de = torch.empty((t * k, rc, dt), dtype=de_dtype, device=dev)
     scale = (grad.to(torch.float32) * 2.0 / _denominator(mask, rows, dt, dev)).reshape(())
     mask_arg = m if m is not None else hs_c
     tw_arg = tw_c if tw_c is not None else hs_c
-    br, bd, bk, warps_e = hidden_config(rc, ds, dt, not half, backward=True)
-    meta_e = dict(HAS_MASK=m is not None, HAS_TW=tw_c is not None, DOT_FP32=dot_fp32, BLOCK_R=br, BLOCK_D=bd, BLOCK_K=bk)
-    wm, wn, wr, warps_w = gemm_config(ds, dt, rc, not half, _vector_rows(ds, dt))
-    xm, xn, xk, warps_x = gemm_config(rc, ds, dt, not half, _vector_rows(ds, dt))
+    br, bd, bk, warps_e = hidden_config(rc, ds, dt, plan.mode, backward=True)
+    dot = dict(DOT_FP32=plan.dot_fp32, PRECISION=plan.precision)
+    meta_e = dict(HAS_MASK=m is not None, HAS_TW=tw_c is not None, **dot, BLOCK_R=br, BLOCK_D=bd, BLOCK_K=bk)
+    wm, wn, wr, warps_w = gemm_config(ds, dt, rc, plan.mode, _vector_rows(ds, dt))
+    xm, xn, xk, warps_x = gemm_config(rc, ds, dt, plan.mode, _vector_rows(ds, dt))
     launches = []
     for r0 in range(0, rows, rc):
         nr = min(rc, rows - r0)
@@ -348,10 +374,10 @@ def hidden_bwd_launch(grad, hs, ht, w, b, mask=None, tw=None, budget: int = DE_B
                                meta_e, warps_e))
         launches.append(Launch(_hidden_dw_kernel, (t * k, triton.cdiv(ds, wm), triton.cdiv(dt, wn)),
                                (hs_c, de, scale, dw, db, r0, nr, rc, k, rows, ds, dt),
-                               dict(ACCUMULATE=r0 > 0, DOT_FP32=dot_fp32, BLOCK_M=wm, BLOCK_N=wn, BLOCK_R=wr), warps_w))
+                               dict(ACCUMULATE=r0 > 0, **dot, BLOCK_M=wm, BLOCK_N=wn, BLOCK_R=wr), warps_w))
         launches.append(Launch(_hidden_dx_kernel, (k, triton.cdiv(nr, xm), triton.cdiv(ds, xn)),
                                (de, w_c, scale, dhs, r0, nr, rc, t, k, rows, ds, dt),
-                               dict(DOT_FP32=dot_fp32, BLOCK_M=xm, BLOCK_N=xn, BLOCK_K=xk), warps_x))
+                               dict(**dot, BLOCK_M=xm, BLOCK_N=xn, BLOCK_K=xk), warps_x))
     return launches, dhs, dw, db
 
 

@@ -54,8 +54,8 @@ KERNELS = ("mt_kl_fwd_kernel", "mt_kl_bwd_kernel", "mt_kl_small_fwd_kernel", "mt
 
 def test_hidden_backward_has_no_atomics_and_half_precision_runs_on_tensor_cores(ci_build):
     """Read from the SASS of every build: no global atomic or reduction instruction anywhere in the
-    hidden loss (each output tile has one writer), and on sm_90 every half-precision hidden kernel
-    multiplies with warpgroup MMAs (HGMMA), sm_80 with HMMA."""
+    hidden loss (each output tile has one writer), and on sm_90 every half-precision and TF32 hidden
+    kernel multiplies with warpgroup MMAs (HGMMA), sm_80 with HMMA; exact float32 on FMA units."""
     rows, _ = ci_build
     hidden = [r for r in rows if r["kernel"].startswith("hidden")]
     assert {r["kernel"] for r in hidden} == {k for k in KERNELS if k.startswith("hidden")}
@@ -63,9 +63,9 @@ def test_hidden_backward_has_no_atomics_and_half_precision_runs_on_tensor_cores(
     assert not atomic, atomic
     big = 0
     for r in hidden:
-        half = "DOT_FP32=0" in r["constexprs"]
+        exact = "DOT_FP32=1" in r["constexprs"] and "PRECISION=ieee" in r["constexprs"]
         counts = r["sass"]
-        if not half:
+        if exact:
             assert counts["wgmma"] == counts["mma"] == 0, (r["kernel"], r["case"])  # exact float32: FMA
         elif r["arch"] == 80:
             assert counts["mma"] > 0, (r["kernel"], r["case"])

@@ -28,6 +28,8 @@ def test_bench_tiny_writes_the_schema(tmp_path):
         assert m["tokens_per_s"] == pytest.approx(m["samples_per_s"] * shape["seq"], rel=1e-9)
         assert math.isfinite(m["final_loss"]) and math.isfinite(m["first_loss"])
     assert result["modes"][1]["compile"] and result["modes"][1]["precision"] == "bf16"
+    assert [m["hidden_products"] for m in result["modes"]] == ["torch", "torch"]  # the CPU ladder: reference losses
+    assert "hidden GEMMs" in r.stdout
     assert result["complete"] is True
     assert "vs ref" in r.stdout
 
