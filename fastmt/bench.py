@@ -142,9 +142,10 @@ def build_models(p: Preset, device: torch.device, workdir: Path):
     from transformers import BertConfig, BertModel
 
     from fastmt.demo import build_tokenizer
-    from fastmt.models import Student, Teachers, _quiet_transformers
+    from fastmt.models import Student, Teachers
+    from fastmt.modeldir import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     tok = build_tokenizer(workdir / "tokenizer")
 
     def encoder(layers: int) -> BertModel:
@@ -169,7 +170,7 @@ class PreparedMode:
         from fastmt.models import layer_maps
         from fastmt.step import DistillStep
         from fastmt.optim import GradBuffers, make_optimizer, optimizer_step
-        from fastmt.train import DistillArgs
+        from fastmt.settings import DistillArgs
 
         if mode.kernels == "fused":
             import fastmt.kernels as losses_mod
@@ -293,7 +294,7 @@ def run_bench(device_name_arg: str = "cpu", preset: str = "tiny", json_out: str 
     machine lands on every mode alike instead of on whichever ran then. Default: 5 on a CPU; 1 on
     CUDA, where each mode runs alone (its peak memory is its own). ``profile``: after timing, each
     mode's step split into phases and its top kernels (``fastmt.profile``), printed and in the JSON."""
-    from fastmt.train import resolve_device
+    from fastmt.settings import resolve_device
 
     device = resolve_device(device_name_arg)
     if preset not in PRESETS:

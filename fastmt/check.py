@@ -144,7 +144,7 @@ def format_table(rows: list[Row]) -> str:
 def run_check(device_name: str = "cpu", quick: bool = False, json_out: str | None = None) -> int:
     """Run the sweep, print the table; returns the number of failing cases."""
     from fastmt.errors import UsageError
-    from fastmt.train import resolve_device
+    from fastmt.settings import resolve_device
 
     device = resolve_device(device_name)
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":

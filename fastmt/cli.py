@@ -260,22 +260,28 @@ def _score(res) -> str:
 
 
 def run(ns: argparse.Namespace) -> int:
-    from fastmt import train
+    from fastmt.settings import DistillArgs, TrainArgs, resolve_device
 
     if ns.command == "cofinetune":
-        res = train.cofinetune(ns.teacher, train.TrainArgs(**_train_kwargs(ns, train.TrainArgs)))
+        from fastmt.tasks.cofinetune import cofinetune
+
+        res = cofinetune(ns.teacher, TrainArgs(**_train_kwargs(ns, TrainArgs)))
         print(f"teachers saved to {res.out}: best dev {_score(res)} (ensemble) at epoch {res.best_epoch}, {res.train_s:.1f}s")
         return 0
     if ns.command == "distill":
-        kw = _train_kwargs(ns, train.DistillArgs)
+        from fastmt.tasks.distill import distill
+
+        kw = _train_kwargs(ns, DistillArgs)
         kw["teacher_subset"] = _parse_subset(ns.teacher_subset)
-        res = train.distill(train.DistillArgs(**kw))
+        res = distill(DistillArgs(**kw))
         print(f"student saved to {res.out}: best dev {_score(res)} at epoch {res.best_epoch}, {res.train_s:.1f}s")
         return 0
     if ns.command == "eval":
         if ns.batch_size < 1:
             raise UsageError(f"--batch-size {ns.batch_size}: must be at least 1")
-        result = train.evaluate_dir(ns.model, ns.data, ns.device, ns.batch_size, columns=_columns(ns))
+        from fastmt.evaluate import evaluate_dir
+
+        result = evaluate_dir(ns.model, ns.data, ns.device, ns.batch_size, columns=_columns(ns))
         if result["kind"] == "teachers":
             for t in result["teachers"]:
                 print(f"teacher {t['name']}: accuracy {t['accuracy']:.4f} (n={t['n']})")
@@ -295,7 +301,7 @@ def run(ns: argparse.Namespace) -> int:
 
         if ns.max_length is not None and ns.max_length < 2:
             raise UsageError(f"--max-length {ns.max_length}: must be at least 2")
-        res = predict_file(ns.model, ns.data, ns.out, train.resolve_device(ns.device), ns.batch_size, ns.max_length,
+        res = predict_file(ns.model, ns.data, ns.out, resolve_device(ns.device), ns.batch_size, ns.max_length,
                            _columns(ns))
         counts = ", ".join(f"{k} {v}" for k, v in res["counts"].items())
         print(f"{res['n']} predictions written to {res['out']} ({counts})")
@@ -376,7 +382,7 @@ def _replay(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     from fastmt.io import read_json
 
     f = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
-    from fastmt.models import fastmt_block
+    from fastmt.modeldir import fastmt_block
 
     try:
         run_cfg = (fastmt_block(read_json(f)) or {}).get("run")
@@ -429,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FastmtError, ValueError, OSError) as e:
         if debug:
             raise
-        from fastmt.data import DataError
+        from fastmt.errors import DataError
 
         code = 2 if isinstance(e, (UsageError, DataError)) else getattr(e, "exit_code", 1)
         if isinstance(e, OSError) and not isinstance(e, FastmtError):

@@ -26,6 +26,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from fastmt.errors import DataError, data_error
+
 __all__ = [
     "DataError",
     "TextDataset",
@@ -60,26 +62,6 @@ SINGLE_COLUMNS = ("sentence", "text", "review", "question")
 
 _INT_RE = re.compile(r"[+-]?[0-9]+\Z")
 _ENCODE_CHUNK = 8192
-
-
-class DataError(ValueError):
-    """A problem with an input file.
-
-    ``str(e)`` is one line: ``'<path>:<line>: <what is wrong> (<how to fix>)'``.  ``e.path`` and
-    ``e.line`` hold the two location parts (``line`` is ``None`` when the file could not be opened).
-    """
-
-    def __init__(self, message: str, path: str | None = None, line: int | None = None):
-        message = " ".join(str(message).splitlines())
-        super().__init__(message)
-        self.path = path
-        self.line = line
-
-
-def _error(path: str, line: int | None, what: str, fix: str | None = None) -> DataError:
-    where = f"{path}:{line}" if line is not None else f"{path}"
-    message = f"{where}: {what}" + (f" ({fix})" if fix else "")
-    return DataError(message, path=path, line=line)
 
 
 def _short_list(items: list[str], limit: int = 20) -> str:
@@ -126,7 +108,7 @@ def _decoded_lines(path: str, data: bytes) -> list[str]:
         try:
             text = chunk.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise _error(
+            raise data_error(
                 path,
                 i + 1,
                 f"bytes that are not valid UTF-8 at byte {e.start + 1} of the line "
@@ -166,7 +148,7 @@ def _pick_columns(
     given = columns or Columns()
     for flag, want in (("--text-column", given.text), ("--text-pair-column", given.pair), ("--label-column", given.label)):
         if want is not None and want.strip().lower() not in lower:
-            raise _error(path, header_line, f"{flag} {want}: no such column; the columns are "
+            raise data_error(path, header_line, f"{flag} {want}: no such column; the columns are "
                          f"{_short_list([n.strip() for n in names])}", f"give one of them to {flag}")
     label = next((lower[c] for c in LABEL_COLUMNS if c in lower), None)
     if given.label is not None:
@@ -186,7 +168,7 @@ def _pick_columns(
     if given.pair is not None:
         text_b = lower[given.pair.strip().lower()]
     if text_a is None or (label is None and require_labels):
-        raise _error(
+        raise data_error(
             path,
             header_line,
             f"header has columns {_short_list([n.strip() for n in names])}; need a 'label' column "
@@ -203,12 +185,12 @@ def _clean_label(path: str, line: int, value: Any, column: str) -> str:
     if isinstance(value, str):
         value = value.strip()
         if not value:
-            raise _error(path, line, f"empty label in column '{column}'",
+            raise data_error(path, line, f"empty label in column '{column}'",
                          "give every example a label")
         return value
     if isinstance(value, bool) or value is None:
         shown = json.dumps(value)
-        raise _error(
+        raise data_error(
             path, line, f"label {shown} in column '{column}' is not a class label",
             "use a string or an integer class label",
         )
@@ -217,11 +199,11 @@ def _clean_label(path: str, line: int, value: Any, column: str) -> str:
     if isinstance(value, float):
         if math.isfinite(value) and value.is_integer():
             return str(int(value))
-        raise _error(
+        raise data_error(
             path, line, f"label {value!r} in column '{column}' is not an integral class label",
             "use a string or an integer class label; regression targets are not supported",
         )
-    raise _error(
+    raise data_error(
         path, line, f"label {json.dumps(value)[:60]} in column '{column}' is not a class label",
         "use a string or an integer class label",
     )
@@ -257,14 +239,14 @@ class _Builder:
 
     def build(self, empty_line: int, empty_what: str) -> TextDataset:
         if not self.text_a:
-            raise _error(self.path, empty_line, f"no examples: {empty_what}",
+            raise data_error(self.path, empty_line, f"no examples: {empty_what}",
                          "add at least one example")
         labels = self.labels
         if self.first_missing is not None:
             if all(not x for x in labels):
                 labels = []  # an unlabelled file that merely has an empty label column
             else:
-                raise _error(
+                raise data_error(
                     self.path, self.first_missing,
                     f"empty label in column '{self.label_col}' while other examples have labels",
                     "give every example a label, or none of them",
@@ -295,11 +277,11 @@ def _read_delimited(
                     return
                 except csv.Error as e:
                     if "unexpected end of data" in str(e):
-                        raise _error(
+                        raise data_error(
                             path, start, "a quoted field that starts here is never closed",
                             'close the quote; write a " inside a quoted field as ""',
                         ) from None
-                    raise _error(path, reader.line_num, f"malformed CSV row: {e}",
+                    raise data_error(path, reader.line_num, f"malformed CSV row: {e}",
                                  'quote fields that contain commas or quotes, and write a " inside '
                                  'a quoted field as ""') from None
                 if not row or (len(row) == 1 and not row[0].strip()):
@@ -309,7 +291,7 @@ def _read_delimited(
     it = rows()
     first = next(it, None)
     if first is None:
-        raise _error(path, 1, "no examples: the file is empty",
+        raise data_error(path, 1, "no examples: the file is empty",
                      "the first line must be a header, followed by one example per line")
     header_line, header = first
     label_col, col_a, col_b = _pick_columns(path, header, require_labels, header_line, columns)
@@ -323,7 +305,7 @@ def _read_delimited(
             fix = ("a text may contain a tab; GLUE TSV files cannot quote it, so remove it"
                    if is_tsv and len(row) > width else "check for a missing or extra field")
             what = f"row has {len(row)} {kind}-separated fields but the header has {width}"
-            raise _error(path, line, what, fix)
+            raise data_error(path, line, what, fix)
         out.add(line, row[ia], row[ib] if ib is not None else None,
                 row[il] if il is not None else None)
     return out.build(header_line, "the file has a header line but no rows")
@@ -345,11 +327,11 @@ def _read_jsonl(path: str, lines: list[str], require_labels: bool, columns: Colu
         except json.JSONDecodeError as e:
             fix = ("the file must hold one JSON object per line (JSON Lines), not one JSON array"
                    if starts_with_array else "each line must hold one JSON object")
-            raise _error(path, line, f"invalid JSON: {e.msg} at column {e.colno}", fix) from None
+            raise data_error(path, line, f"invalid JSON: {e.msg} at column {e.colno}", fix) from None
         if not isinstance(obj, dict):
             fix = ("the file must hold one JSON object per line (JSON Lines), not one JSON array"
                    if isinstance(obj, list) else "each line must hold one JSON object")
-            raise _error(path, line, f"expected a JSON object, found {type(obj).__name__}", fix)
+            raise data_error(path, line, f"expected a JSON object, found {type(obj).__name__}", fix)
         if out is None:
             keys = _pick_columns(path, list(obj.keys()), require_labels, line, columns)
             out = _Builder(path, keys[0], keys[2] is not None, require_labels)
@@ -368,19 +350,19 @@ def _read_jsonl(path: str, lines: list[str], require_labels: bool, columns: Colu
                 if key == keys[0] and not require_labels:
                     values.append(None)
                     continue
-                raise _error(path, line, f"missing key '{key}'",
+                raise data_error(path, line, f"missing key '{key}'",
                              f"every line needs the keys chosen from the first object: "
                              f"{[k for k in keys if k is not None]}")
             values.append(obj[alt])
         a, b, label = values
         for key, value in ((keys[1], a), (keys[2], b)):
             if key is not None and not isinstance(value, str):
-                raise _error(path, line,
+                raise data_error(path, line,
                              f"text in '{key}' is {json.dumps(value)[:60]}, not a string",
                              "write every text as a JSON string")
         out.add(line, a, b, label)
     if out is None:
-        raise _error(path, 1, "no examples: the file has no JSON objects",
+        raise data_error(path, 1, "no examples: the file has no JSON objects",
                      "write one JSON object per line")
     return out.build(1, "the file has no JSON objects")
 
@@ -416,16 +398,16 @@ def read_dataset(path: str | Path, require_labels: bool = True, columns: Columns
 
         return _read_records(*read_source(spath), require_labels, columns)
     if ext not in EXTENSIONS:
-        raise _error(spath, None, f"unknown file type '{p.suffix or '(none)'}'",
+        raise data_error(spath, None, f"unknown file type '{p.suffix or '(none)'}'",
                      f"use one of {', '.join(EXTENSIONS + ('.parquet',))}, a datasets dir, or a hub NAME[/CONFIG][:SPLIT]")
     try:
         data = p.read_bytes()
     except FileNotFoundError:
-        raise _error(spath, None, "no such file", "check the path") from None
+        raise data_error(spath, None, "no such file", "check the path") from None
     except IsADirectoryError:
-        raise _error(spath, None, "is a directory", "give the path of a data file") from None
+        raise data_error(spath, None, "is a directory", "give the path of a data file") from None
     except OSError as e:
-        raise _error(spath, None, f"cannot be read: {e.strerror or e}",
+        raise data_error(spath, None, f"cannot be read: {e.strerror or e}",
                      "check the path and its permissions") from None
     lines = _decoded_lines(spath, data)
     if ext == ".tsv":
@@ -439,7 +421,7 @@ def _read_records(path: str, names: list[str], rows: list[dict], class_names: di
                   require_labels: bool, columns: Columns | None) -> TextDataset:
     """Examples from column-named records (parquet, ``datasets``): row ``i`` is reported as line ``i + 1``."""
     if not rows:
-        raise _error(path, None, "no examples: the dataset has no rows", "give a split with rows")
+        raise data_error(path, None, "no examples: the dataset has no rows", "give a split with rows")
     label_col, col_a, col_b = _pick_columns(path, names, require_labels, None, columns)
     label_names = class_names.get(label_col) if label_col is not None else None
     out = _Builder(path, label_col, col_b is not None, require_labels)
@@ -447,13 +429,13 @@ def _read_records(path: str, names: list[str], rows: list[dict], class_names: di
         a, b = row.get(col_a), row.get(col_b) if col_b is not None else None
         for key, value in ((col_a, a), (col_b, b)):
             if key is not None and not isinstance(value, str):
-                raise _error(path, i + 1, f"text in '{key}' is {json.dumps(value, default=str)[:60]}, not a string",
+                raise data_error(path, i + 1, f"text in '{key}' is {json.dumps(value, default=str)[:60]}, not a string",
                              "give a text column (--text-column)")
         label = row.get(label_col) if label_col is not None else None
         if label_names is not None and label is not None:
             if label == -1:  # a ClassLabel's -1: this example has no label (GLUE test splits)
                 if require_labels:
-                    raise _error(path, i + 1, f"label -1 in '{label_col}': the example has no label, as in a test split",
+                    raise data_error(path, i + 1, f"label -1 in '{label_col}': the example has no label, as in a test split",
                                  "train and evaluate on a labelled split; unlabelled rows are for fastmt predict")
                 label = None
             elif isinstance(label, int) and 0 <= label < len(label_names):
@@ -481,7 +463,7 @@ def label_names_from(labels: list[str]) -> list[str]:
 def encode_labels(ds: TextDataset, label_names: list[str]) -> list[int]:
     """Map every label of ``ds`` to its position in ``label_names``."""
     if len(ds) and not ds.labels:
-        raise _error(ds.path, ds.lines[0] if ds.lines else 1, "the file has no labels",
+        raise data_error(ds.path, ds.lines[0] if ds.lines else 1, "the file has no labels",
                      "add a 'label' column")
     index = {name: i for i, name in enumerate(label_names)}
     out: list[int] = []
@@ -489,7 +471,7 @@ def encode_labels(ds: TextDataset, label_names: list[str]) -> list[int]:
         i = index.get(label)
         if i is None:
             names = _short_list(list(label_names))
-            raise _error(ds.path, line, f"label {label!r} not among the training labels {names}",
+            raise data_error(ds.path, line, f"label {label!r} not among the training labels {names}",
                          "use the training set's label values, or add examples of this label "
                          "to the training set")
         out.append(i)
@@ -745,3 +727,16 @@ def iterate_batches(
         inputs = {key: _collate(packed[key], encodings[key].pad_id, idx, bucket_arr)
                   for key in encodings}
         yield Batch(labels=label_t[index], inputs=inputs, index=index)
+
+
+def host_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``. A host tensor bound for a GPU goes through pinned memory, so the copy is
+    truly asynchronous: the host queues it and goes on preparing the next step instead of waiting
+    for the GPU to reach the copy (a copy from pageable memory holds the host until it is done)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def to_device(inputs: dict[str, dict[str, torch.Tensor]], device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
+    return {k: {n: host_to(t, device) for n, t in v.items()} for k, v in inputs.items()}

@@ -150,9 +150,9 @@ STUDENT = Shape("student", 2, 64, 2)
 def build_encoder(shape: Shape, tokenizer, out_dir: Path, seed: int, positions: int = 64) -> Path:
     from transformers import BertConfig, BertModel
 
-    from fastmt.models import _quiet_transformers
+    from fastmt.modeldir import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=shape.hidden, num_hidden_layers=shape.layers,
                         num_attention_heads=shape.heads, intermediate_size=4 * shape.hidden,

@@ -20,6 +20,27 @@ class UsageError(FastmtError):
     exit_code = 2
 
 
+class DataError(ValueError):
+    """A problem with an input file.
+
+    ``str(e)`` is one line: ``'<path>:<line>: <what is wrong> (<how to fix>)'``.  ``e.path`` and
+    ``e.line`` hold the two location parts (``line`` is ``None`` when the file could not be opened).
+    """
+
+    def __init__(self, message: str, path: str | None = None, line: int | None = None):
+        message = " ".join(str(message).splitlines())
+        super().__init__(message)
+        self.path = path
+        self.line = line
+
+
+def data_error(path: str, line: int | None, what: str, fix: str | None = None) -> DataError:
+    """The one-line :class:`DataError` of a data file or source: ``<path>:<line>: <what> (<fix>)``."""
+    where = f"{path}:{line}" if line is not None else f"{path}"
+    message = f"{where}: {what}" + (f" ({fix})" if fix else "")
+    return DataError(message, path=path, line=line)
+
+
 # The OS errors that mean "this disk has no room for it": the message then gives the space needed.
 NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 

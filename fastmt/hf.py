@@ -162,7 +162,7 @@ def load_seq_cls(model_dir: Path, fix: str = "write it again with fastmt, or res
     from transformers import AutoConfig
 
     from fastmt.io import load_tensors, read_json, reading
-    from fastmt.models import encoder_from_config, fitting
+    from fastmt.modeldir import encoder_from_config, fitting
 
     config = model_dir / "config.json"
     with reading(config, fix):

@@ -47,7 +47,7 @@ def _build(preset, mode: str, device, workdir: Path):
     from fastmt.bench import build_models
     from fastmt.models import layer_maps
     from fastmt.step import DistillStep
-    from fastmt.train import DistillArgs
+    from fastmt.settings import DistillArgs
 
     kernels, precision = MODES[mode]
     # Three BERT-base teachers initialised on the CPU and then copied over take many seconds; made
@@ -333,7 +333,7 @@ def _search_line(mode: str, s: dict, budget_mb: float) -> str:
 def run_memory(device_name: str = "cpu", preset_name: str = "tiny", out: str | None = None,
                budget_gb: float | None = None, search_s: float = 10.0, snapshot_mb: float = 15.0) -> dict | None:
     from fastmt.bench import PRESETS
-    from fastmt.train import resolve_device
+    from fastmt.settings import resolve_device
 
     if preset_name not in PRESETS:
         raise UsageError(f"--preset {preset_name}: choose one of {', '.join(PRESETS)}")

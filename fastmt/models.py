@@ -22,9 +22,6 @@ Older student dirs (config.json of kind ``fastmt-student`` at the top, one model
 from __future__ import annotations
 
 import logging
-import os
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -33,23 +30,14 @@ import torch
 import torch.nn as nn
 
 from fastmt.errors import UsageError
-from fastmt.io import (first_line, load_tensors, read_json, read_problem, reading, recover, save_tensors, staged_set,
+from fastmt.io import (first_line, load_tensors, read_json, read_problem, reading, save_tensors, staged_set,
                        tensor_bytes, write_json)
 from fastmt.losses import layer_map
+from fastmt.modeldir import (STUDENT_KIND, TEACHERS_KIND, encoder_from_config, fastmt_block, fitting,  # noqa: F401
+                             quiet_transformers, read_run_kind, recover_dir)
 
-TEACHERS_KIND = "fastmt-teachers"
-STUDENT_KIND = "fastmt-student"
 STUDENT_WEIGHTS = "fastmt.safetensors"  # a student's head and projections, beside the stock model.safetensors
 TOKENIZER_BYTES = 1 << 20  # room for a saved tokenizer and config in the estimate of a save's size
-
-
-def _quiet_transformers() -> None:
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", message=".*were not initialized.*")
 
 
 POOLINGS = ("cls", "mean")
@@ -181,7 +169,7 @@ def load_encoder(source: str | Path, flag: str = "--teacher", fix: str = FIX_SOU
     A damaged file or weights that do not fit config.json are one line naming the file and ``fix``."""
     from transformers import AutoModel
 
-    _quiet_transformers()
+    quiet_transformers()
     source = str(source)
     d = Path(source)
     if (d / "encoder.safetensors").is_file() and not (d / "model.safetensors").is_file():
@@ -206,7 +194,7 @@ def load_encoder(source: str | Path, flag: str = "--teacher", fix: str = FIX_SOU
 def load_tokenizer(source: str | Path, flag: str = "--teacher", fix: str = FIX_SOURCE):
     from transformers import AutoTokenizer
 
-    _quiet_transformers()
+    quiet_transformers()
     d = Path(source)
     try:
         return AutoTokenizer.from_pretrained(str(source))
@@ -289,19 +277,6 @@ def load_model_dir(source: str | Path, flag: str = "--teacher", fix: str = FIX_S
     tokenizer = load_tokenizer(source, flag, fix)
     check_tokenizer(tokenizer, encoder, f"{flag} {source}", fix)
     return encoder, tokenizer
-
-
-def encoder_from_config(config_dict: dict) -> nn.Module:
-    from transformers import AutoConfig, AutoModel
-
-    _quiet_transformers()
-    cfg = dict(config_dict)
-    model_type = cfg.pop("model_type")
-    config = AutoConfig.for_model(model_type, **cfg)
-    try:
-        return AutoModel.from_config(config, add_pooling_layer=False)
-    except TypeError:
-        return AutoModel.from_config(config)
 
 
 def encoder_config_dict(encoder: nn.Module) -> dict:
@@ -453,24 +428,10 @@ class Teachers(nn.Module):
         return teachers, cfg
 
 
-@contextmanager
-def fitting(path: Path, fix: str):
-    """Tensors of ``path`` loaded into a model inside: a missing, extra or misshapen one is one line."""
-    try:
-        yield
-    except (RuntimeError, KeyError, ValueError) as e:
-        lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
-        detail = next((x for x in lines if not x.endswith(":")), lines[0] if lines else type(e).__name__)
-        detail = detail if len(detail) <= 200 else detail[:197] + "..."
-        if path.name == "config.json":
-            raise UsageError(f"{path} lacks or misstates a setting the model needs ({detail}); {fix}") from e
-        raise UsageError(f"{path} does not fit the model its config.json describes ({detail}); {fix}") from e
-
-
 def _read_run_config(d: Path, kind: str, flag: str, what: str) -> dict:
     if not d.is_dir():
         raise UsageError(f"{flag} {d}: no such directory")
-    _recover(d)
+    recover_dir(d)
     path = d / "config.json"
     if not path.is_file():
         raise UsageError(f"{flag} {d}: no config.json; expected {what}")
@@ -480,41 +441,6 @@ def _read_run_config(d: Path, kind: str, flag: str, what: str) -> dict:
     if not block or block.get("kind") != kind:
         raise UsageError(f"{flag} {d}: config.json is not {what}")
     return block
-
-
-def _recover(d: Path) -> None:
-    try:
-        recover(d)  # finish (or drop) a save that was killed half-way
-    except OSError:
-        pass  # a read-only dir: read what is there
-
-
-def fastmt_block(cfg) -> dict | None:
-    """fastmt's own settings in a config.json: the whole file (a teachers dir, an older student dir)
-    or its ``fastmt`` entry (a student dir, which is also a Hugging Face model dir)."""
-    if not isinstance(cfg, dict):
-        return None
-    if cfg.get("kind"):
-        return cfg
-    block = cfg.get("fastmt")
-    return block if isinstance(block, dict) and block.get("kind") else None
-
-
-def read_run_kind(d: str | Path, strict: bool = False) -> str | None:
-    """The ``kind`` of a run dir's config.json; None when there is none. With ``strict``, a
-    config.json that exists but cannot be read is one line naming it."""
-    if Path(d).is_dir():
-        _recover(Path(d))
-    path = Path(d) / "config.json"
-    try:
-        cfg = read_json(path)
-    except (OSError, ValueError):
-        if strict and path.is_file():
-            with reading(path, "write the dir again with `fastmt cofinetune` or `fastmt distill`, or restore it from a copy"):
-                read_json(path)
-        return None
-    block = fastmt_block(cfg)
-    return block.get("kind") if block else None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -698,7 +624,7 @@ def build_student(spec: StudentSpec, teachers: Teachers, init_from: Teachers | N
         # A config-only directory: a fresh encoder of that shape (its tokenizer, else teacher 0's).
         from transformers import AutoConfig
 
-        _quiet_transformers()
+        quiet_transformers()
         with reading(path / "config.json", FIX_SOURCE):
             encoder = encoder_from_config({**AutoConfig.from_pretrained(str(path)).to_dict()})
         tok_files = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")

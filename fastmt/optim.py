@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 if TYPE_CHECKING:
-    from fastmt.train import TrainArgs
+    from fastmt.settings import TrainArgs
 
 
 class LinearSchedule:

@@ -40,7 +40,7 @@ class LoadedModel:
         """``[n, C]`` for a student, ``[T, n, C]`` for teachers (float32, on the CPU)."""
         from fastmt.data import encode, tokenizer_key
         from fastmt.models import check_tokenizer_on, tokenizer_source
-        from fastmt.train import student_logits, teacher_logits
+        from fastmt.inference import student_logits, teacher_logits
 
         if batch_size < 1:
             raise UsageError(f"--batch-size {batch_size}: must be at least 1")

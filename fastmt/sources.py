@@ -18,14 +18,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fastmt.data import _error
+from fastmt.errors import data_error
 
 
 def _need_datasets(spec: str):
     try:
         import datasets
     except ImportError:
-        raise _error(spec, None, "reading parquet files, datasets dirs and hub names needs the datasets package",
+        raise data_error(spec, None, "reading parquet files, datasets dirs and hub names needs the datasets package",
                      "pip install datasets (or fastmt[datasets]), or give a .tsv/.csv/.jsonl file") from None
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
@@ -47,9 +47,9 @@ def _pick_split(spec: str, dd, split: str | None):
     if split is None:
         if len(splits) == 1:
             return dd[splits[0]]
-        raise _error(spec, None, f"holds the splits {', '.join(splits)}", f"add one, e.g. {spec}:{splits[0]}")
+        raise data_error(spec, None, f"holds the splits {', '.join(splits)}", f"add one, e.g. {spec}:{splits[0]}")
     if split not in dd:
-        raise _error(spec, None, f"no split '{split}'; the splits are {', '.join(splits)}", "pick one of them")
+        raise data_error(spec, None, f"no split '{split}'; the splits are {', '.join(splits)}", "pick one of them")
     return dd[split]
 
 
@@ -60,7 +60,7 @@ def _read_parquet(spec: str):
     try:
         table = pq.read_table(spec)
     except (OSError, ValueError) as e:
-        raise _error(spec, None, f"not a readable parquet file ({str(e).splitlines()[0][:120]})",
+        raise data_error(spec, None, f"not a readable parquet file ({str(e).splitlines()[0][:120]})",
                      "check the file; it may be truncated") from None
     names: dict[str, list[str]] = {}
     meta = (table.schema.metadata or {}).get(b"huggingface")
@@ -89,7 +89,7 @@ def read_source(spec: str) -> tuple[str, list[str], list[dict], dict[str, list[s
     p = Path(spec)
     if p.suffix.lower() == ".parquet":
         if not p.is_file():
-            raise _error(spec, None, "no such file", "check the path")
+            raise data_error(spec, None, "no such file", "check the path")
         return _read_parquet(spec)
     base, _, split = spec.rpartition(":") if ":" in spec else (spec, "", "")
     if not base:
@@ -99,7 +99,7 @@ def read_source(spec: str) -> tuple[str, list[str], list[dict], dict[str, list[s
         try:
             loaded = datasets.load_from_disk(base)
         except (FileNotFoundError, ValueError) as e:
-            raise _error(spec, None, "is a directory but not one written by datasets' save_to_disk "
+            raise data_error(spec, None, "is a directory but not one written by datasets' save_to_disk "
                                      f"({str(e).splitlines()[0][:120]})", "give a data file, or a save_to_disk dir") from None
         ds = _pick_split(spec, loaded, split or None) if isinstance(loaded, datasets.DatasetDict) else loaded
         return _from_dataset(spec, ds)
@@ -109,7 +109,7 @@ def read_source(spec: str) -> tuple[str, list[str], list[dict], dict[str, list[s
         loaded = datasets.load_dataset(name, config or None, split=split or None)
     except Exception as e:  # noqa: BLE001 - datasets raises many kinds; each becomes one line
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise _error(spec, None, f"cannot load '{name}'" + (f" config '{config}'" if config else "")
+        raise data_error(spec, None, f"cannot load '{name}'" + (f" config '{config}'" if config else "")
                      + f" with datasets.load_dataset ({first})",
                      "check the name and split; the hub needs the network unless the dataset is cached") from None
     if isinstance(loaded, datasets.DatasetDict):

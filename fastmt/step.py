@@ -4,7 +4,7 @@ The same two functions serve the eager reference and the compiled path (``--comp
 each is one ``torch.compile(fullgraph=True)`` graph per input shape (batch rows x length bucket per
 tokenizer; ``fastmt.shapes`` counts them before step 1 and fits Dynamo's limits to them); with
 ``--cuda-graphs`` each is also recorded and replayed as a CUDA graph.
-Backward and the optimizer step stay in ``fastmt.train``.
+Backward and the optimizer step stay in ``fastmt.loop``.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from fastmt import optim
+from fastmt import loop, optim
 from fastmt import train as T
 from test_train import _args  # the tiny task's training flags, shared
 
@@ -67,14 +67,14 @@ def _train_watched(monkeypatch, tiny_task, teachers_dir, out, fixed: bool, **kw)
             def adopt(self):  # the fix switched off: autograd keeps what the backward returned
                 pass
 
-    real_step = T.optimizer_step
+    real_step = loop.optimizer_step
 
     def checked_step(opt, scaler, params, *a, **k):
         watch.check(params)
         return real_step(opt, scaler, params, *a, **k)
 
-    monkeypatch.setattr(T, "GradBuffers", WatchedBuffers)
-    monkeypatch.setattr(T, "optimizer_step", checked_step)
+    monkeypatch.setattr(loop, "GradBuffers", WatchedBuffers)
+    monkeypatch.setattr(loop, "optimizer_step", checked_step)
     T.distill(T.DistillArgs(**_args(tiny_task, out, **kw), teachers=str(teachers_dir), student_layers=1))
     return watch
 

@@ -427,7 +427,7 @@ def test_fp16_overflow_is_absorbed_and_logged(tiny_task, teachers_dir, tmp_path,
     def huge_scale(device, enabled=True, **kw):
         return real(device, init_scale=2.0**24, enabled=enabled)
 
-    monkeypatch.setattr(T.torch.amp, "GradScaler", huge_scale)
+    monkeypatch.setattr(torch.amp, "GradScaler", huge_scale)
     T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "run", log_every=2, epochs=3), teachers=str(teachers_dir),
                             student_layers=1, precision="fp16"))
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastmt import shapes
+from fastmt import fastpath, shapes
 from fastmt.distributed import World
 
 
@@ -97,10 +97,10 @@ def eager_backend(monkeypatch):
 
 def _record_shapes(monkeypatch):
     """The shape of every training batch: (rows, padded width per tokenizer)."""
-    from fastmt import train as T
+    from fastmt import loop
 
     seen = set()
-    real = T.iterate_batches
+    real = loop.iterate_batches
 
     def spy(encodings, *a, **kw):
         for batch in real(encodings, *a, **kw):
@@ -109,7 +109,7 @@ def _record_shapes(monkeypatch):
                           tuple((k, int(batch.inputs[k]["input_ids"].shape[1])) for k in sorted(batch.inputs))))
             yield batch
 
-    monkeypatch.setattr(T, "iterate_batches", spy)
+    monkeypatch.setattr(loop, "iterate_batches", spy)
     return seen
 
 
@@ -132,7 +132,7 @@ def test_compiled_cofinetune_and_distill_meet_many_shapes_and_finish(long_task, 
     # any length, so it lands in another bucket from one epoch to the next, as it does on a large set.
     monkeypatch.setattr(data, "GROUP_BATCHES", 2)
     steps = 3 * 18  # three epochs of 18 steps (17 full batches and one of 2 rows)
-    monkeypatch.setattr(T.fastpath, "COMPILE_MIN_STEPS", steps)  # compile as an auto choice, as a long job would
+    monkeypatch.setattr(fastpath, "COMPILE_MIN_STEPS", steps)  # compile as an auto choice, as a long job would
 
     torch._dynamo.utils.counters.clear()
     seen = _record_shapes(monkeypatch)
@@ -175,7 +175,7 @@ def test_too_many_shapes_turn_auto_compile_off_and_refuse_an_explicit_one(long_t
 
     caplog.set_level("INFO", logger="fastmt")
     monkeypatch.setattr(shapes, "MAX_SHAPES", 4)
-    monkeypatch.setattr(T.fastpath, "COMPILE_MIN_STEPS", 1)
+    monkeypatch.setattr(fastpath, "COMPILE_MIN_STEPS", 1)
     common = dict(train=str(long_task["train"]), dev=str(long_task["dev"]), batch_size=4, lr=1e-3, max_length=512,
                   progress=False, epochs=1)
     torch._dynamo.utils.counters.clear()

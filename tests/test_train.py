@@ -10,6 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import run_args
 from fastmt import train as T
+from fastmt.settings import loss_module
+from fastmt.tasks.distill import subset_teachers
 from fastmt.errors import UsageError
 
 
@@ -251,7 +253,7 @@ def test_bucket_padding_gives_the_same_loss(kernels, tiny_task, tiny_encoders):
     teachers.eval().requires_grad_(False)
     student.eval()
     args = T.DistillArgs(**_args(tiny_task, "unused"), teachers="x", student_layers=1, kernels=kernels, temperature=2.0)
-    step = DistillStep(student, teachers, layer_maps(1, teachers), args, T._loss_module(kernels), torch.device("cpu"))
+    step = DistillStep(student, teachers, layer_maps(1, teachers), args, loss_module(kernels), torch.device("cpu"))
     enc = encode(student.tokenizer, read_dataset(tiny_task["train"]), 16)
     rows = enc.input_ids[:12]
     labels = torch.tensor([0, 1] * 6)
@@ -277,7 +279,7 @@ def test_student_init_indexes_the_teachers_dir_under_a_subset(tiny_encoders):
 
     teachers = Teachers.from_pretrained_encoders([str(tiny_encoders["a"]), str(tiny_encoders["b"])], 2)
     full, _ = build_student(StudentSpec(1, "teacher:0"), teachers)
-    only_b = T._subset(teachers, [1])
+    only_b = subset_teachers(teachers, [1])
     sub, _ = build_student(StudentSpec(1, "teacher:0"), only_b, init_from=teachers)
     a, b = full.encoder.state_dict(), sub.encoder.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -391,7 +393,7 @@ def test_kd_target_ensemble_is_one_kl_to_the_averaged_logits(tiny_task, tiny_enc
     for target in ("teachers", "ensemble"):
         args = T.DistillArgs(**_args(tiny_task, "unused"), teachers="x", student_layers=1, temperature=2.0,
                              hidden_loss="none", kd_target=target)
-        step = DistillStep(student, teachers, layer_maps(1, teachers), args, T._loss_module("reference"), torch.device("cpu"))
+        step = DistillStep(student, teachers, layer_maps(1, teachers), args, loss_module("reference"), torch.device("cpu"))
         with torch.no_grad():
             t_logits, _ = step.teacher_outputs(inputs)
             s_logits, _ = step.student_forward(inputs)
