@@ -166,16 +166,12 @@ class PreparedMode:
     """One mode built and warmed up (compiled where it compiles): ready to time step by step."""
 
     def __init__(self, p: Preset, mode: Mode, device: torch.device, warmup: int, workdir: Path):
-        from fastmt import losses as reference_losses
         from fastmt.models import layer_maps
-        from fastmt.step import DistillStep
         from fastmt.optim import GradBuffers, make_optimizer, optimizer_step
-        from fastmt.settings import DistillArgs
+        from fastmt.settings import DistillArgs, loss_module
+        from fastmt.step import DistillStep
 
-        if mode.kernels == "fused":
-            import fastmt.kernels as losses_mod
-        else:
-            losses_mod = reference_losses
+        losses_mod = loss_module(mode.kernels)
         self.p, self.mode, self.device = p, mode, device
         # On a GPU the weights are created there: initialising BERT-base-sized encoders on the host
         # and copying them over costs seconds per mode.

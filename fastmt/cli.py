@@ -120,11 +120,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fastmt {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
+    _add_demo(sub)
+    _add_cofinetune(sub)
+    _add_distill(sub)
+    _add_eval(sub)
+    _add_predict(sub)
+    _add_export(sub)
+    _add_check(sub)
+    _add_bench(sub)
+    _add_memory(sub)
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+        p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings and errors")
+    return parser
+
+
+def _add_demo(sub) -> None:
+    """``fastmt demo``: the embedded example."""
     p = sub.add_parser("demo", help="the embedded end-to-end example: CPU, no downloads, a few minutes")
     p.add_argument("--out", default=None, metavar="DIR", help="keep the runs here (default: a temporary dir)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, the models and the training")
     p.add_argument("--fast", action="store_true", help="a smaller, quicker version (for tests)")
 
+
+def _add_cofinetune(sub) -> None:
+    """``fastmt cofinetune``: the teachers' co-finetuning."""
     p = sub.add_parser("cofinetune", help="fine-tune teachers jointly through one shared head")
     p.add_argument("--teacher", action="append", required=True, metavar="M", help="HF model name or dir (repeat)")
     p.add_argument("--pooling", default="auto", choices=["auto", "cls", "mean"],
@@ -138,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: on for jobs of 1000 steps or more")
     _add_common(p, defaults={"epochs": 3, "lr": 3e-5})
 
+
+def _add_distill(sub) -> None:
+    """``fastmt distill``: the student's distillation."""
     p = sub.add_parser("distill", help="distil a student from co-finetuned teachers")
     p.add_argument("--teachers", required=True, metavar="DIR", help="a dir written by fastmt cofinetune")
     p.add_argument("--student-layers", type=int, required=True, metavar="K", help="transformer layers of the student")
@@ -174,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most disk the teacher cache may take (default 8); --hidden-loss tokens stores every token's states")
     _add_common(p, defaults={"epochs": 3, "lr": 5e-5})
 
+
+def _add_eval(sub) -> None:
+    """``fastmt eval``: scores of a run dir."""
     p = sub.add_parser("eval", help="accuracy of a student dir, or of each teacher and the ensemble")
     p.add_argument("--model", required=True, metavar="DIR", help="a student dir or a teachers dir")
     p.add_argument("--data", required=True, metavar="F", help="labelled data: " + DATA_HELP)
@@ -182,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=_device, default="auto", help=DEVICE_HELP)
     p.add_argument("--batch-size", type=int, default=128, help="examples per forward pass")
 
+
+def _add_predict(sub) -> None:
+    """``fastmt predict``: labels for every row of a file."""
     p = sub.add_parser("predict", help="labels and probabilities of a student (or teachers' ensemble) for every row of a file")
     p.add_argument("--model", required=True, metavar="DIR", help="a student dir or a teachers dir")
     p.add_argument("--data", required=True, metavar="F", help="data to label (a label column is optional): " + DATA_HELP)
@@ -191,16 +220,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128, help="examples per forward pass")
     p.add_argument("--max-length", type=int, default=None, help="longest tokenized input (default: the training run's)")
 
+
+def _add_export(sub) -> None:
+    """``fastmt export``: a run dir rewritten in stock form."""
     p = sub.add_parser("export", help="rewrite a student or teachers dir so that Hugging Face loads it as it is")
     p.add_argument("--model", required=True, metavar="DIR", help="a student dir or a teachers dir")
     p.add_argument("--out", default=None, metavar="DIR", help="write here instead of rewriting DIR in place")
 
+
+def _add_check(sub) -> None:
+    """``fastmt check``: kernels against the reference."""
     p = sub.add_parser("check", help="fused kernels vs reference vs float64: values and gradients, per dtype")
     p.add_argument("--device", type=_device, default="auto", help=DEVICE_HELP + "; on cpu the kernels run in "
                    "Triton's interpreter")
     p.add_argument("--quick", action="store_true", help="fewer shapes")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the rows as JSON")
 
+
+def _add_bench(sub) -> None:
+    """``fastmt bench``: training-step throughput."""
     p = sub.add_parser("bench", help="training-step throughput of several modes, side by side")
     p.add_argument("--device", type=_device, default="auto", help=DEVICE_HELP)
     p.add_argument("--preset", default="tiny", choices=["tiny", "base"], help="tiny (CPU-sized) or base (3 BERT-base teachers)")
@@ -213,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also split each mode's step into teachers' forward, student forward, losses, backward and "
                         "optimizer (CUDA events on a GPU, wall clock on a CPU) and list its top kernels")
 
+
+def _add_memory(sub) -> None:
+    """``fastmt memory``: peak memory by phase."""
     p = sub.add_parser("memory", help="peak GPU memory by phase, fast vs reference, and the largest batch")
     p.add_argument("--device", type=_device, default="auto", help=DEVICE_HELP + "; the report needs a GPU")
     p.add_argument("--preset", default="tiny", choices=["tiny", "base"], help="tiny (CPU-sized) or base (3 BERT-base teachers)")
@@ -222,10 +263,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time for the largest-batch search, per mode (default 10; 0 tries the preset's batch only)")
     p.add_argument("--snapshot-mb", type=float, default=15.0, metavar="MB",
                    help="largest allocator snapshot to write; stack frames are cut to fit (default 15; 0: none)")
-    for p in sub.choices.values():
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-        p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings and errors")
-    return parser
 
 
 def _train_kwargs(ns: argparse.Namespace, cls) -> dict:
@@ -260,83 +297,101 @@ def _score(res) -> str:
 
 
 def run(ns: argparse.Namespace) -> int:
-    from fastmt.settings import DistillArgs, TrainArgs, resolve_device
+    handler = COMMANDS.get(ns.command)
+    if handler is None:
+        raise UsageError("no command given (see fastmt --help)")
+    handler(ns)
+    return 0
 
-    if ns.command == "cofinetune":
-        from fastmt.tasks.cofinetune import cofinetune
 
-        res = cofinetune(ns.teacher, TrainArgs(**_train_kwargs(ns, TrainArgs)))
-        print(f"teachers saved to {res.out}: best dev {_score(res)} (ensemble) at epoch {res.best_epoch}, {res.train_s:.1f}s")
-        return 0
-    if ns.command == "distill":
-        from fastmt.tasks.distill import distill
+def _cofinetune(ns: argparse.Namespace) -> None:
+    from fastmt.settings import TrainArgs
+    from fastmt.tasks.cofinetune import cofinetune
 
-        kw = _train_kwargs(ns, DistillArgs)
-        kw["teacher_subset"] = _parse_subset(ns.teacher_subset)
-        res = distill(DistillArgs(**kw))
-        print(f"student saved to {res.out}: best dev {_score(res)} at epoch {res.best_epoch}, {res.train_s:.1f}s")
-        return 0
-    if ns.command == "eval":
-        if ns.batch_size < 1:
-            raise UsageError(f"--batch-size {ns.batch_size}: must be at least 1")
-        from fastmt.evaluate import evaluate_dir
+    res = cofinetune(ns.teacher, TrainArgs(**_train_kwargs(ns, TrainArgs)))
+    print(f"teachers saved to {res.out}: best dev {_score(res)} (ensemble) at epoch {res.best_epoch}, {res.train_s:.1f}s")
 
-        result = evaluate_dir(ns.model, ns.data, ns.device, ns.batch_size, columns=_columns(ns))
-        if result["kind"] == "teachers":
-            for t in result["teachers"]:
-                print(f"teacher {t['name']}: accuracy {t['accuracy']:.4f} (n={t['n']})")
-        who = "ensemble" if result["kind"] == "teachers" else "student"
-        print(f"{who}: accuracy {result['accuracy']:.4f}, macro-F1 {result['f1']:.4f}, MCC {result['mcc']:.4f} (n={result['n']})")
-        width = max([len(k) for k in result["per_class"]] + [5])
-        print(f"  {'class':<{width}}  precision  recall      f1  support")
-        for name, row in result["per_class"].items():
-            print(f"  {name:<{width}}  {row['precision']:9.4f}  {row['recall']:6.4f}  {row['f1']:6.4f}  {row['support']:7d}")
-        if ns.json:
-            from fastmt.io import write_json
 
-            write_json(ns.json, result)
-        return 0
-    if ns.command == "predict":
-        from fastmt.predict import predict_file
+def _distill(ns: argparse.Namespace) -> None:
+    from fastmt.settings import DistillArgs
+    from fastmt.tasks.distill import distill
 
-        if ns.max_length is not None and ns.max_length < 2:
-            raise UsageError(f"--max-length {ns.max_length}: must be at least 2")
-        res = predict_file(ns.model, ns.data, ns.out, resolve_device(ns.device), ns.batch_size, ns.max_length,
-                           _columns(ns))
-        counts = ", ".join(f"{k} {v}" for k, v in res["counts"].items())
-        print(f"{res['n']} predictions written to {res['out']} ({counts})")
-        return 0
-    if ns.command == "export":
-        from fastmt.export import export_dir
+    kw = _train_kwargs(ns, DistillArgs)
+    kw["teacher_subset"] = _parse_subset(ns.teacher_subset)
+    res = distill(DistillArgs(**kw))
+    print(f"student saved to {res.out}: best dev {_score(res)} at epoch {res.best_epoch}, {res.train_s:.1f}s")
 
-        res = export_dir(ns.model, ns.out)
-        print(f"{res['kind']} dir written to {res['out']}: loads with AutoModelForSequenceClassification.from_pretrained")
-        return 0
-    if ns.command == "demo":
-        from fastmt.demo import run_demo
 
-        run_demo(out=ns.out, seed=ns.seed, fast=ns.fast, progress=not ns.quiet)
-        return 0
-    if ns.command == "check":
-        from fastmt.check import run_check
+def _eval(ns: argparse.Namespace) -> None:
+    if ns.batch_size < 1:
+        raise UsageError(f"--batch-size {ns.batch_size}: must be at least 1")
+    from fastmt.evaluate import evaluate_dir
 
-        failed = run_check(ns.device, ns.quick, ns.json)
-        if failed:
-            raise FastmtError(f"fastmt check: {failed} case(s) over tolerance")
-        return 0
-    if ns.command == "bench":
-        from fastmt.bench import run_bench
+    result = evaluate_dir(ns.model, ns.data, ns.device, ns.batch_size, columns=_columns(ns))
+    if result["kind"] == "teachers":
+        for t in result["teachers"]:
+            print(f"teacher {t['name']}: accuracy {t['accuracy']:.4f} (n={t['n']})")
+    who = "ensemble" if result["kind"] == "teachers" else "student"
+    print(f"{who}: accuracy {result['accuracy']:.4f}, macro-F1 {result['f1']:.4f}, MCC {result['mcc']:.4f} (n={result['n']})")
+    width = max([len(k) for k in result["per_class"]] + [5])
+    print(f"  {'class':<{width}}  precision  recall      f1  support")
+    for name, row in result["per_class"].items():
+        print(f"  {name:<{width}}  {row['precision']:9.4f}  {row['recall']:6.4f}  {row['f1']:6.4f}  {row['support']:7d}")
+    if ns.json:
+        from fastmt.io import write_json
 
-        run_bench(ns.device, ns.preset, ns.json, ns.steps, ns.modes, ns.rounds, ns.profile)
-        return 0
-    if ns.command == "memory":
-        from fastmt.memory import run_memory
+        write_json(ns.json, result)
 
-        if ns.budget_gb is not None and not ns.budget_gb > 0:
-            raise UsageError(f"--budget-gb {ns.budget_gb}: must be positive")
-        run_memory(ns.device, ns.preset, ns.out, ns.budget_gb, search_s=ns.search_s, snapshot_mb=ns.snapshot_mb)
-        return 0
-    raise UsageError("no command given (see fastmt --help)")
+
+def _predict(ns: argparse.Namespace) -> None:
+    from fastmt.predict import predict_file
+    from fastmt.settings import resolve_device
+
+    if ns.max_length is not None and ns.max_length < 2:
+        raise UsageError(f"--max-length {ns.max_length}: must be at least 2")
+    res = predict_file(ns.model, ns.data, ns.out, resolve_device(ns.device), ns.batch_size, ns.max_length, _columns(ns))
+    counts = ", ".join(f"{k} {v}" for k, v in res["counts"].items())
+    print(f"{res['n']} predictions written to {res['out']} ({counts})")
+
+
+def _export(ns: argparse.Namespace) -> None:
+    from fastmt.export import export_dir
+
+    res = export_dir(ns.model, ns.out)
+    print(f"{res['kind']} dir written to {res['out']}: loads with AutoModelForSequenceClassification.from_pretrained")
+
+
+def _demo(ns: argparse.Namespace) -> None:
+    from fastmt.demo import run_demo
+
+    run_demo(out=ns.out, seed=ns.seed, fast=ns.fast, progress=not ns.quiet)
+
+
+def _check(ns: argparse.Namespace) -> None:
+    from fastmt.check import run_check
+
+    failed = run_check(ns.device, ns.quick, ns.json)
+    if failed:
+        raise FastmtError(f"fastmt check: {failed} case(s) over tolerance")
+
+
+def _bench(ns: argparse.Namespace) -> None:
+    from fastmt.bench import run_bench
+
+    run_bench(ns.device, ns.preset, ns.json, ns.steps, ns.modes, ns.rounds, ns.profile)
+
+
+def _memory(ns: argparse.Namespace) -> None:
+    from fastmt.memory import run_memory
+
+    if ns.budget_gb is not None and not ns.budget_gb > 0:
+        raise UsageError(f"--budget-gb {ns.budget_gb}: must be positive")
+    run_memory(ns.device, ns.preset, ns.out, ns.budget_gb, search_s=ns.search_s, snapshot_mb=ns.snapshot_mb)
+
+
+# Each command and the function that runs it (its flags: the _add_<command> builders above).
+COMMANDS = {"cofinetune": _cofinetune, "distill": _distill, "eval": _eval, "predict": _predict, "export": _export,
+            "demo": _demo, "check": _check, "bench": _bench, "memory": _memory}
 
 
 def _attach_negative_numbers(argv: list[str]) -> list[str]:

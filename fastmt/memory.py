@@ -43,21 +43,17 @@ def say(text: str = "") -> None:
 
 def _build(preset, mode: str, device, workdir: Path):
     """Step, optimizer and scaler of one mode; the models are made on ``device`` directly."""
-    from fastmt import losses as reference_losses
     from fastmt.bench import build_models
     from fastmt.models import layer_maps
+    from fastmt.settings import DistillArgs, loss_module
     from fastmt.step import DistillStep
-    from fastmt.settings import DistillArgs
 
     kernels, precision = MODES[mode]
     # Three BERT-base teachers initialised on the CPU and then copied over take many seconds; made
     # under the device context, their weights are drawn on the GPU.
     with torch.device(device):
         teachers, student = build_models(preset, device, workdir)
-    if kernels == "fused":
-        import fastmt.kernels as losses_mod
-    else:
-        losses_mod = reference_losses
+    losses_mod = loss_module(kernels)
     args = DistillArgs(train="-", dev="-", out="-", teachers="-", student_layers=preset.student_layers,
                        precision=precision, temperature=2.0, kernels=kernels)
     step = DistillStep(student, teachers, layer_maps(preset.student_layers, teachers), args, losses_mod, device)

@@ -10,6 +10,7 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
 from fastmt import cache as C
@@ -45,12 +46,7 @@ def distill(args: DistillArgs) -> RunResult:
     maps = layer_maps(args.student_layers, teachers)
     use_teachers = args.alpha_kd > 0 or (args.hidden_loss != "none" and args.alpha_hidden > 0)
     if args.hidden_loss == "tokens" and use_teachers:
-        for i, key in enumerate(teachers.keys):
-            if key != student.key:
-                raise UsageError(
-                    f"--hidden-loss tokens: teacher {i} ({teachers.names[i]}) tokenizes differently from the "
-                    f"student, so token positions do not line up; use --hidden-loss cls (or none)"
-                )
+        _check_same_tokens(student, teachers)
     out_dir = check_out_dir(args.out, args.overwrite, args.resume)
     splits = prepare_splits(args.train, args.dev, [student.tokenizer, *teachers.tokenizers], args.max_length, label_names,
                             args.columns)
@@ -70,6 +66,34 @@ def distill(args: DistillArgs) -> RunResult:
     fit_config = {k: v for k, v in run_config.items() if k != "student_init_info"}
     check_resume(args, out_dir, fit_config)
     fastpath.report("distill", path)
+    loss_fn = _make_step(args, student, teachers, maps, splits, losses_mod, device, world, use_teachers)
+
+    def evaluate():
+        logits = student_logits(student, splits.dev_enc, len(splits.dev_labels), args.eval_batch_size, splits.buckets, device, args.precision)
+        return {f"dev_{k}": v for k, v in metric_scores(logits, splits.dev_labels, len(splits.label_names)).items()}
+
+    def save_best():
+        student.save(out_dir, run_config, label_names, {"layer_maps": maps, "teachers": teachers.names})
+
+    result = fit(student, loss_fn, train_data(splits, keys), args, device, out_dir, "distill",
+                 Hooks(evaluate, save_best, loss_fn.describe_faults), world, run_config=fit_config)
+    result.extra["parameters"] = count_parameters(student.encoder) + count_parameters(student.head)
+    return result
+
+
+def _check_same_tokens(student: Student, teachers: Teachers) -> None:
+    """--hidden-loss tokens pairs token positions: every teacher must tokenize as the student does."""
+    for i, key in enumerate(teachers.keys):
+        if key != student.key:
+            raise UsageError(
+                f"--hidden-loss tokens: teacher {i} ({teachers.names[i]}) tokenizes differently from the "
+                f"student, so token positions do not line up; use --hidden-loss cls (or none)"
+            )
+
+
+def _make_step(args: DistillArgs, student: Student, teachers: Teachers, maps, splits: Splits, losses_mod,
+               device: torch.device, world: World, use_teachers: bool) -> DistillStep:
+    """The step the loop runs: forward + loss (``DistillStep``), fed by the teacher cache where one serves."""
     loss_fn = DistillStep(student, teachers, maps, args, losses_mod, device, compile=args.compile)
     if args.cache_teachers is not None and use_teachers:
         loss_fn.cache = teacher_cache(args, splits, student, teachers, maps, world)
@@ -83,18 +107,7 @@ def distill(args: DistillArgs) -> RunResult:
         # Forward goes through the wrapper so gradients are averaged across processes. The
         # projections are used after forward, in the loss; their gradient hooks still fire once.
         loss_fn.student_call = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-
-    def evaluate():
-        logits = student_logits(student, splits.dev_enc, len(splits.dev_labels), args.eval_batch_size, splits.buckets, device, args.precision)
-        return {f"dev_{k}": v for k, v in metric_scores(logits, splits.dev_labels, len(splits.label_names)).items()}
-
-    def save_best():
-        student.save(out_dir, run_config, label_names, {"layer_maps": maps, "teachers": teachers.names})
-
-    result = fit(student, loss_fn, train_data(splits, keys), args, device, out_dir, "distill",
-                 Hooks(evaluate, save_best, loss_fn.describe_faults), world, run_config=fit_config)
-    result.extra["parameters"] = count_parameters(student.encoder) + count_parameters(student.head)
-    return result
+    return loss_fn
 
 
 def teacher_cache(args: DistillArgs, splits: Splits, student: Student, teachers: Teachers, maps, world: World):
