@@ -173,6 +173,27 @@ def check_hidden_args(student_hidden, teacher_hidden, proj_weight, proj_bias, ma
 # Public API
 
 
+def teacher_lse(teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """The teachers' per-example statistics that do not depend on the student: ``[2, T, N]`` float32,
+    row 0 ``logsumexp(t / temperature)``, row 1 ``logsumexp(t)`` (nats), for each teacher and example.
+    ``fastmt.kernels.mt_kl_loss(..., teacher_lse=...)`` takes them instead of computing them; a teacher
+    cache computes them once per example."""
+    _teacher_logits(teacher_logits, {})
+    tau = _temperature(temperature)
+    with torch.no_grad():
+        t = teacher_logits.detach().to(_compute_dtype(teacher_logits))
+        return torch.stack([torch.logsumexp(t / tau, dim=-1), torch.logsumexp(t, dim=-1)]).to(torch.float32)
+
+
+def check_teacher_lse(lse, teacher_logits: Tensor) -> None:
+    """Validate a ``teacher_lse`` argument against the teacher logits it describes."""
+    _tensor(lse, "teacher_lse", teacher_logits, "teacher_logits", floating=True)
+    t, n = teacher_logits.shape[:2]
+    if lse.dtype != torch.float32 or tuple(lse.shape) != (2, t, n):
+        raise ValueError(f"teacher_lse must be float32 [2, T, N] = [2, {t}, {n}] (fastmt.losses.teacher_lse); "
+                         f"got {lse.dtype} {list(lse.shape)}")
+
+
 def teacher_weights(
     teacher_logits: Tensor, labels: Tensor, scheme: str = "paper", ignore_index: int = -100
 ) -> Tensor:

@@ -59,14 +59,24 @@ def _use_kernels(device: torch.device) -> bool:
     return False
 
 
-def mt_kl_loss(student_logits, teacher_logits, weights=None, temperature=1.0, labels=None, ignore_index=-100):
-    """Fused ``fastmt.losses.mt_kl_loss``: same arguments, same value, float32 loss."""
+def mt_kl_loss(student_logits, teacher_logits, weights=None, temperature=1.0, labels=None, ignore_index=-100,
+               teacher_lse=None):
+    """Fused ``fastmt.losses.mt_kl_loss``: same arguments, same value, float32 loss.
+
+    ``teacher_lse``, optional: the teachers' log-sum-exps for these rows, ``[2, T, N]`` float32 as
+    ``fastmt.losses.teacher_lse(teacher_logits, temperature)`` gives them (a teacher cache computes
+    them once per example); the kernel then skips computing them. The gradient is made in the
+    forward pass when ``student_logits`` requires one."""
     tau, w = _ref.check_kl_args(student_logits, teacher_logits, weights, temperature, labels, ignore_index)
+    if teacher_lse is not None:
+        _ref.check_teacher_lse(teacher_lse, teacher_logits)
     if not _use_kernels(student_logits.device):
         return _ref.mt_kl_loss(student_logits, teacher_logits, weights, temperature, labels, ignore_index)
     w_tensor = w.detach() if isinstance(w, torch.Tensor) else None
-    loss, _ = _kl.mt_kl_op(student_logits, teacher_logits.detach(), w_tensor, labels, _kl.scheme_code(w), tau,
-                           int(ignore_index))
+    with_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    loss, _, _ = _kl.mt_kl_op(student_logits, teacher_logits.detach(), w_tensor, labels,
+                              teacher_lse.detach() if teacher_lse is not None else None, _kl.scheme_code(w), tau,
+                              int(ignore_index), with_grad)
     return loss
 
 

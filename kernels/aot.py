@@ -7,7 +7,7 @@ CUDA driver:
 
 1. Cases: inputs as meta tensors (shapes, dtypes, strides, no data) over the dtypes, weighting
    schemes, optional tensors and shapes the project launches (``KL_AXES``, ``HIDDEN_AXES``).
-2. Launches: every case goes through the launchers' own ``kl_launch`` / ``kl_bwd_launch`` /
+2. Launches: every case goes through the launchers' own ``kl_launch`` / ``kl_scale_launch`` /
    ``hidden_fwd_launch`` / ``hidden_bwd_launch``, which return the kernels' exact arguments,
    constexprs, warps and compile options: the launches that run on a GPU are the ones built here.
 3. Specializations: Triton's own binder (``triton.runtime.jit``) turns those arguments into the
@@ -28,13 +28,14 @@ Two sets of cases: ``full`` is the product of every axis (4704 cases, 3392 disti
 per target: over an hour for both targets on two cores); ``ci`` holds every pair of values of any two
 axes plus, for every dtype, the largest tiles with the most inputs (125 cases, 212 specializations per
 target: about 5 minutes on two cores), and is what ``tests/test_aot_build.py`` builds. A case is every
-launch the launchers make for it: the KL forward and backward (row or one-program kernels), the hidden
+launch the launchers make for it: the KL in training (loss and gradient in one pass; row or one-program
+kernels) and its backward's in-place scaling, the KL in evaluation, the hidden
 forward, or the hidden backward's three kernels.
 
 Besides resources, each row carries instruction counts read from the cubin's SASS (``sass_counts``):
-global atomics, global loads and stores by width, tensor-core instructions; the tests use them to
-hold properties a GPU would otherwise be needed to see (no atomics in the hidden loss, 128-bit KL
-loads, HGMMA in half precision).
+global atomics, global loads and stores by width, tensor-core instructions, and the innermost loops'
+lengths; the tests use them to hold properties a GPU would otherwise be needed to see (no atomics in
+the hidden loss, 128-bit KL loads, HGMMA in half precision, the KL's instructions per column).
 
     python -m fastmt.kernels.aot [--arch 90,80] [--set ci|full] [--workers N] [--json F]
 """
@@ -190,9 +191,12 @@ def launches_of(case: Case) -> list:
         # As fastmt.kernels.mt_kl_loss calls it (default ignore_index; the temperature's value is not
         # specialized, only whether it is 1).
         s, tl_ = meta((n, c), dt), meta((t, n, c), dt)
-        fwd, _, stats = kl.kl_launch(s, tl_, weights, scheme, p["tau"], labels, -100)
-        bwd, _ = kl.kl_bwd_launch(meta((), torch.float32), s, tl_, stats, p["tau"])
-        return [x for x in (fwd, bwd) if x is not None]
+        # Training (the gradient made in the same pass, then scaled in place by backward) and evaluation.
+        train, _, grad = kl.kl_launch(s, tl_, weights, scheme, p["tau"], labels, -100, with_grad=True)
+        # Backward scales that gradient in place; float16's (kept in float32) is cast by torch instead.
+        scale = kl.kl_scale_launch(grad, meta((), torch.float32), meta((), torch.float32)) if grad.dtype == dt else None
+        evaluate, _, _ = kl.kl_launch(s, tl_, weights, scheme, p["tau"], labels, -100)
+        return [x for x in (train, scale, evaluate) if x is not None]
     t, k, n, s, ds, dt_ = HIDDEN_SHAPES[p["shape"]]
     name = p["dtype"]
     act = getattr(torch, _DTYPES[name.split("-")[0]])
@@ -386,7 +390,82 @@ def sass_counts(sass: str) -> dict[str, Any]:
     # Tensor-core products: warpgroup MMAs (sm_90's wgmma) and warp-level MMAs.
     wgmma = sum(1 for op in ops if op.split(".")[0] == "HGMMA")
     mma = sum(1 for op in ops if op.split(".")[0] == "HMMA")
-    return {"atomics": atomics, "loads": loads, "stores": stores, "wgmma": wgmma, "mma": mma, "instructions": len(ops)}
+    return {"atomics": atomics, "loads": loads, "stores": stores, "wgmma": wgmma, "mma": mma, "instructions": len(ops),
+            "loops": sass_loops(sass)}
+
+
+_SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", re.M)
+
+
+def sass_loops(sass: str) -> list[dict[str, Any]]:
+    """The innermost loops of a kernel's SASS, in code order: a loop is a branch back to an earlier
+    address, innermost when no other such range lies inside it. Each: its instruction count (the work
+    one trip issues per warp) and its global loads by width in bits."""
+    ins = [(int(a, 16), op, rest) for a, op, rest in _SASS_LINE.findall(sass)]
+    back = []
+    for addr, op, rest in ins:
+        m = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if m and int(m.group(1), 16) < addr:
+            back.append((int(m.group(1), 16), addr))
+    loops = []
+    for a, b in sorted(back):
+        if any(a <= c and d <= b and (c, d) != (a, b) for c, d in back):
+            continue
+        body = [op for x, op, _ in ins if a <= x <= b]
+        loads: dict[str, int] = {}
+        for op in body:
+            if op.startswith("LDG"):
+                loads[str(_width(op))] = loads.get(str(_width(op)), 0) + 1
+        loops.append({"instructions": len(body), "loads": loads})
+    return loops
+
+
+# ---------------------------------------------------------------------------------------------------
+# The KL's instruction budget: what the row kernel may issue per column and still stream at the rate
+# HBM feeds it (``tests/test_aot_build.py`` holds it for sm_90).
+
+# An H100 SXM: 132 SMs, 4 schedulers each issuing at most one warp instruction a clock; 1.755 GHz (the
+# boost clock is 1.98 GHz; bandwidth-bound kernels commonly run lower); 2.9 TB/s measured by a
+# device-to-device copy (about 87% of the 3.35 TB/s peak).
+H100 = {"sms": 132, "schedulers": 4, "clock_hz": 1.755e9, "copy_bytes_s": 2.9e12}
+# The share of copy bandwidth the KL must be able to sustain before instruction issue limits it.
+KL_BANDWIDTH_SHARE = 0.55
+
+
+def _constexpr(row: dict[str, Any], name: str) -> int:
+    m = re.search(rf"\b{name}=(\d+)", row["constexprs"])
+    if m is None:
+        raise ValueError(f"{row['kernel']} has no constexpr {name}")
+    return int(m.group(1))
+
+
+def kl_per_column(row: dict[str, Any]) -> float:
+    """Warp instructions the KL row kernel issues per column of a row, in its steady state: the
+    innermost loops over whole aligned blocks (the ones with 128-bit loads), in code order the
+    student's sweep, one teacher's (run T times) and, in training, the gradient's; each trip covers
+    ``ROWS x VEC`` columns with ``num_warps`` warps."""
+    if row["kernel"] != "mt_kl_kernel" or "ALIGNED=1" not in row["constexprs"]:
+        raise ValueError("only an aligned build of the KL row kernel has whole-block loops")
+    main = [lp["instructions"] for lp in row["sass"]["loops"] if "128" in lp["loads"]]
+    grad = _constexpr(row, "WRITE_GRAD")
+    if len(main) != 2 + grad:
+        raise ValueError(f"expected {2 + grad} whole-block loops in {row['kernel']}, found {len(main)}")
+    per_block = main[0] + _constexpr(row, "T") * main[1] + (main[2] if grad else 0)
+    return per_block * row["num_warps"] / (_constexpr(row, "ROWS") * _constexpr(row, "VEC"))
+
+
+def kl_budget(bytes_per_column: float, gpu: dict[str, float] = H100, share: float = KL_BANDWIDTH_SHARE) -> float:
+    """Warp instructions per column that issue in the time ``share`` of ``gpu``'s copy bandwidth moves
+    the column's bytes: above it, instruction issue, not HBM, sets the kernel's speed."""
+    issue_rate = gpu["sms"] * gpu["schedulers"] * gpu["clock_hz"]
+    return issue_rate * bytes_per_column / (share * gpu["copy_bytes_s"])
+
+
+def kl_floors_ms(per_column: float, bytes_per_column: float, rows: int, cols: int,
+                 gpu: dict[str, float] = H100) -> tuple[float, float]:
+    """(issue floor, copy-bandwidth floor) in milliseconds for ``rows x cols`` logits."""
+    issue = per_column * rows * cols / (gpu["sms"] * gpu["schedulers"] * gpu["clock_hz"])
+    return 1e3 * issue, 1e3 * bytes_per_column * rows * cols / gpu["copy_bytes_s"]
 
 
 def _sass(cuobjdump: str, cubin: bytes, tmp: str) -> str:

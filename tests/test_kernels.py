@@ -86,10 +86,12 @@ OUT_REL = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0
 TINY = {torch.float32: 1e-38, torch.float16: 2.0**-25, torch.bfloat16: 1e-38, torch.float64: 1e-300}
 
 
-def kl_grad_scale(s, tl, weights, tau, labels, upstream):
+def kl_grad_scale(s, tl, weights, tau, labels, upstream, given_lse=False):
     """Per element of the student gradient, the size of the terms it is made of, each weighted by the
     size of its own exponent: ``q = exp(log q)`` carries the absolute error of ``log q`` (a float32
-    ulp of it) as relative error, so ``|log q| q`` is what float32 can resolve of ``q``."""
+    ulp of it) as relative error, so ``|log q| q`` is what float32 can resolve of ``q``. With the
+    teachers' log-sum-exps given (rounded to float32 apart from the logits), ``log p = t / tau - lse``
+    is a difference of two float32 numbers: each carries its own ulp, ``(|t / tau| + |lse|) p``."""
     s, tl = s.double(), tl.double()
     if isinstance(weights, str):
         w = ref.teacher_weights(tl, labels, weights)
@@ -104,7 +106,11 @@ def kl_grad_scale(s, tl, weights, tau, labels, upstream):
     log_p = torch.log_softmax(tl / tau, -1)
     q, p = log_q.exp(), log_p.exp()
     term_q = w.sum(0)[:, None] * q * (1 + log_q.abs().nan_to_num(posinf=0.0))
-    term_p = (w[:, :, None] * p * (1 + log_p.abs().nan_to_num(posinf=0.0))).sum(0)
+    if given_lse:
+        size_p = (tl / tau).abs() + torch.logsumexp(tl / tau, -1, keepdim=True).abs()
+    else:
+        size_p = log_p.abs().nan_to_num(posinf=0.0)
+    term_p = (w[:, :, None] * p * (1 + size_p)).sum(0)
     return abs(upstream) * tau / n_valid * (term_q + term_p)
 
 
@@ -132,6 +138,14 @@ def hidden_grad_scales(hs, ht, w, b, mask, tw, upstream):
 # relative 2^-11 (half an fp16 ulp), 2^-8 for bf16 on a GPU, 2^-7 in the interpreter (it truncates
 # float32 to bf16). Bounds: twice the largest of these.
 K_KL = 8 * EPS32
+
+
+def kl_out_rel(dtype, upstream):
+    """The KL gradient's roundings into its dtype: the forward writes it for an upstream gradient of 1,
+    and backward scales it in place by any other (a second rounding), except float16's, which is kept
+    in float32 until backward rounds it once."""
+    roundings = 2 if upstream != 1 and dtype != torch.float16 else 1
+    return (1 + OUT_REL[dtype]) ** roundings - 1
 K_HID = {torch.float16: 2 * 2.0**-11, torch.bfloat16: 2 * 2.0**-7}
 # TF32 rounds both operands of each product to 11 significant bits (relative 2^-11 each): 2^-10 a
 # product; twice that.
@@ -144,14 +158,14 @@ def hid_k(dtype):
     return K_HID.get(dtype, K_KL)
 
 
-def assert_elementwise(got, want, scale, dtype, k, name=""):
+def assert_elementwise(got, want, scale, dtype, k, name="", out_rel=None):
     """``|got - want| <= OUT_REL * |want| + k * scale + TINY`` for every element: the final rounding
     into ``dtype`` plus ``k`` (relative rounding) of the size of the terms each element is made of.
     Beside the norm-wise checks: a wrong value in one small entry (a rare class of a large vocabulary)
     is invisible next to the largest entry, but not here."""
     got, want, scale = got.double(), want.double(), scale.double()
     err = (got - want).abs()
-    bound = OUT_REL[dtype] * want.abs() + k * scale + TINY[dtype]
+    bound = (OUT_REL[dtype] if out_rel is None else out_rel) * want.abs() + k * scale + TINY[dtype]
     worst = float((err / bound).max())
     assert worst <= 1.0, f"{name}: an element is off by {worst:.2f}x its bound (max |err| {float(err.max()):.3e})"
     return worst
@@ -193,7 +207,7 @@ def test_kl_matches_reference(shape, dtype, scheme):
     assert rel_err(loss, want) < TOL[dtype]
     assert rel_err(grad, grad_want) < TOL[dtype]
     scale = kl_grad_scale(s, tl, w_r, 2.0, use_labels, upstream)
-    assert_elementwise(grad, grad_want, scale, dtype, K_KL, "grad")
+    assert_elementwise(grad, grad_want, scale, dtype, K_KL, "grad", kl_out_rel(dtype, upstream))
     assert abs(float(loss) - float(want)) <= 16 * EPS32 * abs(float(want)) + 1e-30  # float32 loss: a few ulps
 
 
@@ -211,7 +225,8 @@ def test_kl_aligned_blocks_with_head_and_tail(dtype, temperature, scheme):
     s, tl, labels, weights = _kl_case(t, n, c, dtype, scheme, ignore=True, seed=5)
     launch, _, _ = kl.kl_launch(s, tl, None, scheme, temperature, labels, -100)
     assert launch.constexprs["ALIGNED"] and launch.constexprs["TAU_ONE"] == (temperature == 1.0)
-    assert c // launch.constexprs["BLOCK_C"] >= 2  # whole blocks between head and tail
+    block = launch.constexprs["ROWS"] * launch.constexprs["VEC"]
+    assert c // block >= 2  # whole blocks between head and tail
     s_f = s.clone().requires_grad_()
     loss = fused.mt_kl_loss(s_f, tl, weights, temperature=temperature, labels=labels)
     (grad,) = torch.autograd.grad(3.0 * loss, s_f)
@@ -295,25 +310,134 @@ def launcher_ops():
 
 
 def test_kl_classification_sizes_are_one_launch_each_way():
-    """Forward and backward of a classification-size loss are one kernel launch each, with no torch
-    computation around them (only allocations); the row kernels count valid rows and sum the loss
-    with torch ops."""
+    """A classification-size loss is one kernel launch in training (the loss and its gradient, with no
+    torch computation around it: only allocations), and backward one launch that scales the gradient
+    in place by the upstream gradient. The row kernel counts valid rows and sums the loss with torch
+    ops; evaluation writes no gradient."""
     from fastmt.kernels import kl
 
     allocations = {"empty.memory_format", "empty_like.default", "new_empty.default", "view.default"}
     s, tl, labels, _ = _kl_case(3, 64, 2, torch.float32, None, ignore=True, seed=9)
-    up = torch.tensor(2.0, device=DEVICE)
     with launcher_ops() as (launched, ops):
-        loss, stats = kl.kl_forward(s, tl, None, "paper", 1.0, labels, -100)
-        grad = kl.kl_backward(up, s, tl, stats, 1.0)
-    assert launched == ["_mt_kl_small_fwd_kernel", "_mt_kl_small_bwd_kernel"]
+        loss, grad = kl.kl_forward(s, tl, None, "paper", 1.0, labels, -100, with_grad=True)
+    assert launched == ["_mt_kl_small_kernel"]
     assert set(ops) <= allocations, ops
     assert loss.shape == () and grad.shape == s.shape
+    done, up = torch.ones((), device=DEVICE), torch.tensor(2.0, device=DEVICE)
+    before = grad.clone()
+    with launcher_ops() as (launched, ops):
+        kl.kl_scale_(grad, up, done)
+    assert launched == ["_mt_kl_scale_kernel"] and set(ops) <= allocations | {"copy_.default"}, ops
+    assert torch.equal(grad, before * 2.0) and float(done) == 2.0
+    kl.kl_scale_(grad, up, done)  # the same upstream again: nothing changes
+    assert torch.equal(grad, before * 2.0)
 
     s, tl, labels, _ = _kl_case(3, 8, 100, torch.float32, None, ignore=True, seed=9)
     with launcher_ops() as (launched, ops):
-        loss, stats = kl.kl_forward(s, tl, None, "paper", 1.0, labels, -100)
-    assert launched == ["_mt_kl_fwd_kernel"] and {"ne.Scalar", "sum.default"} <= set(ops)
+        loss, grad = kl.kl_forward(s, tl, None, "paper", 1.0, labels, -100)
+    assert launched == ["_mt_kl_kernel"] and {"ne.Scalar", "sum.default"} <= set(ops) and grad is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("scheme", [None, "paper", "softmax", "tensor"])
+@pytest.mark.parametrize("shape", [(3, 7, 1000), (2, 5, 4099), (3, 40, 7)], ids=lambda s: "x".join(map(str, s)))
+def test_kl_with_the_teachers_statistics_given(shape, scheme, temperature, dtype):
+    """A teacher cache hands the kernel each example's teacher log-sum-exps
+    (``fastmt.losses.teacher_lse``): the kernel then skips them and must give the reference's value
+    and gradient all the same; statistics that are off move the loss (they are read, not recomputed)."""
+    t, n, c = shape
+    s, tl, labels, weights = _kl_case(t, n, c, dtype, scheme, ignore=True, seed=n * c)
+    lse = ref.teacher_lse(tl, temperature)
+    assert lse.shape == (2, t, n) and lse.dtype == torch.float32
+    s_f = s.clone().requires_grad_()
+    loss = fused.mt_kl_loss(s_f, tl, weights, temperature=temperature, labels=labels, teacher_lse=lse)
+    (grad,) = torch.autograd.grad(1.5 * loss, s_f)
+    s_r = s.double().requires_grad_()
+    w_r = weights.double() if isinstance(weights, torch.Tensor) else weights
+    want = ref.mt_kl_loss(s_r, tl.double(), w_r, temperature=temperature, labels=labels)
+    (grad_want,) = torch.autograd.grad(1.5 * want, s_r)
+    assert rel_err(loss, want) < TOL[dtype] and rel_err(grad, grad_want) < TOL[dtype]
+    scale = kl_grad_scale(s, tl, w_r, temperature, labels, 1.5, given_lse=True)
+    assert_elementwise(grad, grad_want, scale, dtype, K_KL, "grad", kl_out_rel(dtype, 1.5))
+    off = fused.mt_kl_loss(s, tl, weights, temperature=temperature, labels=labels, teacher_lse=lse + 0.25)
+    assert abs(float(off) - float(loss)) > 1e-3 * abs(float(loss))
+
+
+@pytest.mark.no_launch
+def test_kl_teacher_statistics_of_the_wrong_shape_are_refused():
+    s, tl, labels, _ = _kl_case(2, 4, 6, torch.float32, None, ignore=False, seed=3)
+    with pytest.raises(ValueError, match=r"teacher_lse must be float32 \[2, T, N\]"):
+        fused.mt_kl_loss(s, tl, "paper", labels=labels, teacher_lse=torch.zeros(2, 4, 2, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kl_backward_twice_through_one_graph(dtype):
+    """The gradient is made in the forward for an upstream gradient of 1 and scaled in place by
+    backward, then handed out without a copy: the first backward is exact, and a second one through
+    the same graph (``retain_graph``) is refused in words rather than answered from a buffer autograd
+    may have kept as the leaf's ``.grad``. float16's gradient waits in float32 and backward rounds it
+    into a new tensor: there a second backward is exact."""
+    s, tl, labels, _ = _kl_case(3, 6, 300, dtype, "paper", ignore=True, seed=12)
+    s_f = s.clone().requires_grad_()
+    loss = fused.mt_kl_loss(s_f, tl, "paper", temperature=2.0, labels=labels)
+    (2.0 * loss).backward(retain_graph=True)
+    s_r = s.double().requires_grad_()
+    want = ref.mt_kl_loss(s_r, tl.double(), "paper", temperature=2.0, labels=labels)
+    (g1,) = torch.autograd.grad(2.0 * want, s_r)
+    assert rel_err(s_f.grad, g1) < TOL[dtype]
+    if dtype == torch.float16:  # kept in float32 and rounded into a new tensor: nothing handed out
+        (-3.0 * loss).backward()
+        assert rel_err(s_f.grad, -0.5 * g1) < TOL[dtype]
+        return
+    with pytest.raises(RuntimeError, match="second backward through the same graph"):
+        (-3.0 * loss).backward()
+
+
+@pytest.mark.parametrize("programs", [1, 3])
+def test_kl_persistent_programs_take_every_row(programs, monkeypatch):
+    """Fewer programs than rows (the grid is held to the rows L2 can keep in flight): each program
+    takes rows in turn, and every row's loss and gradient come out as the reference's."""
+    from fastmt.kernels import kl
+
+    s, tl, labels, _ = _kl_case(3, 7, 300, torch.float32, "softmax", ignore=True, seed=13)
+    row_bytes = 300 * 4 * 5
+    monkeypatch.setattr(kl, "DEFAULT_L2", int(programs * row_bytes / kl.L2_SHARE) + 1)
+    launch, _, _ = kl.kl_launch(s, tl, None, "softmax", 2.0, labels, -100, with_grad=True)
+    assert launch.grid == (programs,)
+    s_f = s.clone().requires_grad_()
+    loss = fused.mt_kl_loss(s_f, tl, "softmax", temperature=2.0, labels=labels)
+    (grad,) = torch.autograd.grad(loss, s_f)
+    s_r = s.double().requires_grad_()
+    want = ref.mt_kl_loss(s_r, tl.double(), "softmax", temperature=2.0, labels=labels)
+    (grad_want,) = torch.autograd.grad(want, s_r)
+    assert rel_err(loss, want) < TOL[torch.float32] and rel_err(grad, grad_want) < TOL[torch.float32]
+
+
+@pytest.mark.no_launch
+def test_kl_programs_fit_the_rows_in_flight_to_l2():
+    from fastmt.kernels import kl
+
+    cpu = torch.device("cpu")
+    row = 30522 * 2 * 5  # bf16: the student, 3 teachers, the gradient
+    assert kl.kl_programs(8192, row, cpu, 8) == int(kl.L2_SHARE * kl.DEFAULT_L2) // row  # 103: L2 decides
+    assert kl.kl_programs(8192, 200, cpu, 4) == kl.DEFAULT_SMS * 16  # short rows: as many as the SMs hold
+    assert kl.kl_programs(5, row, cpu, 8) == 5 and kl.kl_programs(3, 10**9, cpu, 8) == 1
+
+
+def test_kl_evaluation_makes_no_gradient():
+    """Without autograd (evaluation, ``no_grad``) the kernel writes the loss only."""
+    from fastmt.kernels import kl
+
+    s, tl, labels, _ = _kl_case(2, 4, 100, torch.float32, None, ignore=False, seed=3)
+    seen = []
+    real = kl.kl_forward
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kl, "kl_forward", lambda *a, **k: seen.append(a[-1] if len(a) > 8 else k.get("with_grad")) or real(*a, **k))
+        with torch.no_grad():
+            fused.mt_kl_loss(s.requires_grad_(), tl, "paper", labels=labels)
+        fused.mt_kl_loss(s.detach(), tl, "paper", labels=labels)
+    assert seen == [False, False]
 
 
 def test_kl_ignored_rows_do_not_count():
