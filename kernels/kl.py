@@ -436,16 +436,17 @@ class Launch(NamedTuple):
         self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps, **(self.options or {}))
 
 
-def _options(t_pad: int) -> dict[str, Any]:
+def _options(t_pad: int, roomy: bool = False) -> dict[str, Any]:
     # Left to itself, ptxas 12.8 kept some specializations of the earlier kernels at 64-80 registers
     # a thread and spilled 4-32 bytes around the class loop, at its default register-usage level and
-    # at level 10 alike. An explicit cap lets it use what it needs. None of
-    # ``python -m fastmt.kernels.aot``'s builds spills. Options the user gives Triton through
-    # PTXAS_OPTIONS still apply.
+    # at level 10 alike. An explicit cap lets it use what it needs. ``roomy``: 168 at any T, for the
+    # one-program kernel (occupancy is moot) and the row kernel's unaligned rows (their head and tail
+    # masks spilled 120-128 B on sm_80 at 128). None of ``python -m fastmt.kernels.aot``'s builds
+    # spills. Options the user gives Triton through PTXAS_OPTIONS still apply.
     from triton import knobs
 
     ptx = " ".join(filter(None, [knobs.nvidia.ptxas_options, "--register-usage-level 10"]))
-    return {"ptx_options": ptx, "maxnreg": 128 if t_pad <= 4 else 168}
+    return {"ptx_options": ptx, "maxnreg": 128 if t_pad <= 4 and not roomy else 168}
 
 
 # Vectors of 16 bytes each thread takes per block: two loads in flight per tensor and thread.
@@ -564,7 +565,7 @@ def kl_launch(
                 loss, g, num_t, n, c, s.stride(0), t.stride(0), t.stride(1), w.stride(0) if w is not None else 0,
                 g.stride(0), 1.0 / temperature, float(temperature), ignore_index)
         constexprs = dict(flags, T_PAD=t_pad, ROWS=rows, BLOCK_C=block_c)
-        return Launch(_mt_kl_small_kernel, (1,), args, constexprs, warps, _options(t_pad)), loss, grad
+        return Launch(_mt_kl_small_kernel, (1,), args, constexprs, warps, _options(t_pad, True)), loss, grad
     rows, vec, num_warps = kl_config(c, itemsize)
     t_pad = max(2, triton.next_power_of_2(num_t))
     row_loss = torch.empty(n, dtype=torch.float32, device=s.device)
@@ -583,7 +584,7 @@ def kl_launch(
     aligned = _aligned([s, t] + ([grad] if grad is not None else []), s.stride(0), t.stride(0), vec)
     constexprs = dict(T=num_t, **flags, ALIGNED=aligned, VEC=vec, T_PAD=t_pad, ROWS=rows)
     grid = (kl_programs(n, row_bytes, s.device, num_warps),)
-    return Launch(_mt_kl_kernel, grid, args, constexprs, num_warps, _options(t_pad)), row_loss, grad
+    return Launch(_mt_kl_kernel, grid, args, constexprs, num_warps, _options(t_pad, not aligned)), row_loss, grad
 
 
 SCALE_BLOCK = 4096
