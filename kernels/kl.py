@@ -441,8 +441,8 @@ def _options(t_pad: int, roomy: bool = False) -> dict[str, Any]:
     # a thread and spilled 4-32 bytes around the class loop, at its default register-usage level and
     # at level 10 alike. An explicit cap lets it use what it needs. ``roomy``: 168 at any T, for the
     # one-program kernel (occupancy is moot) and the row kernel's unaligned rows (their head and tail
-    # masks spilled 120-128 B on sm_80 at 128). None of ``python -m fastmt.kernels.aot``'s builds
-    # spills. Options the user gives Triton through PTXAS_OPTIONS still apply.
+    # masks spilled 120-128 B on sm_80 at 128) and float64 inputs (twice the registers a value; Triton
+    # 3.9 spilled 4 B on sm_90 at 128). None of ``python -m fastmt.kernels.aot``'s builds spills. Options the user gives Triton through PTXAS_OPTIONS still apply.
     from triton import knobs
 
     ptx = " ".join(filter(None, [knobs.nvidia.ptxas_options, "--register-usage-level 10"]))
@@ -584,7 +584,7 @@ def kl_launch(
     aligned = _aligned([s, t] + ([grad] if grad is not None else []), s.stride(0), t.stride(0), vec)
     constexprs = dict(T=num_t, **flags, ALIGNED=aligned, VEC=vec, T_PAD=t_pad, ROWS=rows)
     grid = (kl_programs(n, row_bytes, s.device, num_warps),)
-    return Launch(_mt_kl_kernel, grid, args, constexprs, num_warps, _options(t_pad, not aligned)), row_loss, grad
+    return Launch(_mt_kl_kernel, grid, args, constexprs, num_warps, _options(t_pad, not aligned or s.element_size() == 8)), row_loss, grad
 
 
 SCALE_BLOCK = 4096
