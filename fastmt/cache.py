@@ -5,13 +5,16 @@ first pass over the training data stores what the distillation losses read, per 
 later step, epoch and run reads it back instead of running the teachers:
 
 - the teachers' logits (``[T, C]`` per example), always;
+- their log-sum-exps (``[2, T]`` per example: at the run's temperature and at 1, as
+  ``fastmt.losses.teacher_lse`` gives them), so the fused KL kernel reads them instead of computing
+  them each step; a run at another temperature recomputes them from the stored logits;
 - for ``--hidden-loss cls`` the mapped layers' first-token states (``[T, K, D]``);
 - for ``--hidden-loss tokens`` every real token's states (``[L_i, T, K, D]``, padding is not stored:
   the loss masks it), when the whole cache fits ``--cache-budget-gb``; otherwise there is nothing
   worth caching (the teachers would still run for the hidden states) and the run says so.
 
 Layout of the cache dir: ``manifest.json`` (what the cache was made from, shapes, dtypes),
-``logits.bin`` and ``hidden.bin`` (float32, memory-mapped: the OS keeps hot pages in memory), and
+``logits.bin``, ``lse.bin`` and ``hidden.bin`` (float32, memory-mapped: the OS keeps hot pages in memory), and
 ``filled.bin`` (one byte per example: stored or not). An interrupted first pass leaves a partial
 cache that the next run completes. A cache made for other teachers (any file of the teachers dir
 changed), other training data (its bytes), another max length, teacher subset, hidden-loss kind or
@@ -35,7 +38,7 @@ from fastmt.errors import UsageError
 
 log = logging.getLogger("fastmt")
 
-FORMAT = 1
+FORMAT = 2  # 2: the teachers' log-sum-exps stored beside their logits
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -99,6 +102,8 @@ class TeacherCache:
         self.k, self.d = manifest["layers"], manifest["hidden"]
         self.filled = np.memmap(path / "filled.bin", dtype=np.uint8, mode="r+", shape=(n,))
         self.logits = np.memmap(path / "logits.bin", dtype=np.float32, mode="r+", shape=(n, t, c))
+        self.lse = np.memmap(path / "lse.bin", dtype=np.float32, mode="r+", shape=(n, 2, t))
+        self.temperature = float(manifest["lse_temperature"])
         self.hidden = None
         self.offsets = None
         if self.kind == "cls":
@@ -117,7 +122,7 @@ class TeacherCache:
 
     @staticmethod
     def nbytes(n: int, t: int, c: int, kind: str, k: int, d: int, lengths: np.ndarray | None) -> int:
-        per = t * c
+        per = t * c + 2 * t
         if kind == "cls":
             per += t * k * d
         total = n * per
@@ -127,10 +132,11 @@ class TeacherCache:
 
     @classmethod
     def open(cls, path: str | Path, fp: dict, n: int, t: int, c: int, k: int, d: int,
-             lengths: np.ndarray | None, budget_bytes: float) -> "TeacherCache | None":
+             lengths: np.ndarray | None, budget_bytes: float, temperature: float = 1.0) -> "TeacherCache | None":
         """The cache at ``path`` for these shapes: reused when its manifest matches ``fp``, else made
         afresh (an old one is replaced, with a warning naming what differs). None, with a log line,
-        when it would not fit ``budget_bytes``."""
+        when it would not fit ``budget_bytes``. ``temperature``: the run's, for the stored log-sum-exps
+        (a cache made at another one keeps its logits and recomputes them)."""
         kind = fp["hidden_loss"]
         need = cls.nbytes(n, t, c, kind, k, d, lengths)
         if need > budget_bytes:
@@ -141,7 +147,7 @@ class TeacherCache:
         path = Path(path)
         manifest = {**fp, "n": n, "teachers": t, "classes": c, "layers": k, "hidden": d}
         mpath = path / "manifest.json"
-        sizes = {"filled.bin": n, "logits.bin": 4 * n * t * c}
+        sizes = {"filled.bin": n, "logits.bin": 4 * n * t * c, "lse.bin": 4 * n * 2 * t}
         if kind == "cls":
             sizes["hidden.bin"] = 4 * n * t * k * d
         elif kind == "tokens":
@@ -151,18 +157,22 @@ class TeacherCache:
                 old = json.loads(mpath.read_text())
             except (OSError, ValueError):
                 old = {}
-            same = {key: old.get(key) == v for key, v in manifest.items() if key != "dtypes"}
+            same = {key: old.get(key) == v for key, v in manifest.items()}
             wrong = [f"{name} ({_size(path / name)} bytes, not {size})" for name, size in sizes.items()
                      if _size(path / name) != size]
+            if not isinstance(old.get("lse_temperature"), (int, float)):
+                wrong.append("manifest.json (no temperature for lse.bin)")
             if all(same.values()) and wrong:  # truncated, or a file lost: the cache is rebuilt
                 log.warning("teacher cache %s is damaged (%s): rebuilding it", path, ", ".join(wrong))
             elif all(same.values()):
-                cache = cls(path, {**manifest, "dtypes": old.get("dtypes")}, lengths)
+                cache = cls(path, {**manifest, "dtypes": old.get("dtypes"), "lse_temperature": old.get("lse_temperature")},
+                            lengths)
+                cache.retemper(temperature)
                 log.info("teacher cache %s: %d of %d examples stored%s", path, cache.count, n,
                          " (teachers skipped)" if cache.count == n else "; the rest are stored as they are computed")
                 return cache
-            what = {"teacher_files": "the teachers dir", "train_data": "the training data", "max_length": "--max-length",
-                    "teacher_subset": "--teacher-subset", "hidden_loss": "--hidden-loss", "layer_maps": "the layer map",
+            what = {"format": "the cache format", "teacher_files": "the teachers dir", "train_data": "the training data",
+                    "max_length": "--max-length", "teacher_subset": "--teacher-subset", "hidden_loss": "--hidden-loss", "layer_maps": "the layer map",
                     "precision": "--precision"}
             changed = [what.get(key, key) for key, ok in same.items() if not ok]
             if changed:
@@ -174,6 +184,7 @@ class TeacherCache:
             with open(path / name, "wb") as f:
                 f.truncate(size)  # zeros; sparse where the filesystem allows
         manifest["dtypes"] = None
+        manifest["lse_temperature"] = float(temperature)
         mpath.write_text(json.dumps(manifest, indent=1))
         log.info("teacher cache %s: new, %.2f GB for %d examples; filled as the first epoch runs", path, need / 1e9, n)
         return cls(path, manifest, lengths)
@@ -184,14 +195,35 @@ class TeacherCache:
     def complete(self) -> bool:
         return self.count == self.n
 
+    def retemper(self, temperature: float) -> None:
+        """Make the stored log-sum-exps those at ``temperature`` (from the stored logits, no teacher
+        runs), when they were stored at another one."""
+        temperature = float(temperature)
+        if temperature == self.temperature:
+            return
+        from fastmt.losses import teacher_lse
+
+        rows = np.flatnonzero(np.asarray(self.filled))
+        for start in range(0, len(rows), 4096):
+            part = rows[start:start + 4096]
+            logits = torch.from_numpy(np.ascontiguousarray(self.logits[part])).permute(1, 0, 2)
+            self.lse[part] = teacher_lse(logits, temperature).permute(2, 0, 1).numpy()
+        self.lse.flush()
+        log.info("teacher cache %s: log-sum-exps recomputed for temperature %g (stored at %g)", self.path,
+                 temperature, self.temperature)
+        self.temperature = self.manifest["lse_temperature"] = temperature
+        (self.path / "manifest.json").write_text(json.dumps(self.manifest, indent=1))
+
     def get(self, index: torch.Tensor, width: int, device: torch.device):
-        """``(logits [T,N,C], hidden [T,K,N,S,D] or None)`` for these examples, or None unless all
-        are stored. ``width``: the batch's padded length (token states; zeros past each example)."""
+        """``(logits [T,N,C], hidden [T,K,N,S,D] or None, lse [2,T,N] float32)`` for these examples,
+        or None unless all are stored. ``width``: the batch's padded length (token states; zeros past
+        each example). ``lse``: ``fastmt.losses.teacher_lse`` of the logits at the cache's temperature."""
         idx = index.cpu().numpy()
         if self.manifest.get("dtypes") is None or not self.filled[idx].all():
             return None
         dl, dh = (_DTYPES[x] if x else None for x in self.manifest["dtypes"])
         logits = torch.from_numpy(np.ascontiguousarray(self.logits[idx])).permute(1, 0, 2)
+        lse = torch.from_numpy(np.ascontiguousarray(self.lse[idx])).permute(1, 2, 0)
         hidden = None
         if self.kind == "cls":
             hidden = torch.from_numpy(np.ascontiguousarray(self.hidden[idx])).permute(1, 2, 0, 3).unsqueeze(3)
@@ -204,16 +236,24 @@ class TeacherCache:
         logits = logits.to(device=device, dtype=dl).contiguous()
         if hidden is not None:
             hidden = hidden.to(device=device, dtype=dh).contiguous()
-        return logits, hidden
+        return logits, hidden, lse.to(device=device).contiguous()
 
-    def put(self, index: torch.Tensor, logits: torch.Tensor, hidden: torch.Tensor | None) -> None:
-        """Store these examples' outputs (``logits [T,N,C]``, ``hidden [T,K,N,S,D]``)."""
+    def put(self, index: torch.Tensor, logits: torch.Tensor, hidden: torch.Tensor | None,
+            lse: torch.Tensor | None = None) -> None:
+        """Store these examples' outputs (``logits [T,N,C]``, ``hidden [T,K,N,S,D]``) and the logits'
+        log-sum-exps (``lse [2,T,N]``: ``fastmt.losses.teacher_lse`` at the cache's temperature,
+        computed here when not given)."""
         idx = index.cpu().numpy()
+        if lse is None:
+            from fastmt.losses import teacher_lse
+
+            lse = teacher_lse(logits.detach(), self.temperature)
         if self.manifest.get("dtypes") is None:
             self.manifest["dtypes"] = [str(logits.dtype).replace("torch.", ""),
                                        str(hidden.dtype).replace("torch.", "") if hidden is not None else None]
             (self.path / "manifest.json").write_text(json.dumps(self.manifest, indent=1))
         self.logits[idx] = logits.detach().float().permute(1, 0, 2).cpu().numpy()
+        self.lse[idx] = lse.detach().float().permute(2, 0, 1).cpu().numpy()
         if self.kind == "cls":
             self.hidden[idx] = hidden.detach().float()[:, :, :, 0].permute(2, 0, 1, 3).cpu().numpy()
         elif self.kind == "tokens":
@@ -236,6 +276,7 @@ class TeacherCache:
 
     def flush(self) -> None:
         self.logits.flush()
+        self.lse.flush()
         if self.hidden is not None:
             self.hidden.flush()
         self.filled.flush()

@@ -10,6 +10,7 @@ Backward and the optimizer step stay in ``fastmt.loop``.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 
 import torch
@@ -102,12 +103,21 @@ class DistillStep:
         with autocast(self.device, self.args.precision):
             return self.student_call(inputs[self.student.key], want_hidden=self.want_hidden)
 
-    def losses_from(self, inputs, labels, s_logits, s_hidden, t_logits, t_hidden, scale=None):
+    @property
+    def takes_teacher_lse(self) -> bool:
+        """Whether the KL loss reads the teachers' log-sum-exps from the cache (``teacher_lse``) rather
+        than computing them: the fused losses do, for the per-teacher KL (not the averaged target)."""
+        a = self.args
+        return (self.cache is not None and a.alpha_kd > 0 and a.kd_target != "ensemble"
+                and "teacher_lse" in inspect.signature(self.losses.mt_kl_loss).parameters)
+
+    def losses_from(self, inputs, labels, s_logits, s_hidden, t_logits, t_hidden, scale=None, t_lse=None):
         """``a_task CE + a_kd L_kd + a_hid L_hid`` and the detached terms.
 
         ``scale`` (data-parallel only) is a ``[2]`` tensor: the weights of this process's means over
         rows and over tokens (``fastmt.distributed.Shard``); each term, and its logged value, is
-        multiplied by the one that matches its own mean.
+        multiplied by the one that matches its own mean. ``t_lse`` (from the teacher cache): the
+        teachers' log-sum-exps, for a KL loss that takes them (``takes_teacher_lse``).
         """
         a, student = self.args, self.student
         by_rows = (lambda t: t) if scale is None else (lambda t: t * scale[0])
@@ -125,8 +135,9 @@ class DistillStep:
                 kd = self.losses.mt_kl_loss(s_logits, t_logits.mean(0, keepdim=True), weights="uniform",
                                             temperature=a.temperature, labels=labels)
             else:
+                given = {} if t_lse is None else {"teacher_lse": t_lse}
                 kd = self.losses.mt_kl_loss(s_logits, t_logits, weights=a.weighting, temperature=a.temperature,
-                                            labels=labels)
+                                            labels=labels, **given)
             kd = by_rows(kd)
             loss = loss + a.alpha_kd * kd
             parts["kd"] = kd.detach()
@@ -142,9 +153,9 @@ class DistillStep:
             parts["hidden"] = hid.detach()
         return loss, parts
 
-    def student_loss(self, inputs, labels, t_logits, t_hidden, scale=None):
+    def student_loss(self, inputs, labels, t_logits, t_hidden, scale=None, t_lse=None):
         s_logits, s_hidden = self.student_forward(inputs)
-        return self.losses_from(inputs, labels, s_logits, s_hidden, t_logits, t_hidden, scale)
+        return self.losses_from(inputs, labels, s_logits, s_hidden, t_logits, t_hidden, scale, t_lse)
 
     def teacher_outputs(self, inputs):
         """Teachers' outputs as ordinary tensors (made without autograd, then copied out).
@@ -177,26 +188,32 @@ class DistillStep:
         if self.cuda_graphs:
             # A new training step: outputs of the previous replay may be overwritten from here on.
             torch.compiler.cudagraph_mark_step_begin()
-        t_logits, t_hidden = self.cached_teacher_outputs(inputs, index)
+        t_logits, t_hidden, t_lse = self.cached_teacher_outputs(inputs, index)
         if shard is None:
+            if t_lse is not None:
+                return self._student(inputs, labels, t_logits, t_hidden, None, t_lse)
             return self._student(inputs, labels, t_logits, t_hidden)
         # A tensor, not Python floats: a compiled step is not specialised (recompiled) per value.
         scale = torch.tensor([shard.row_weight(), shard.token_weight(self.student.key)], dtype=torch.float32)
         return self._student(inputs, labels, t_logits, t_hidden, scale.to(self.device, non_blocking=True))
 
     def cached_teacher_outputs(self, inputs, index=None):
-        """The teachers' outputs from the cache when every example of the batch is stored there;
-        otherwise computed (and stored)."""
+        """``(logits, hidden, lse)``: the teachers' outputs from the cache when every example of the
+        batch is stored there, otherwise computed (and stored). ``lse`` is None unless the KL loss takes
+        the teachers' log-sum-exps (``takes_teacher_lse``); then it is a tensor on every step, cached or
+        not (one compiled graph, not two)."""
         cache = self.cache
         if cache is None or index is None or not self.use_teachers:
-            return self.teacher_outputs(inputs)
+            return (*self.teacher_outputs(inputs), None)
         width = inputs[self.student.key]["input_ids"].shape[1]
         hit = cache.get(index, width, self.device)
+        given = self.takes_teacher_lse
         if hit is not None:
-            return hit
+            return hit if given else (*hit[:2], None)
         t_logits, t_hidden = self.teacher_outputs(inputs)
-        cache.put(index, t_logits, t_hidden)
-        return t_logits, t_hidden
+        t_lse = reference_losses.teacher_lse(t_logits, self.args.temperature)
+        cache.put(index, t_logits, t_hidden, t_lse)
+        return t_logits, t_hidden, (t_lse if given else None)
 
 
 def _install_output_hooks(encoders, device: torch.device) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 
@@ -94,13 +95,13 @@ def test_ragged_token_states_round_trip(tmp_path, dtype):
     hidden = torch.randn(t, k, 3, 4, d, generator=g).to(dtype)
     assert cache.get(idx, 4, torch.device("cpu")) is None
     cache.put(idx, logits, hidden)
-    got_l, got_h = cache.get(torch.tensor([2, 4]), 6, torch.device("cpu"))
+    got_l, got_h, _ = cache.get(torch.tensor([2, 4]), 6, torch.device("cpu"))
     assert got_l.dtype == got_h.dtype == dtype and got_h.shape == (t, k, 2, 6, d)
     assert torch.equal(got_l, logits[:, [2, 0]])
     assert torch.equal(got_h[:, :, 0, :4], hidden[:, :, 2, :4]) and torch.equal(got_h[:, :, 1, :4], hidden[:, :, 0, :4])
     assert not got_h[:, :, :, 4:].any()  # past the longest example: zeros
     # Example 1 has one token: that token back, zeros after it (its neighbour in the batch has four).
-    short_l, short_h = cache.get(torch.tensor([1, 4]), 4, torch.device("cpu"))
+    short_l, short_h, _ = cache.get(torch.tensor([1, 4]), 4, torch.device("cpu"))
     assert torch.equal(short_l, logits[:, [1, 0]])
     assert torch.equal(short_h[:, :, 0, :1], hidden[:, :, 1, :1]) and not short_h[:, :, 0, 1:].any()
     assert torch.equal(short_h[:, :, 1], hidden[:, :, 0])
@@ -108,3 +109,82 @@ def test_ragged_token_states_round_trip(tmp_path, dtype):
     # Reopened by a later run: the same contents.
     again = C.TeacherCache.open(tmp_path / "c", fp, n, t, c, k, d, lengths, 1e9)
     assert again.count == 3 and torch.equal(again.get(idx, 4, torch.device("cpu"))[0], logits)
+
+
+def _lse_fp(kind="none"):
+    return {"format": C.FORMAT, "teacher_files": "x", "train_data": "y", "max_length": 8, "teacher_subset": None,
+            "hidden_loss": kind, "layer_maps": None, "precision": "bf16"}
+
+
+def test_cache_stores_the_teachers_log_sum_exps_at_the_runs_temperature(tmp_path, caplog):
+    """``lse.bin`` holds ``fastmt.losses.teacher_lse`` of the stored logits at the run's temperature; a
+    run at another temperature recomputes them from the stored logits (no teacher runs, nothing lost)
+    and says so; the same temperature again recomputes nothing."""
+    from fastmt.losses import teacher_lse
+
+    n, t, c = 7, 3, 11
+    g = torch.Generator().manual_seed(1)
+    logits = (4 * torch.randn(t, 5, c, generator=g)).to(torch.bfloat16)
+    idx = torch.tensor([6, 0, 3, 2, 5])
+    cache = C.TeacherCache.open(tmp_path / "c", _lse_fp(), n, t, c, 0, 0, None, 1e9, temperature=2.0)
+    cache.put(idx[:2], logits[:, :2], None)  # computed by the cache
+    cache.put(idx[2:], logits[:, 2:], None, teacher_lse(logits[:, 2:], 2.0))  # given by the step
+    got_l, got_h, got_lse = cache.get(idx, 4, torch.device("cpu"))
+    assert got_h is None and torch.equal(got_l, logits)
+    assert got_lse.dtype == torch.float32 and got_lse.shape == (2, t, 5)
+    assert torch.equal(got_lse, teacher_lse(logits, 2.0))
+    with caplog.at_level(logging.INFO, logger="fastmt"):
+        warm = C.TeacherCache.open(tmp_path / "c", _lse_fp(), n, t, c, 0, 0, None, 1e9, temperature=0.5)
+    assert "log-sum-exps recomputed for temperature 0.5 (stored at 2)" in caplog.text
+    assert warm.count == 5 and json.loads((tmp_path / "c" / "manifest.json").read_text())["lse_temperature"] == 0.5
+    _, _, lse = warm.get(idx, 4, torch.device("cpu"))
+    torch.testing.assert_close(lse, teacher_lse(logits, 0.5), rtol=1e-6, atol=1e-6)
+    assert torch.equal(lse[1], got_lse[1])  # the untempered row does not depend on the temperature
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fastmt"):
+        C.TeacherCache.open(tmp_path / "c", _lse_fp(), n, t, c, 0, 0, None, 1e9, temperature=0.5)
+    assert "recomputed" not in caplog.text
+
+
+def test_cache_of_an_older_format_is_rebuilt(tmp_path, caplog):
+    """A cache from before the log-sum-exps were stored (format 1: no lse.bin) is rebuilt, said so."""
+    n, t, c = 4, 2, 3
+    C.TeacherCache.open(tmp_path / "c", _lse_fp(), n, t, c, 0, 0, None, 1e9).put(torch.tensor([0]), torch.randn(t, 1, c), None)
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    manifest["format"] = 1
+    del manifest["lse_temperature"]
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "c" / "lse.bin").unlink()
+    with caplog.at_level(logging.WARNING, logger="fastmt"):
+        again = C.TeacherCache.open(tmp_path / "c", _lse_fp(), n, t, c, 0, 0, None, 1e9)
+    assert "made for other inputs (the cache format differ): rebuilding it" in caplog.text
+    assert again.count == 0 and (tmp_path / "c" / "lse.bin").stat().st_size == 4 * n * 2 * t
+
+
+def test_fused_kl_reads_the_cached_log_sum_exps(teachers_dir, tiny_task, tmp_path, monkeypatch):
+    """With the fused kernels and a cache, every KL call is given the teachers' log-sum-exps (cached
+    or computed on a miss), equal to ``teacher_lse`` of the logits it gets at the run's temperature,
+    and the losses equal a fused run without a cache; the reference losses are never given them."""
+    import fastmt.kernels as K
+    from fastmt import losses as R
+
+    seen = []
+    fused = K.mt_kl_loss
+
+    @functools.wraps(fused)
+    def recording(student_logits, teacher_logits, *a, teacher_lse=None, **kw):
+        seen.append(None if teacher_lse is None else
+                    (teacher_lse - R.teacher_lse(teacher_logits, kw["temperature"])).abs().max().item())
+        return fused(student_logits, teacher_logits, *a, teacher_lse=teacher_lse, **kw)
+
+    monkeypatch.setattr(K, "mt_kl_loss", recording)
+    common = dict(teachers=str(teachers_dir), student_layers=1, hidden_loss="none", temperature=2.0, kernels="fused",
+                  precision="fp32")
+    T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "plain"), **common))
+    assert seen and all(x is None for x in seen)  # no cache: nothing given
+    seen.clear()
+    T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "cached"), **common, cache_teachers=str(tmp_path / "cache")))
+    assert len(seen) == 16 and all(x is not None and x == 0 for x in seen)
+    for a, b in zip(_losses(tmp_path / "plain"), _losses(tmp_path / "cached")):
+        for key in ("loss", "loss_task", "loss_kd"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)

@@ -123,7 +123,7 @@ def teacher_cache(args: DistillArgs, splits: Splits, student: Student, teachers:
     d = teachers.hidden_size if want_hidden else 0
     lengths = splits.train_enc[student.key].packed()[3] if kind == "tokens" else None
     return C.TeacherCache.open(path, fp, len(splits.train_labels), len(teachers), len(splits.label_names),
-                               k, d, lengths, args.cache_budget_gb * 1e9)
+                               k, d, lengths, args.cache_budget_gb * 1e9, temperature=args.temperature)
 
 
 def subset_teachers(teachers: Teachers, idx: list[int]) -> Teachers:
