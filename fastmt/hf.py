@@ -18,6 +18,7 @@ README explains. fastmt loads such a dir with its head.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,8 +33,12 @@ HEADS = {
     "xlm-roberta": ("classifier.dense", "classifier.out_proj"),
     "camembert": ("classifier.dense", "classifier.out_proj"),
 }
-ENCODER_WEIGHTS = "encoder.safetensors"
-NOT_STOCK = "fastmt-head-outside-this-dir-load-with-fastmt"
+ENCODER_WEIGHTS = "encoder.safetensors"  # the older encoder-only form (still read; `fastmt export` rewrites it)
+NOT_STOCK = "fastmt-head-outside-this-dir-load-with-fastmt"  # that form's model type
+# The remote-code form (fastmt/modeling_fastmt.py, saved into the dir).
+CODE_MODULE = "modeling_fastmt"
+CODE_TYPE = "fastmt-classifier"
+CODE_CLASS = "FastmtForSequenceClassification"
 
 
 def seq_cls_config(encoder: nn.Module, label_names: list[str]):
@@ -121,10 +126,23 @@ def fold_adapter(adapter: nn.Module, dense: nn.Linear, classifier: nn.Linear, hi
     return (W_sq.to(f), b_sq.to(f)), (C.to(f), classifier.bias.detach().clone())
 
 
+@dataclass
+class CodeHead:
+    """fastmt's head as the remote-code form holds it (``fastmt/modeling_fastmt.py``): the pooling, the
+    adapter a teacher of another width feeds the shared head through (None: none), the head's layers."""
+
+    pooling: str
+    adapter: nn.Linear | None
+    dense: nn.Linear
+    classifier: nn.Linear
+    dropout: float = 0.1
+
+
 def save_seq_cls(out_dir: Path, encoder: nn.Module, tokenizer, dense, out, label_names: list[str],
-                 fastmt_block: dict, why_not: str = "") -> bool:
-    """Write ``out_dir`` as a stock ``*ForSequenceClassification`` dir (True), or, when the head is not
-    a stock head, as an encoder-only dir that transformers refuses to load (False)."""
+                 fastmt_block: dict, why_not: str = "", head: CodeHead | None = None) -> bool:
+    """Write ``out_dir`` as a stock ``*ForSequenceClassification`` dir (True) when ``dense``/``out`` make
+    a stock head, or else (False) as a dir that transformers loads with ``trust_remote_code=True``
+    through the modeling file saved beside the weights (``head``: what it computes)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out_dir)
@@ -135,29 +153,69 @@ def save_seq_cls(out_dir: Path, encoder: nn.Module, tokenizer, dense, out, label
         cfg.save_pretrained(out_dir)
         save_tensors(out_dir / "model.safetensors", state, metadata={"format": "pt"})
         return True
-    from fastmt.io import write_json
-
-    d = cfg.to_dict()
-    d.pop("architectures", None)
-    d["fastmt"] = {**fastmt_block, "model_type": d["model_type"]}
-    d["model_type"] = NOT_STOCK
-    write_json(out_dir / "config.json", d)
-    save_tensors(out_dir / ENCODER_WEIGHTS, encoder.state_dict(), metadata={"format": "pt"})
-    reason = why_not or f"fastmt's head has no stock form for model type {cfg.model_type!r}"
-    atomic_write_text(out_dir / "README.md",
-                      "# Not a stand-alone Hugging Face model\n\n"
-                      f"{reason}, so this dir holds the encoder's weights only ({ENCODER_WEIGHTS}) and its "
-                      f"config.json names the model type `{NOT_STOCK}`: transformers refuses it rather than "
-                      "load it with a freshly initialised head (the real model type is under the `fastmt` key). "
-                      "fastmt loads it with its head, from the teachers dir above.\n")
+    if head is None:
+        raise ValueError("a head with no stock form needs its CodeHead")
+    save_code_dir(out_dir, encoder, head, label_names, fastmt_block,
+                  why_not or f"fastmt's head has no stock form for model type {cfg.model_type!r}")
     return False
+
+
+def save_code_dir(out_dir: Path, encoder: nn.Module, head: CodeHead, label_names: list[str], fastmt_block: dict,
+                  why: str) -> None:
+    """The remote-code form: config.json of model type ``CODE_TYPE`` with ``auto_map`` naming the
+    modeling file copied beside it, and ``model.safetensors`` under that file's names."""
+    from fastmt.io import write_json
+    from fastmt.modeldir import encoder_config_dict
+
+    enc_cfg = encoder_config_dict(encoder)
+    width = int(encoder.config.hidden_size)
+    size = int(head.dense.weight.shape[0])
+    d = {
+        "model_type": CODE_TYPE,
+        "architectures": [CODE_CLASS],
+        "auto_map": {"AutoConfig": f"{CODE_MODULE}.FastmtClassifierConfig",
+                     "AutoModelForSequenceClassification": f"{CODE_MODULE}.{CODE_CLASS}"},
+        "encoder": enc_cfg,
+        "pooling": head.pooling,
+        "adapter_in": width if head.adapter is not None else None,
+        "head_size": size,
+        "head_dropout": float(head.dropout),
+        "id2label": {str(i): n for i, n in enumerate(label_names)},
+        "label2id": {n: i for i, n in enumerate(label_names)},
+        "fastmt": {**fastmt_block, "model_type": enc_cfg["model_type"], "why_remote_code": why},
+    }
+    for k in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if enc_cfg.get(k) is not None:
+            d[k] = enc_cfg[k]
+    state = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+    if head.adapter is not None:
+        state.update({"adapter.weight": head.adapter.weight, "adapter.bias": head.adapter.bias})
+    state.update({"dense.weight": head.dense.weight, "dense.bias": head.dense.bias,
+                  "classifier.weight": head.classifier.weight, "classifier.bias": head.classifier.bias})
+    state = {k: v.detach().contiguous() for k, v in state.items()}
+    save_tensors(out_dir / "model.safetensors", state, metadata={"format": "pt"})
+    atomic_write_text(out_dir / f"{CODE_MODULE}.py", Path(__file__).with_name(f"{CODE_MODULE}.py").read_text())
+    write_json(out_dir / "config.json", d)
+
+
+def is_code_dir(model_dir: Path) -> bool:
+    """Whether ``model_dir`` holds a model in the remote-code form (or the older encoder-only form)."""
+    from fastmt.io import read_json
+
+    model_dir = Path(model_dir)
+    if (model_dir / ENCODER_WEIGHTS).is_file() and not (model_dir / "model.safetensors").is_file():
+        return True
+    try:
+        return read_json(model_dir / "config.json").get("model_type") == CODE_TYPE
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def load_seq_cls(model_dir: Path, fix: str = "write it again with fastmt, or restore it from a copy"
                  ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """The encoder (fastmt's ``AutoModel`` without pooler) of a dir written by :func:`save_seq_cls`,
-    and its head's weights as ``dense.weight/bias``, ``classifier.weight/bias`` (empty when the dir
-    holds the encoder only). A damaged file, or weights that do not fit config.json, is one line
+    and its head's weights as ``dense.weight/bias``, ``classifier.weight/bias`` (and ``adapter.*`` in
+    the remote-code form; empty when the dir holds the encoder only). A damaged file, or weights that do not fit config.json, is one line
     naming the file and ``fix``."""
     from transformers import AutoConfig
 
@@ -165,20 +223,28 @@ def load_seq_cls(model_dir: Path, fix: str = "write it again with fastmt, or res
     from fastmt.modeldir import encoder_from_config, fitting
 
     config = model_dir / "config.json"
+    code = False
     with reading(config, fix):
         raw = read_json(config)
         if raw.get("model_type") == NOT_STOCK:
             d = {**raw, "model_type": raw["fastmt"]["model_type"]}
             cfg = None
+        elif raw.get("model_type") == CODE_TYPE:
+            d, cfg, code = dict(raw["encoder"]), None, True
         else:
-            cfg = AutoConfig.from_pretrained(str(model_dir))
+            cfg = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
             d = cfg.to_dict()
     for k in ("architectures", "id2label", "label2id", "fastmt", "_name_or_path", "transformers_version", "dtype",
               "torch_dtype"):
         d.pop(k, None)
     with fitting(config, fix):
         encoder = encoder_from_config(d)
-    if cfg is not None and (model_dir / "model.safetensors").is_file():
+    if code:
+        weights = model_dir / "model.safetensors"
+        state = load_tensors(weights, fix)
+        head = {k: v for k, v in state.items() if k.split(".")[0] in ("adapter", "dense", "classifier")}
+        enc_state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    elif cfg is not None and (model_dir / "model.safetensors").is_file():
         weights = model_dir / "model.safetensors"
         state = load_tensors(weights, fix)
         found = _stock_keys(cfg)

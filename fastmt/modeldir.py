@@ -43,6 +43,14 @@ def encoder_from_config(config_dict: dict) -> nn.Module:
         return AutoModel.from_config(config)
 
 
+def encoder_config_dict(encoder: nn.Module) -> dict:
+    d = encoder.config.to_diff_dict()
+    d["model_type"] = encoder.config.model_type
+    for k in ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype"):
+        d.pop(k, None)
+    return d
+
+
 @contextmanager
 def fitting(path: Path, fix: str):
     """Tensors of ``path`` loaded into a model inside: a missing, extra or misshapen one is one line."""

@@ -33,8 +33,8 @@ from fastmt.errors import UsageError
 from fastmt.io import (first_line, load_tensors, read_json, read_problem, reading, save_tensors, staged_set,
                        tensor_bytes, write_json)
 from fastmt.losses import layer_map
-from fastmt.modeldir import (STUDENT_KIND, TEACHERS_KIND, encoder_from_config, fastmt_block, fitting,  # noqa: F401
-                             quiet_transformers, read_run_kind, recover_dir)
+from fastmt.modeldir import (STUDENT_KIND, TEACHERS_KIND, encoder_config_dict, encoder_from_config,  # noqa: F401
+                             fastmt_block, fitting, quiet_transformers, read_run_kind, recover_dir)
 
 STUDENT_WEIGHTS = "fastmt.safetensors"  # a student's head and projections, beside the stock model.safetensors
 TOKENIZER_BYTES = 1 << 20  # room for a saved tokenizer and config in the estimate of a save's size
@@ -172,11 +172,11 @@ def load_encoder(source: str | Path, flag: str = "--teacher", fix: str = FIX_SOU
     quiet_transformers()
     source = str(source)
     d = Path(source)
-    if (d / "encoder.safetensors").is_file() and not (d / "model.safetensors").is_file():
-        from fastmt.hf import load_seq_cls
+    from fastmt.hf import is_code_dir, load_seq_cls
 
+    if d.is_dir() and is_code_dir(d):
         return load_seq_cls(d, fix)[0]  # a teacher whose head has no stock form (fastmt.hf)
-    kw = dict(dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True)
+    kw = dict(dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True, trust_remote_code=False)
     try:
         try:
             model, info = AutoModel.from_pretrained(source, add_pooling_layer=False, **kw)
@@ -197,7 +197,8 @@ def load_tokenizer(source: str | Path, flag: str = "--teacher", fix: str = FIX_S
     quiet_transformers()
     d = Path(source)
     try:
-        return AutoTokenizer.from_pretrained(str(source))
+        # Never run code a dir ships (nor ask whether to): the tokenizer is a stock one.
+        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
     except Exception as e:  # tokenizers raises a bare Exception for a damaged tokenizer.json
         if d.is_dir():
             damaged = damaged_file(d, TOKENIZER_JSON, fix)
@@ -279,14 +280,6 @@ def load_model_dir(source: str | Path, flag: str = "--teacher", fix: str = FIX_S
     return encoder, tokenizer
 
 
-def encoder_config_dict(encoder: nn.Module) -> dict:
-    d = encoder.config.to_diff_dict()
-    d["model_type"] = encoder.config.model_type
-    for k in ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype"):
-        d.pop(k, None)
-    return d
-
-
 def _dropout(encoder: nn.Module) -> float:
     """The head's dropout follows its encoder's (BERT's classifier does the same)."""
     return float(getattr(encoder.config, "hidden_dropout_prob", 0.1))
@@ -364,7 +357,7 @@ class Teachers(nn.Module):
 
     def save(self, out_dir: str | Path, run_config: dict, label_names: list[str]) -> None:
         """Write the teachers into ``out_dir``: teacher dirs, head and config.json as one unit (``staged_set``)."""
-        from fastmt.hf import fold_adapter, save_seq_cls
+        from fastmt.hf import CodeHead, fold_adapter, save_seq_cls
 
         entries = []
         need = sum(tensor_bytes(e.state_dict()) + TOKENIZER_BYTES for e in self.encoders) + tensor_bytes(self.head_state())
@@ -376,8 +369,10 @@ class Teachers(nn.Module):
                        f"size {self.hidden_size} through an adapter, which no square stock head can hold")
                 if self.pooling != "cls":
                     folded, why = None, f"fastmt's shared head reads the {self.pooling} of the tokens, which no stock head does"
+                adapter = self.adapters[i] if isinstance(self.adapters[i], nn.Linear) else None
+                head = CodeHead(self.pooling, adapter, self.head.dense, self.head.classifier, self.head.dropout.p)
                 stock = save_seq_cls(stage / f"teacher_{i}", enc, tok, *(folded or (None, None)), label_names,
-                                     {"kind": "fastmt-teacher", "index": i, "name": name}, why_not=why)
+                                     {"kind": "fastmt-teacher", "index": i, "name": name}, why_not=why, head=head)
                 entries.append({"name": name, "dir": f"teacher_{i}", "hidden_size": hidden_size(enc),
                                 "num_layers": num_layers(enc), "stock_head": stock})
             save_tensors(stage / "model.safetensors", self.head_state(), metadata={"kind": TEACHERS_KIND})
@@ -498,7 +493,7 @@ class Student(nn.Module):
     def _save_into(self, out_dir: Path, run_config: dict, label_names: list[str], extra: dict | None) -> None:
         """A stock ``*ForSequenceClassification`` dir (``fastmt.hf``); fastmt's settings under config.json's
         ``fastmt`` key, the head and projections also in fastmt.safetensors."""
-        from fastmt.hf import save_seq_cls
+        from fastmt.hf import CodeHead, save_seq_cls
 
         block = {
             "kind": STUDENT_KIND,
@@ -514,7 +509,8 @@ class Student(nn.Module):
         stock = self.pooling == "cls"
         save_seq_cls(out_dir, self.encoder, self.tokenizer, (h.dense.weight, h.dense.bias) if stock else None,
                      (h.classifier.weight, h.classifier.bias), label_names, block,
-                     why_not="" if stock else f"this student's head reads the {self.pooling} of the tokens, which no stock head does")
+                     why_not="" if stock else f"this student's head reads the {self.pooling} of the tokens, which no stock head does",
+                     head=CodeHead(self.pooling, None, h.dense, h.classifier, h.dropout.p))
         own = {f"head.{k}": v for k, v in h.state_dict().items()}
         own.update({"proj_weight": self.proj_weight, "proj_bias": self.proj_bias})
         save_tensors(out_dir / STUDENT_WEIGHTS, own, metadata={"kind": STUDENT_KIND})
@@ -626,7 +622,7 @@ def build_student(spec: StudentSpec, teachers: Teachers, init_from: Teachers | N
 
         quiet_transformers()
         with reading(path / "config.json", FIX_SOURCE):
-            encoder = encoder_from_config({**AutoConfig.from_pretrained(str(path)).to_dict()})
+            encoder = encoder_from_config({**AutoConfig.from_pretrained(str(path), trust_remote_code=False).to_dict()})
         tok_files = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
         tokenizer = load_tokenizer(path, "--student-init") if any((path / f).is_file() for f in tok_files) else teachers.tokenizers[0]
         check_tokenizer(tokenizer, encoder, f"--student-init {init}")

@@ -22,6 +22,8 @@ def runs(tiny_task, tiny_encoders, tmp_path_factory):
     T.cofinetune([a, b], T.TrainArgs(**_args(tiny_task, d / "teachers")))  # shared size 32: b's head folds in
     T.cofinetune([b, a], T.TrainArgs(**_args(tiny_task, d / "wide")))  # shared size 48: a's head cannot
     T.distill(T.DistillArgs(**_args(tiny_task, d / "student"), teachers=str(d / "teachers"), student_layers=1))
+    T.cofinetune([a, b], T.TrainArgs(**_args(tiny_task, d / "mean", pooling="mean")))  # no stock head reads a mean
+    T.distill(T.DistillArgs(**_args(tiny_task, d / "mean-student"), teachers=str(d / "mean"), student_layers=1))
     return d
 
 
@@ -84,18 +86,159 @@ def test_each_teacher_dir_carries_the_shared_head(runs, tiny_task):
         assert model.config.id2label == {0: "bad", 1: "good"}
 
 
-def test_a_head_without_stock_form_is_refused_not_randomised(runs, tiny_task):
-    from transformers import AutoModelForSequenceClassification
+# Loads each dir as a user without fastmt would: ``import fastmt`` fails in this process, the hub is
+# offline, and transformers' module cache is a fresh folder. Prints JSON: logits, pipeline rows, and
+# what loading without trust_remote_code raised.
+_NO_FASTMT = r"""
+import json, sys
+sys.modules["fastmt"] = None
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+dirs, texts = json.loads(sys.argv[1])
+out = {}
+for d in dirs:
+    try:
+        AutoModelForSequenceClassification.from_pretrained(d)
+        refused = None
+    except Exception as e:
+        refused = f"{type(e).__name__}: {e}"
+    model = AutoModelForSequenceClassification.from_pretrained(d, trust_remote_code=True).eval()
+    tok = AutoTokenizer.from_pretrained(d, trust_remote_code=True)
+    with torch.no_grad():
+        enc = tok(texts, padding=True, truncation=True, max_length=16, return_tensors="pt")
+        logits = model(**enc).logits
+    rows = pipeline("text-classification", model=d, trust_remote_code=True)(texts)
+    out[d] = {"logits": logits.tolist(), "rows": rows, "refused": refused, "class": type(model).__name__,
+              "id2label": {str(k): v for k, v in model.config.id2label.items()}}
+print("RESULT " + json.dumps(out))
+"""
 
+
+def _load_without_fastmt(dirs, texts, tmp_path):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"), TRANSFORMERS_VERBOSITY="error")
+    r = subprocess.run([sys.executable, "-c", _NO_FASTMT, json.dumps([[str(d) for d in dirs], texts])],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.rsplit("RESULT ", 1)[1])  # after the prompt transformers prints when refusing
+
+
+def _check_loaded(got, ours):
+    """Logits to 1e-5 (fp32), the pipeline's label and score from them, and the refusal without
+    trust_remote_code, which names the flag (never a model with a random head)."""
+    hf = torch.tensor(got["logits"])
+    assert torch.allclose(hf, ours, atol=1e-5), (hf - ours).abs().max()
+    assert got["id2label"] == {"0": "bad", "1": "good"} and got["class"] == "FastmtForSequenceClassification"
+    probs = ours.softmax(-1)
+    for row, p in zip(got["rows"], probs):
+        i = int(p.argmax())
+        assert row["label"] == ["bad", "good"][i] and row["score"] == pytest.approx(float(p[i]), abs=1e-5)
+    assert got["refused"] is not None and "trust_remote_code=True" in got["refused"], got["refused"]
+
+
+def test_heads_without_stock_form_load_with_remote_code_and_no_fastmt(runs, tiny_task, tmp_path):
+    """Mean pooling (teachers with and without an adapter, and their student), an adapter wider than its
+    teacher: each dir loads with the Auto class and pipeline (trust_remote_code) in a process where
+    fastmt cannot be imported, with fastmt's logits on a ragged batch and its label names; without
+    trust_remote_code it is refused."""
+    from fastmt.hf import CODE_TYPE
+    from fastmt.models import Student, Teachers
+
+    texts = _texts(tiny_task, 6)
+    wide, wcfg = Teachers.load(runs / "wide")
+    mean, mcfg = Teachers.load(runs / "mean")
+    student, _ = Student.load(runs / "mean-student")
+    assert [t["stock_head"] for t in wcfg["teachers"]] == [True, False]
+    assert [t["stock_head"] for t in mcfg["teachers"]] == [False, False]
+    cases = [(runs / "wide" / "teacher_1", wide, 1), (runs / "mean" / "teacher_0", mean, 0),
+             (runs / "mean" / "teacher_1", mean, 1), (runs / "mean-student", student, None)]
+    got = _load_without_fastmt([d for d, _, _ in cases], texts, tmp_path)
+    for d, model, i in cases:
+        assert json.loads((d / "config.json").read_text())["model_type"] == CODE_TYPE
+        model.eval()
+        with torch.no_grad():
+            if i is None:
+                ours, _ = model(_fastmt_inputs(model.tokenizer, texts))
+            else:
+                ours, _ = model.forward_teacher(i, _fastmt_inputs(model.tokenizers[i], texts))
+        _check_loaded(got[str(d)], ours)
+
+
+def test_an_architecture_without_a_stock_head_loads_with_remote_code(tiny_encoders, tmp_path):
+    """DistilBERT has no stock head fastmt's computes (its classifier reads pre_classifier + ReLU):
+    written in the remote-code form, it loads without fastmt with fastmt's pooling and head."""
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel
+
+    from fastmt.hf import CodeHead, load_seq_cls, save_seq_cls
+    from fastmt.models import SharedHead, pool
+
+    torch.manual_seed(3)
+    tok = AutoTokenizer.from_pretrained(str(tiny_encoders["tokenizer"]))
+    enc = DistilBertModel(DistilBertConfig(vocab_size=len(tok.get_vocab()), dim=24, n_layers=1, n_heads=2,
+                                           hidden_dim=48, max_position_embeddings=64)).eval()
+    head = SharedHead(24, 2).eval()
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_()
+    d = tmp_path / "distil"
+    stock = save_seq_cls(d, enc, tok, None, None, ["bad", "good"], {"kind": "fastmt-teacher"},
+                         head=CodeHead("mean", None, head.dense, head.classifier))
+    assert not stock
+    texts = ["good fine good good", "bad", "fine bad good"]
+    batch = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ours = head(pool(enc(**batch).last_hidden_state, batch["attention_mask"], "mean"))
+    _check_loaded(_load_without_fastmt([d], texts, tmp_path)[str(d)], ours)
+    again, state = load_seq_cls(d)  # and fastmt reads the encoder back
+    assert torch.equal(again.state_dict()["embeddings.word_embeddings.weight"], enc.embeddings.word_embeddings.weight)
+    assert torch.equal(state["dense.weight"], head.dense.weight)
+
+
+def test_dirs_in_the_older_encoder_only_form_still_load_and_export(runs, tiny_task, tmp_path):
+    """The encoder-only form earlier versions wrote for heads without a stock form (encoder.safetensors,
+    model type NOT_STOCK) is still read by fastmt, and `fastmt export` rewrites it in the remote-code form."""
+    import shutil
+
+    from fastmt.hf import CODE_TYPE, ENCODER_WEIGHTS, NOT_STOCK
+    from fastmt.io import save_tensors
     from fastmt.models import Teachers
 
-    cfg = json.loads((runs / "wide" / "config.json").read_text())
-    assert [t["stock_head"] for t in cfg["teachers"]] == [True, False]
-    narrow = runs / "wide" / "teacher_1"
-    assert not (narrow / "model.safetensors").exists() and "adapter" in (narrow / "README.md").read_text()
-    with pytest.raises((ValueError, OSError), match="fastmt-head-outside-this-dir-load-with-fastmt"):
-        AutoModelForSequenceClassification.from_pretrained(str(narrow))
-    # fastmt still loads it, with its head: the ensemble scores exactly what training logged for it.
+    old = tmp_path / "old"
+    shutil.copytree(runs / "wide", old)
+    sub = old / "teacher_1"
+    teachers, _ = Teachers.load(runs / "wide")
+    raw = json.loads((sub / "config.json").read_text())
+    enc_cfg = raw.pop("encoder")
+    for k in ("auto_map", "architectures", "pooling", "adapter_in", "head_size", "head_dropout"):
+        raw.pop(k, None)
+    raw.update(enc_cfg)
+    raw["fastmt"]["model_type"] = enc_cfg["model_type"]
+    raw["model_type"] = NOT_STOCK
+    (sub / "config.json").write_text(json.dumps(raw))
+    (sub / "model.safetensors").unlink()
+    (sub / "modeling_fastmt.py").unlink()
+    save_tensors(sub / ENCODER_WEIGHTS, teachers.encoders[1].state_dict())
+    texts = _texts(tiny_task)
+    again, _ = Teachers.load(old)
+    teachers.eval()
+    again.eval()
+    with torch.no_grad():
+        want, _ = teachers.forward_teacher(1, _fastmt_inputs(teachers.tokenizers[1], texts))
+        got, _ = again.forward_teacher(1, _fastmt_inputs(again.tokenizers[1], texts))
+    assert torch.equal(want, got)
+    r = run_cli("export", "--model", old)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((sub / "config.json").read_text())["model_type"] == CODE_TYPE and not (sub / ENCODER_WEIGHTS).exists()
+
+
+def test_fastmt_loads_a_remote_code_dir_with_its_head(runs, tiny_task):
+    """fastmt reads the remote-code form itself (no code from the dir runs): the wide ensemble scores
+    exactly what training logged for it."""
+    from fastmt.models import Teachers
+
     teachers, _ = Teachers.load(runs / "wide")
     logits = T.teacher_logits(teachers, _enc(teachers, tiny_task), 96, 128, [16], torch.device("cpu"))
     labels = [["bad", "good"].index(x) for x in read_dataset(tiny_task["dev"]).labels]

@@ -53,7 +53,7 @@ def test_mean_pooled_teachers_and_student_end_to_end(tiny_task, tiny_encoders, t
     teachers, cfg = Teachers.load(tmp_path / "t")
     assert cfg["pooling"] == "mean" and teachers.pooling == "mean" and cfg["run"]["pooling"] == "mean"
     assert cfg["run"]["head_lr"] == pytest.approx(2e-3)  # auto: the larger of --lr and 1e-3
-    with pytest.raises((ValueError, OSError), match="fastmt-head-outside"):  # no stock head reads a mean
+    with pytest.raises((ValueError, OSError), match="trust_remote_code"):  # no stock head reads a mean
         AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "t" / "teacher_0"))
     r = run_cli("distill", "--teachers", tmp_path / "t", "--student-layers", "1", "--train", tiny_task["train"],
                 "--dev", tiny_task["dev"], "--out", tmp_path / "s", "--epochs", "2", "--max-length", "16", "--no-progress",
