@@ -33,9 +33,10 @@ setup(
         "plot": ["matplotlib"],
         "datasets": ["datasets", "pyarrow"],  # parquet files, save_to_disk dirs and hub names as --train/--dev/--data
         "tensorboard": ["tensorboard"],  # --report-to tensorboard
+        "onnx": ["onnx", "onnxscript", "onnxruntime"],  # fastmt export --format onnx, fastmt bench-serve
         # numpy < 2.4: Triton 3.6's CPU interpreter (how the kernels are tested) fails with numpy 2.4.
         "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.6", "numpy<2.4", "matplotlib", "tensorboard",
-                 "datasets", "pyarrow"],
+                 "datasets", "pyarrow", "onnx", "onnxscript", "onnxruntime"],
     },
     entry_points={"console_scripts": ["fastmt = fastmt.cli:main"]},
 )

@@ -223,9 +223,13 @@ def _add_predict(sub) -> None:
 
 def _add_export(sub) -> None:
     """``fastmt export``: a run dir rewritten in stock form."""
-    p = sub.add_parser("export", help="rewrite a student or teachers dir so that Hugging Face loads it as it is")
+    p = sub.add_parser("export", help="rewrite a student or teachers dir so that Hugging Face loads it as it is, "
+                                          "or write it as ONNX (--format onnx)")
     p.add_argument("--model", required=True, metavar="DIR", help="a student dir or a teachers dir")
     p.add_argument("--out", default=None, metavar="DIR", help="write here instead of rewriting DIR in place")
+    p.add_argument("--format", default="hf", choices=["hf", "onnx"],
+                   help="hf: a dir transformers loads (default); onnx: model.onnx for ONNX Runtime, beside the model "
+                        "(a teachers dir: one per teacher), checked against fastmt's logits (needs fastmt[onnx])")
 
 
 def _add_check(sub) -> None:
@@ -355,10 +359,18 @@ def _predict(ns: argparse.Namespace) -> None:
 
 
 def _export(ns: argparse.Namespace) -> None:
+    if ns.format == "onnx":
+        from fastmt.onnx_export import export_onnx
+
+        res = export_onnx(ns.model, ns.out)
+        for f in res["files"]:
+            print(f"{f['path']}: written; ONNX Runtime gives fastmt's logits to {f['max_abs_diff']:.1e}")
+        return
     from fastmt.export import export_dir
 
     res = export_dir(ns.model, ns.out)
-    print(f"{res['kind']} dir written to {res['out']}: loads with AutoModelForSequenceClassification.from_pretrained")
+    print(f"{res['kind']} dir written to {res['out']}: loads with AutoModelForSequenceClassification.from_pretrained"
+          + ("" if res.get("stock", True) else " (trust_remote_code=True: its head has no stock class)"))
 
 
 def _demo(ns: argparse.Namespace) -> None:

@@ -5,6 +5,8 @@
 Without ``--out`` the dir is rewritten in place, as one unit (a kill leaves the old files or the new
 ones). A student dir becomes a stock ``*ForSequenceClassification`` dir with fastmt's extras beside
 it; each ``teacher_i/`` of a teachers dir becomes one with the shared head folded in (``fastmt.hf``).
+Where no stock class computes the head (mean pooling, a wide adapter, another architecture), the dir
+gets the remote-code form instead (``trust_remote_code=True``). ``--format onnx``: ``fastmt.onnx_export``.
 metrics.jsonl is copied along to ``--out``.
 """
 
@@ -42,4 +44,7 @@ def export_dir(model_dir: str, out: str | None = None) -> dict:
     else:
         teachers, cfg = Teachers.load(src, "--model")
         teachers.save(dst, cfg.get("run", {}), list(cfg["label_names"]))
-    return {"kind": "student" if kind == STUDENT_KIND else "teachers", "out": str(dst)}
+    from fastmt.hf import is_code_dir
+
+    stock = not any(is_code_dir(d) for d in [dst, *sorted(dst.glob("teacher_*"))] if d.is_dir())
+    return {"kind": "student" if kind == STUDENT_KIND else "teachers", "out": str(dst), "stock": stock}
