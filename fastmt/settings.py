@@ -1,10 +1,13 @@
 """What a run is asked to do: the settings of every training task, checked where they are made.
 
 ``TrainArgs`` holds the settings every training command shares, ``DistillArgs`` adds the student's.
-The CLI and Python callers build the same objects, so a bad value is refused with the same one-line
-message naming its flag either way. A setting left to ``auto`` (or unset) is replaced by a concrete
-one in one place, :func:`fastmt.fastpath.resolve`, once the data's size is known; ``--device auto``
-and ``--head-lr auto`` need no data and are resolved here.
+The CLI and Python callers build the same objects with the same defaults (a test holds the CLI's
+equal to these fields), so a bad value is refused with the same one-line message naming its flag either
+way, and a setting left to ``auto`` (or ``None``) becomes the same concrete one: in one place,
+:func:`fastmt.fastpath.resolve`, once the data's size and the device are known (precision, kernels,
+compile, CUDA graphs, teacher stacking, the teacher cache, length grouping); ``--pooling auto`` when
+the teachers load (:func:`fastmt.models.choose_pooling`); ``--device auto`` and ``--head-lr auto``
+need no data and are resolved here.
 """
 
 from __future__ import annotations
@@ -34,11 +37,11 @@ class TrainArgs:
     out: str  # [--out]
     epochs: int = 3
     batch_size: int = 32
-    lr: float = 5e-5
+    lr: float = 3e-5  # cofinetune's (DistillArgs: 5e-5), as the CLI's
     max_length: int = 128
     seed: int = 42
-    device: str = "cpu"
-    precision: str = "fp32"
+    device: str = "auto"
+    precision: str = "auto"
     weight_decay: float = 0.01
     warmup: float = 0.1  # fraction of all steps spent warming up
     max_grad_norm: float = 1.0
@@ -49,15 +52,15 @@ class TrainArgs:
     save_every: int = 0  # [--save-every] steps between checkpoints; 0 writes none
     resume: bool = False  # [--resume] continue from DIR/checkpoint
     max_bad_steps: int = 20  # [--max-bad-steps] stop after this many non-finite losses in a row
-    compile: bool | None = False  # [--compile] torch.compile(fullgraph=True) the step's forward + loss; None: auto
-    group_by_length: bool | None = False  # [--group-by-length] batches of similar lengths (little padding); None: auto
+    compile: bool | None = None  # [--compile] torch.compile(fullgraph=True) the step's forward + loss; None: auto
+    group_by_length: bool | None = None  # [--group-by-length] batches of similar lengths (little padding); None: auto
     metric: str = "accuracy"  # [--metric] the dev score that picks the best epoch: accuracy, f1 (macro) or mcc
     report_to: str = "none"  # [--report-to] also send metrics.jsonl's scalars to: none, tensorboard
     text_column: str | None = None  # [--text-column] the text column (default: guessed from the names)
     text_pair_column: str | None = None  # [--text-pair-column] the second text of a pair
     label_column: str | None = None  # [--label-column] the label column
-    head_lr: float | str | None = None  # [--head-lr] cofinetune: rate of the fresh shared head and adapters; None: --lr; "auto": max(--lr, 1e-3)
-    pooling: str = "cls"  # [--pooling] cofinetune: what the shared head reads: cls (first token), mean (masked mean), auto
+    head_lr: float | str | None = "auto"  # [--head-lr] cofinetune: rate of the fresh shared head and adapters; None: --lr; "auto": max(--lr, 1e-3)
+    pooling: str = "auto"  # [--pooling] cofinetune: what the shared head reads: cls (first token), mean (masked mean), auto
 
     @property
     def columns(self) -> Columns:
@@ -105,6 +108,7 @@ KD_TARGETS = ("teachers", "ensemble")
 @dataclass
 class DistillArgs(TrainArgs):
     teachers: str = ""  # [--teachers] a dir written by cofinetune
+    lr: float = 5e-5  # the student learns faster than the teachers are fine-tuned
     student_layers: int = 0
     student_init: str = "teacher:0"
     temperature: float = 1.0
@@ -112,14 +116,14 @@ class DistillArgs(TrainArgs):
     kd_target: str = "teachers"  # teachers: one KL term per teacher (MT-BERT); ensemble: one KL to the averaged logits
     hidden_loss: str = "tokens"
     weight_hidden: bool = False  # also weight the hidden loss per example by the teacher weights
-    kernels: str = "reference"
-    cuda_graphs: bool | None = False  # None: on with compile on CUDA (fastmt.fastpath)
+    kernels: str = "auto"  # [--kernels] fused, reference, or auto (fused on CUDA, reference on a CPU)
+    cuda_graphs: bool | None = None  # None: on with compile on CUDA (fastmt.fastpath)
     alpha_task: float = 1.0
     alpha_kd: float = 1.0
     alpha_hidden: float = 1.0
     teacher_subset: list[int] | None = None  # distil from these teachers only
-    stack_teachers: bool | None = False  # run teachers of one architecture as one stacked module (fastmt.stacked); None: auto
-    cache_teachers: str | None = None  # [--cache-teachers DIR|auto|off] teachers' outputs stored once (fastmt.cache)
+    stack_teachers: bool | None = None  # run teachers of one architecture as one stacked module (fastmt.stacked); None: auto
+    cache_teachers: str | None = "default"  # [--cache-teachers DIR|auto|off] teachers' outputs stored once (fastmt.cache); None: off
     cache_budget_gb: float = 8.0  # [--cache-budget-gb] the most disk the teacher cache may take
 
     def __post_init__(self) -> None:

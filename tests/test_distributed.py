@@ -53,7 +53,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_task, tmp_path)
     a = _encoder_without_dropout(tok, tmp_path, "a", 2, 32, 1)
     b = _encoder_without_dropout(tok, tmp_path, "b", 1, 32, 2)
     common = dict(train=str(tiny_task["train"]), dev=str(tiny_task["dev"]), epochs=1, batch_size=32, lr=1e-3,
-                  max_length=16, progress=False)
+                  max_length=16, progress=False, precision="fp32")
     T.cofinetune([str(a), str(b)], T.TrainArgs(out=str(tmp_path / "teachers"), **common))
     flags = ["distill", "--teachers", tmp_path / "teachers", "--student-layers", "1", "--hidden-loss", "cls",
              "--temperature", "2", "--train", tiny_task["train"], "--dev", tiny_task["dev"], "--epochs", "1",
@@ -131,7 +131,8 @@ def uneven_runs(tiny_task, tmp_path_factory):
     a = _encoder_without_dropout(tok, d, "a", 2, 32, 1)
     b = _encoder_without_dropout(tok, d, "b", 1, 32, 2)
     write_tsv(easy_rows(12, 5), d / "dev.tsv")
-    common = dict(dev=str(d / "dev.tsv"), batch_size=6, lr=1e-3, max_length=16, progress=False)
+    common = dict(dev=str(d / "dev.tsv"), batch_size=6, lr=1e-3, max_length=16, progress=False, precision="fp32",
+                  group_by_length=False, cache_teachers=None)
     write_tsv(easy_rows(24, 4), d / "teach.tsv")
     T.cofinetune([str(a), str(b)], T.TrainArgs(train=str(d / "teach.tsv"), out=str(d / "teachers"), epochs=1, **common))
     cases = {}

@@ -190,8 +190,8 @@ def test_distill_under_cuda_graphs_trains_like_eager(tiny_task, tiny_encoders, t
         for name, kw in {"eager": {}, "graphs": dict(compile=True, cuda_graphs=True)}.items():
             out = tmp_path / name
             T.distill(T.DistillArgs(**_args(tiny_task, out, device="cuda", precision="fp16", kernels="fused", epochs=4,
-                                            log_every=1), teachers=str(teachers), student_layers=1,
-                                    stack_teachers=True, temperature=2.0, **kw))
+                                            log_every=1, **kw), teachers=str(teachers), student_layers=1,
+                                    stack_teachers=True, temperature=2.0))
             runs[name] = _train_rows(out)
     eager, graphs = runs["eager"], runs["graphs"]
     assert len(graphs) == len(eager) == 32
@@ -230,8 +230,8 @@ def test_every_replayed_step_matches_eager_on_the_same_weights_and_batch(tiny_ta
 
     monkeypatch.setattr(DistillStep, "__call__", shadowed)
     T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "s", device="cuda", precision="fp16", kernels="fused",
-                                    epochs=4, log_every=1), teachers=str(teachers), student_layers=1,
-                            stack_teachers=True, temperature=2.0, compile=True, cuda_graphs=True))
+                                    epochs=4, log_every=1, compile=True), teachers=str(teachers), student_layers=1,
+                            stack_teachers=True, temperature=2.0, cuda_graphs=True))
     assert len(pairs) == 32
     # The same fp16 computation, compiled and eager: they differ by rounding, a few fp16 ulps
     # (2^-11) per layer; 2e-2 is ~40 ulps. A replay that read a stale batch or stale weights would

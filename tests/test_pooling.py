@@ -104,7 +104,7 @@ def test_head_lr_gives_the_head_its_own_scheduled_rate(tiny_encoders, tiny_task)
             sched.last_epoch = step
             sched.attach()
             assert float(g["lr"]) == pytest.approx(want * sched.factor(step))
-    plain = T.TrainArgs(train="t", dev="d", out="o", lr=1e-4)
+    plain = T.TrainArgs(train="t", dev="d", out="o", lr=1e-4, head_lr=None)  # None: the head at --lr
     opt, _ = make_optimizer(teachers, plain, total_steps=10, device=torch.device("cpu"))
     assert len(opt.param_groups) == 2 and all("base_lr" not in g for g in opt.param_groups)  # the reference path
     with pytest.raises(Exception, match="--head-lr"):

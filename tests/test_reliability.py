@@ -428,8 +428,8 @@ def test_fp16_overflow_is_absorbed_and_logged(tiny_task, teachers_dir, tmp_path,
         return real(device, init_scale=2.0**24, enabled=enabled)
 
     monkeypatch.setattr(torch.amp, "GradScaler", huge_scale)
-    T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "run", log_every=2, epochs=3), teachers=str(teachers_dir),
-                            student_layers=1, precision="fp16"))
+    T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "run", log_every=2, epochs=3, precision="fp16"),
+                            teachers=str(teachers_dir), student_layers=1))
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["event"] == "train"]
     assert train[0]["skipped_steps"] >= 1 and train[0]["loss_scale"] < 2.0**24

@@ -40,10 +40,8 @@ def test_train_args_rejected(kw, needle, tiny_task, tmp_path):
     ],
 )
 def test_distill_args_rejected(kw, needle, tiny_task, tmp_path):
-    base = dict(teachers="x", student_layers=1)
-    base.update(kw)
     with pytest.raises(UsageError, match=needle):
-        T.DistillArgs(**_args(tiny_task, tmp_path), **base)
+        T.DistillArgs(**_args(tiny_task, tmp_path, **{"teachers": "x", "student_layers": 1, **kw}))
 
 
 def test_device_cuda_without_cuda():
@@ -56,3 +54,37 @@ def test_device_cuda_without_cuda():
 def test_kd_target_is_validated(tiny_task, tmp_path):
     with pytest.raises(UsageError, match="--kd-target"):
         T.DistillArgs(**_args(tiny_task, tmp_path), teachers="x", student_layers=1, kd_target="mean")
+
+
+@pytest.mark.parametrize("command", ["cofinetune", "distill"])
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_python_api_and_cli_resolve_the_same_defaults(command, native_bf16, tmp_path):
+    """Built from nothing (the required settings only), the Python API's settings equal the CLI's,
+    field by field, before and after the one resolver (``fastmt.fastpath.resolve``), on either CPU plan;
+    the lr differs by command and is the CLI's for each."""
+    import dataclasses
+
+    from fastmt import cli, fastpath
+    from fastmt.settings import DistillArgs, TrainArgs
+
+    need = dict(train="t.tsv", dev="d.tsv", out=str(tmp_path / "o"))
+    flags = ["--train", "t.tsv", "--dev", "d.tsv", "--out", str(tmp_path / "o")]
+    if command == "distill":
+        api = DistillArgs(**need, teachers="T", student_layers=2)
+        ns = cli.build_parser().parse_args(["distill", *flags, "--teachers", "T", "--student-layers", "2"])
+        kw = cli._train_kwargs(ns, DistillArgs)
+        kw["teacher_subset"] = cli._parse_subset(ns.teacher_subset)
+        from_cli = DistillArgs(**kw)
+    else:
+        api = TrainArgs(**need)
+        ns = cli.build_parser().parse_args(["cofinetune", "--teacher", "a", "--teacher", "b", *flags])
+        from_cli = TrainArgs(**cli._train_kwargs(ns, TrainArgs))
+    assert dataclasses.asdict(api) == dataclasses.asdict(from_cli)
+    assert api.lr == (5e-5 if command == "distill" else 3e-5)
+    lines = [fastpath.resolve(a, torch.device("cpu"), steps=5000, stackable=True, native_bf16=native_bf16)
+             for a in (api, from_cli)]
+    assert lines[0] == lines[1] and dataclasses.asdict(api) == dataclasses.asdict(from_cli)
+    assert api.precision == ("bf16" if native_bf16 else "fp32") and api.compile is True and api.group_by_length is True
+    if command == "distill":
+        assert (api.kernels, api.cuda_graphs, api.cache_teachers, api.stack_teachers) == ("reference", False, "auto",
+                                                                                           native_bf16)

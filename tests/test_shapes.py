@@ -127,7 +127,7 @@ def test_compiled_cofinetune_and_distill_meet_many_shapes_and_finish(long_task, 
 
     caplog.set_level("INFO", logger="fastmt")
     common = dict(train=str(long_task["train"]), dev=str(long_task["dev"]), batch_size=4, lr=1e-3, max_length=512,
-                  progress=False, log_every=1, compile=None, group_by_length=True)  # as the CLI defaults
+                  progress=False, log_every=1, compile=None, group_by_length=True, precision="fp32")  # as the CLI defaults
     # Length-sorted runs of 2 batches (50 by default): the last, short batch then holds examples of
     # any length, so it lands in another bucket from one epoch to the next, as it does on a large set.
     monkeypatch.setattr(data, "GROUP_BATCHES", 2)
@@ -177,7 +177,7 @@ def test_too_many_shapes_turn_auto_compile_off_and_refuse_an_explicit_one(long_t
     monkeypatch.setattr(shapes, "MAX_SHAPES", 4)
     monkeypatch.setattr(fastpath, "COMPILE_MIN_STEPS", 1)
     common = dict(train=str(long_task["train"]), dev=str(long_task["dev"]), batch_size=4, lr=1e-3, max_length=512,
-                  progress=False, epochs=1)
+                  progress=False, epochs=1, precision="fp32")
     torch._dynamo.utils.counters.clear()
     T.cofinetune([str(long_task["a"])], T.TrainArgs(out=str(tmp_path / "auto"), compile=None, **common))
     line = _path_line(caplog, "cofinetune")

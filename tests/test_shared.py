@@ -25,7 +25,7 @@ def test_two_minilm_teachers_on_reviews(tmp_path):
     _slice(data / "dev.tsv", tmp_path / "dev.tsv", 64)
     l6, l3 = str(SHARED / "models" / "minilm-l6-h384"), str(SHARED / "models" / "minilm-l3-h384")
     common = dict(train=str(tmp_path / "train.tsv"), dev=str(tmp_path / "dev.tsv"), epochs=1, batch_size=16,
-                  max_length=48, progress=False, log_every=5)
+                  max_length=48, progress=False, log_every=5, precision="fp32")
     co = T.cofinetune([l6, l3], T.TrainArgs(out=str(tmp_path / "teachers"), lr=5e-5, **common))
     assert co.steps == 10
     st = T.distill(T.DistillArgs(out=str(tmp_path / "student"), teachers=str(tmp_path / "teachers"), student_layers=3,

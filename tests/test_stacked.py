@@ -179,7 +179,7 @@ def test_stacked_teachers_weights_are_static_inputs_of_the_compiled_forward(tiny
     teachers = Teachers.from_pretrained_encoders([str(tiny_encoders["a"])] * 3, 2)
     teachers.eval().requires_grad_(False)
     student, _ = build_student(StudentSpec(1, "teacher:0"), teachers)
-    args = T.DistillArgs(train="-", dev="-", out="-", teachers="-", student_layers=1, stack_teachers=True)
+    args = T.DistillArgs(train="-", dev="-", out="-", teachers="-", student_layers=1, stack_teachers=True, precision="fp32")
     monkeypatch.setenv(COMPILE_BACKEND_ENV, "eager")
     step = DistillStep(student, teachers, layer_maps(1, teachers), args, losses, torch.device("cpu"), compile=True)
     assert isinstance(step.stacked[(0, 1, 2)], StackedBert)

@@ -115,8 +115,8 @@ def test_compiled_step_equals_eager_step(stack, tiny_task, tiny_encoders, tmp_pa
     with torch._inductor.config.patch(fallback_random=True):
         for compiled in (False, True):
             out = tmp_path / f"compiled-{compiled}"
-            T.distill(T.DistillArgs(**_args(tiny_task, out, log_every=1, batch_size=64), teachers=str(teachers_dir),
-                                    student_layers=1, temperature=2.0, compile=compiled, stack_teachers=stack))
+            T.distill(T.DistillArgs(**_args(tiny_task, out, log_every=1, batch_size=64, compile=compiled),
+                                    teachers=str(teachers_dir), student_layers=1, temperature=2.0, stack_teachers=stack))
             rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
             runs[compiled] = [r for r in rows if r["event"] == "train"]
     assert len(runs[True]) == len(runs[False]) == 4
@@ -134,7 +134,7 @@ def test_compiled_cofinetune_equals_eager(tiny_task, tiny_encoders, tmp_path):
             out = tmp_path / f"cofinetune-compiled-{compiled}"
             torch._dynamo.utils.counters.clear()
             T.cofinetune([str(tiny_encoders["a"]), str(tiny_encoders["b"])],
-                         T.TrainArgs(**_args(tiny_task, out, log_every=1, batch_size=64), compile=compiled))
+                         T.TrainArgs(**_args(tiny_task, out, log_every=1, batch_size=64, compile=compiled)))
             rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
             runs[compiled] = [r for r in rows if r["event"] == "train"]
             assert json.loads((out / "config.json").read_text())["run"]["compile"] is compiled
@@ -164,7 +164,8 @@ def test_stacked_teachers_equal_sequential(tiny_encoders):
     inputs = {teachers.keys[0]: {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}}
     out = {}
     for stack in (False, True):
-        args = T.DistillArgs(train="-", dev="-", out="-", teachers="-", student_layers=2, stack_teachers=stack)
+        args = T.DistillArgs(train="-", dev="-", out="-", teachers="-", student_layers=2, stack_teachers=stack,
+                             precision="fp32")
         step = DistillStep(student, teachers, layer_maps(2, teachers), args, losses, torch.device("cpu"))
         with torch.no_grad():
             out[stack] = step.teachers_forward(inputs)
@@ -228,7 +229,7 @@ def test_stacked_teachers_forward_reads_nothing_back(tiny_encoders):
 
     teachers = Teachers.from_pretrained_encoders([str(tiny_encoders["a"])] * 3, 2).eval()
     student, _ = build_student(StudentSpec(1, "teacher:0"), teachers)
-    args = T.DistillArgs(train="-", dev="-", out="-", teachers="-", student_layers=1, stack_teachers=True)
+    args = T.DistillArgs(train="-", dev="-", out="-", teachers="-", student_layers=1, stack_teachers=True, precision="fp32")
     step = DistillStep(student, teachers, layer_maps(1, teachers), args, losses, torch.device("cpu"))
     ids = torch.randint(4, 40, (3, 7))
     mask = torch.ones_like(ids)
