@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_check(sub)
     _add_bench(sub)
+    _add_bench_serve(sub)
     _add_memory(sub)
     for p in sub.choices.values():
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
@@ -254,6 +255,21 @@ def _add_bench(sub) -> None:
     p.add_argument("--profile", action="store_true",
                    help="also split each mode's step into teachers' forward, student forward, losses, backward and "
                         "optimizer (CUDA events on a GPU, wall clock on a CPU) and list its top kernels")
+
+
+def _add_bench_serve(sub) -> None:
+    """``fastmt bench-serve``: serving latency and throughput of the student next to its teachers."""
+    p = sub.add_parser("bench-serve", help="serving speed of the student vs each teacher and their ensemble, "
+                                           "PyTorch vs ONNX Runtime, side by side")
+    p.add_argument("--student", required=True, metavar="DIR", help="a student dir (fastmt distill)")
+    p.add_argument("--teachers", required=True, metavar="DIR", help="its teachers dir (fastmt cofinetune)")
+    p.add_argument("--data", required=True, metavar="F", help="rows to serve, in order: " + DATA_HELP)
+    p.add_argument("--batch-sizes", default="1,32", metavar="B,B", help="batch sizes to time (default 1,32)")
+    p.add_argument("--batches", type=int, default=40, help="timed batches per batch size and model (default 40)")
+    p.add_argument("--max-length", type=int, default=None, help="longest tokenized row (default: the student's run's)")
+    p.add_argument("--no-onnx", action="store_true", help="PyTorch only (no ONNX Runtime column)")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the rows as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _add_memory(sub) -> None:
@@ -393,6 +409,30 @@ def _bench(ns: argparse.Namespace) -> None:
     run_bench(ns.device, ns.preset, ns.json, ns.steps, ns.modes, ns.rounds, ns.profile)
 
 
+def _bench_serve(ns: argparse.Namespace) -> None:
+    from fastmt import bench_serve as B
+
+    try:
+        sizes = [int(x) for x in ns.batch_sizes.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--batch-sizes {ns.batch_sizes}: expected comma-separated integers, e.g. 1,32") from None
+    if not sizes or min(sizes) < 1:
+        raise UsageError(f"--batch-sizes {ns.batch_sizes}: each must be at least 1")
+    if ns.batches < 1:
+        raise UsageError(f"--batches {ns.batches}: must be at least 1")
+    bar = None
+    if not ns.no_progress and not getattr(ns, "quiet", False):
+        def bar(bs, done, total):
+            print(f"\rbatch size {bs}: {done}/{total} batches", end="\n" if done == total else "", file=sys.stderr,
+                  flush=True)
+    res = B.run_bench(ns.student, ns.teachers, ns.data, sizes, ns.batches, ns.max_length, not ns.no_onnx, progress=bar)
+    print(f"{res['machine']}, torch {res['torch']}" + (f", onnxruntime {res['onnxruntime']}" if res["onnxruntime"] else "")
+          + f"; {res['timed_batches']} timed batches per cell; rows of {res['token_lengths']['mean']:.0f} tokens on average")
+    print(B.format_table(res))
+    if ns.json:
+        B.write_json(ns.json, res)
+
+
 def _memory(ns: argparse.Namespace) -> None:
     from fastmt.memory import run_memory
 
@@ -403,7 +443,7 @@ def _memory(ns: argparse.Namespace) -> None:
 
 # Each command and the function that runs it (its flags: the _add_<command> builders above).
 COMMANDS = {"cofinetune": _cofinetune, "distill": _distill, "eval": _eval, "predict": _predict, "export": _export,
-            "demo": _demo, "check": _check, "bench": _bench, "memory": _memory}
+            "demo": _demo, "check": _check, "bench": _bench, "bench-serve": _bench_serve, "memory": _memory}
 
 
 def _attach_negative_numbers(argv: list[str]) -> list[str]:

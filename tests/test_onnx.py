@@ -99,3 +99,24 @@ def test_a_model_onnx_runtime_does_not_reproduce_is_not_written(runs, tmp_path, 
     with pytest.raises(UsageError, match="differ from fastmt's by 1.00e\\+00 \\(over 0.0001\\); nothing written"):
         X.export_model(served, student.tokenizer, tmp_path / "m" / "model.onnx")
     assert list((tmp_path / "m").iterdir()) == []
+
+
+def test_bench_serve_times_every_model_in_both_runtimes(runs, tiny_task, tmp_path):
+    """Student, each teacher and the ensemble, PyTorch and ONNX Runtime, at each batch size: one row
+    each with p50 <= p99, rows/s from the timed batches, and the student's speed-up against it."""
+    import json
+
+    r = run_cli("bench-serve", "--student", runs / "student", "--teachers", runs / "teachers", "--data", tiny_task["dev"],
+                "--batch-sizes", "1,4", "--batches", "3", "--json", tmp_path / "serve.json", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "serve.json").read_text())
+    cells = {(x["model"], x["runtime"], x["batch_size"]) for x in res["rows"]}
+    models = {"student", "teacher 0 (a)", "teacher 1 (b)", "ensemble of 2 teachers"}
+    assert cells == {(m, rt, b) for m in models for rt in ("pytorch", "onnxruntime") for b in (1, 4)}
+    for x in res["rows"]:
+        assert x["batches"] == 3 and 0 < x["p50_ms"] <= x["p99_ms"] and x["rows_per_s"] > 0
+        if x["model"] == "student":
+            assert x["student_speedup"] == pytest.approx(1.0)
+    assert "| student | pytorch | 1 |" in r.stdout and res["machine"] in r.stdout
+    # The run dirs were not touched: the graphs were exported to a temporary dir.
+    assert not (runs / "student" / "model.onnx").exists()
