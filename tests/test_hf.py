@@ -126,24 +126,29 @@ def _load_without_fastmt(dirs, texts, tmp_path):
     return json.loads(r.stdout.rsplit("RESULT ", 1)[1])  # after the prompt transformers prints when refusing
 
 
-def _check_loaded(got, ours):
+def _check_loaded(got, ours, stock=False):
     """Logits to 1e-5 (fp32), the pipeline's label and score from them, and the refusal without
-    trust_remote_code, which names the flag (never a model with a random head)."""
+    trust_remote_code, which names the flag (never a model with a random head); a stock dir loads
+    either way, as a stock class."""
     hf = torch.tensor(got["logits"])
     assert torch.allclose(hf, ours, atol=1e-5), (hf - ours).abs().max()
-    assert got["id2label"] == {"0": "bad", "1": "good"} and got["class"] == "FastmtForSequenceClassification"
+    assert got["id2label"] == {"0": "bad", "1": "good"}
+    assert got["class"] == ("BertForSequenceClassification" if stock else "FastmtForSequenceClassification")
     probs = ours.softmax(-1)
     for row, p in zip(got["rows"], probs):
         i = int(p.argmax())
         assert row["label"] == ["bad", "good"][i] and row["score"] == pytest.approx(float(p[i]), abs=1e-5)
-    assert got["refused"] is not None and "trust_remote_code=True" in got["refused"], got["refused"]
+    if stock:
+        assert got["refused"] is None
+    else:
+        assert got["refused"] is not None and "trust_remote_code=True" in got["refused"], got["refused"]
 
 
 def test_heads_without_stock_form_load_with_remote_code_and_no_fastmt(runs, tiny_task, tmp_path):
     """Mean pooling (teachers with and without an adapter, and their student), an adapter wider than its
     teacher: each dir loads with the Auto class and pipeline (trust_remote_code) in a process where
     fastmt cannot be imported, with fastmt's logits on a ragged batch and its label names; without
-    trust_remote_code it is refused."""
+    trust_remote_code it is refused. The stock dirs (first-token pooling) load there too, without it."""
     from fastmt.hf import CODE_TYPE
     from fastmt.models import Student, Teachers
 
@@ -153,18 +158,24 @@ def test_heads_without_stock_form_load_with_remote_code_and_no_fastmt(runs, tiny
     student, _ = Student.load(runs / "mean-student")
     assert [t["stock_head"] for t in wcfg["teachers"]] == [True, False]
     assert [t["stock_head"] for t in mcfg["teachers"]] == [False, False]
+    cls_teachers, _ = Teachers.load(runs / "teachers")
+    cls_student, _ = Student.load(runs / "student")
     cases = [(runs / "wide" / "teacher_1", wide, 1), (runs / "mean" / "teacher_0", mean, 0),
-             (runs / "mean" / "teacher_1", mean, 1), (runs / "mean-student", student, None)]
+             (runs / "mean" / "teacher_1", mean, 1), (runs / "mean-student", student, None),
+             # first-token pooling: stock classes, a folded adapter for teacher 1 (also without fastmt)
+             (runs / "teachers" / "teacher_0", cls_teachers, 0), (runs / "teachers" / "teacher_1", cls_teachers, 1),
+             (runs / "student", cls_student, None)]
     got = _load_without_fastmt([d for d, _, _ in cases], texts, tmp_path)
     for d, model, i in cases:
-        assert json.loads((d / "config.json").read_text())["model_type"] == CODE_TYPE
+        stock = json.loads((d / "config.json").read_text())["model_type"] != CODE_TYPE
+        assert stock == (d.parent.name == "teachers" or d.name == "student")
         model.eval()
         with torch.no_grad():
             if i is None:
                 ours, _ = model(_fastmt_inputs(model.tokenizer, texts))
             else:
                 ours, _ = model.forward_teacher(i, _fastmt_inputs(model.tokenizers[i], texts))
-        _check_loaded(got[str(d)], ours)
+        _check_loaded(got[str(d)], ours, stock)
 
 
 def test_an_architecture_without_a_stock_head_loads_with_remote_code(tiny_encoders, tmp_path):
