@@ -71,6 +71,8 @@ def _sessions(models, onnx_dirs: list[Path], threads: int):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    # Its threads would otherwise spin for a while after each run, on the cores PyTorch's next turn needs.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions, where = {}, iter(onnx_dirs)
     for _, parts in models:
         for m, tok in parts:
