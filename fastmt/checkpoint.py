@@ -165,13 +165,16 @@ def _fault(name: str, step: int) -> None:
 
 def fault_after_step(step: int) -> None:
     """``FASTMT_FAULT_KILL_AFTER_STEP=STEP`` dies after that step; ``FASTMT_FAULT_PAUSE_AFTER_STEP=STEP``
-    says so on stderr and waits there, forever, for a kill from outside (a test's external kill
-    then lands at a known step, and the run cannot finish first)."""
+    says so on stderr and waits there for a kill from outside, or a signal the run catches (a test's
+    external kill then lands at a known step, and the run cannot finish first)."""
     _fault("FASTMT_FAULT_KILL_AFTER_STEP", step)
     at = os.environ.get("FASTMT_FAULT_PAUSE_AFTER_STEP")
     if at is not None and int(at) == step:
         import sys
         import threading
 
+        from fastmt import stopping
+
         print(f"fastmt: paused after step {step}", file=sys.stderr, flush=True)
-        threading.Event().wait()
+        while stopping.requested() is None:  # a caught SIGTERM/SIGINT ends the pause: the loop then stops
+            threading.Event().wait(0.05)

@@ -529,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     parser = build_parser()
     try:
+        from fastmt import stopping
+
+        stopping.command_line = list(argv)  # before --config is replayed: what the user typed
         argv = _replay(parser, argv)
         ns = parser.parse_args(argv)
         logging.basicConfig(level=logging.WARNING if ns.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -549,7 +552,10 @@ def main(argv: list[str] | None = None) -> int:
             msg = f"{e.filename}: {e.strerror}" if getattr(e, "filename", None) else str(e)
         else:
             msg = str(e)
-        print(f"fastmt: error: {' '.join(msg.split()) or type(e).__name__}", file=sys.stderr)
+        from fastmt.faults import StoppedBySignal
+
+        said = "fastmt: " if isinstance(e, StoppedBySignal) else "fastmt: error: "  # asked for, not an error
+        print(f"{said}{' '.join(msg.split()) or type(e).__name__}", file=sys.stderr)
         return code
 
 

@@ -22,6 +22,14 @@ class TrainingStopped(FastmtError):
     """The loss stayed non-finite for --max-bad-steps steps in a row (exit status 1)."""
 
 
+class StoppedBySignal(FastmtError):
+    """SIGTERM or SIGINT asked the run to stop; it did, after a step, with a checkpoint (exit 128 + signal)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 @dataclass
 class Progress:
     """How far a run got, for the message when a write fails (a full disk)."""
@@ -86,3 +94,20 @@ def write_failed(e: WriteFailed, progress: Progress, args: "TrainArgs", out_dir:
     else:
         then = f"{room}, then run the command again (--save-every STEPS writes checkpoints that --resume continues from)"
     return FastmtError(f"{desc}: {e}; {told}. Nothing already on disk was lost; {kept}. To recover, {then}")
+
+
+def stop_on_signal(state: "RunState", parts, run_config: dict, epoch: int, done: int, steps_per_epoch: int,
+                   args: "TrainArgs", out_dir: Path, desc: str) -> None:
+    """After the step a SIGTERM/SIGINT arrived in: a checkpoint, a ``stopped`` row, and the one line on how
+    to go on (:class:`StoppedBySignal`). Only single-process runs catch the signals (``fastmt.stopping``)."""
+    from fastmt import stopping
+    from fastmt.runstate import save_run
+
+    signum = stopping.requested()
+    state.lap()
+    save_run(out_dir, state, parts, run_config, epoch, done, steps_per_epoch)
+    append_jsonl(out_dir / "metrics.jsonl", {"event": "stopped", "epoch": epoch, "step": state.step,
+                                             "reason": stopping.name(signum)})
+    raise StoppedBySignal(
+        f"{desc}: {stopping.name(signum)} received; stopped after step {state.step} (epoch {epoch} of {args.epochs}) "
+        f"with a checkpoint in {checkpoint_dir(out_dir)}. To go on: {stopping.resume_hint()}", signum)

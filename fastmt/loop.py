@@ -3,8 +3,8 @@
 A task (``fastmt.tasks``) builds the model, the data and the step and hands them to :func:`fit`;
 the loop knows nothing of teachers or students. What it calls out to has a room of its own: the
 counters and checkpoints in ``fastmt.runstate``, the metrics rows in ``fastmt.trainlog``, stopping on
-non-finite losses and the message of a failed write in ``fastmt.faults``, the task's evaluation and
-saving in the :class:`Hooks` it is given.
+non-finite losses, a caught SIGTERM / SIGINT (``fastmt.stopping``) and the message of a failed write
+in ``fastmt.faults``, the task's evaluation and saving in the :class:`Hooks` it is given.
 
 With several processes, each trains on its shard of every global batch; only the first writes.
 ``--save-every`` checkpoints the whole loop state; ``--resume`` continues from it exactly.
@@ -25,7 +25,8 @@ from fastmt.checkpoint import checkpoint_dir, fault_after_step
 from fastmt.data import Encoded, host_to, iterate_batches, num_batches, to_device
 from fastmt.distributed import World, barrier, max_over_world, shard
 from fastmt.errors import WriteFailed
-from fastmt.faults import Progress, stop_if_diverged, write_failed
+from fastmt import stopping
+from fastmt.faults import Progress, stop_if_diverged, stop_on_signal, write_failed
 from fastmt.optim import GradBuffers, make_optimizer, optimizer_step
 from fastmt.rundir import start_out_dir
 from fastmt.runstate import RunState, Trainables, resume_run, save_run
@@ -72,8 +73,10 @@ def fit(model: nn.Module, step_fn, data: TrainData, args: TrainArgs, device: tor
         hooks: Hooks, world: World | None = None, run_config: dict | None = None) -> RunResult:
     """:func:`train`, with a failed write (a full disk) told in one line (``fastmt.faults``)."""
     progress = Progress()
+    world = world or World()
     try:
-        return train(model, step_fn, data, args, device, out_dir, desc, hooks, world or World(), run_config, progress)
+        with stopping.catch_stop(world.size == 1):  # SIGTERM / Ctrl-C: checkpoint after the step, then stop
+            return train(model, step_fn, data, args, device, out_dir, desc, hooks, world, run_config, progress)
     except WriteFailed as e:
         raise write_failed(e, progress, args, out_dir, desc) from e
 
@@ -141,13 +144,15 @@ def train(model: nn.Module, step_fn, data: TrainData, args: TrainArgs, device: t
                 barrier(world)
                 state.start_clock()  # the checkpoint's own time is not training time
             fault_after_step(state.step)
+            if stopping.requested() is not None:
+                stop_on_signal(state, parts, run_config, epoch, done, steps_per_epoch, args, out_dir, desc)
         state.lap()
         bar.close()
         progress.trained = epoch == args.epochs
         _end_epoch(state, epoch, args, hooks, runlog, world, progress)
     sps = state.samples / max(state.train_time, 1e-9)
     runlog.done(state, args.metric, sps)
-    if world.is_main and args.save_every:
+    if world.is_main:
         shutil.rmtree(checkpoint_dir(out_dir), ignore_errors=True)  # finished: the saved model is the result
     return RunResult(str(out_dir), state.best_accuracy, state.best_epoch, state.train_time, sps, state.step,
                      metric=args.metric, best_dev_score=state.best)

@@ -289,6 +289,36 @@ def num_layers(encoder: nn.Module) -> int:
     return int(encoder.config.num_hidden_layers)
 
 
+# Encoders whose position ids start after the padding index (RoBERTa's convention).
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert")
+
+
+def position_limit(encoder: nn.Module) -> int | None:
+    """The longest input (in tokens) ``encoder`` has positions for; None when its config does not say."""
+    cfg = encoder.config
+    n = getattr(cfg, "max_position_embeddings", None)
+    if not isinstance(n, int) or n <= 0:
+        return None
+    if cfg.model_type in _OFFSET_POSITIONS and getattr(cfg, "pad_token_id", None) is not None:
+        n -= int(cfg.pad_token_id) + 1
+    return n
+
+
+def fit_max_length(max_length: int, encoders: Sequence[nn.Module], names: Sequence[str]) -> int:
+    """``--max-length`` clamped to the shortest position table among ``encoders``, with one line saying
+    so: longer texts are then truncated like any other, instead of crashing the run at the first one."""
+    limits = [(position_limit(e), n) for e, n in zip(encoders, names)]
+    limits = [(lim, n) for lim, n in limits if lim is not None]
+    if not limits:
+        return max_length
+    lim, name = min(limits, key=lambda x: x[0])
+    if max_length <= lim:
+        return max_length
+    logging.getLogger("fastmt").warning("--max-length %d: %s has positions for %d tokens; texts are truncated to %d",
+                                        max_length, name, lim, lim)
+    return lim
+
+
 def hidden_size(encoder: nn.Module) -> int:
     return int(encoder.config.hidden_size)
 

@@ -39,12 +39,14 @@ class LoadedModel:
     def logits(self, ds, batch_size: int = 128, max_length: int | None = None, timings: list[float] | None = None) -> torch.Tensor:
         """``[n, C]`` for a student, ``[T, n, C]`` for teachers (float32, on the CPU)."""
         from fastmt.data import encode, tokenizer_key
-        from fastmt.models import check_tokenizer_on, tokenizer_source
+        from fastmt.models import check_tokenizer_on, fit_max_length, tokenizer_source
         from fastmt.inference import student_logits, teacher_logits
 
         if batch_size < 1:
             raise UsageError(f"--batch-size {batch_size}: must be at least 1")
-        max_length = max_length or self.max_length
+        encoders = list(self.model.encoders) if self.kind == "teachers" else [self.model.encoder]
+        names = [f"teacher {n}" for n in self.names] if self.kind == "teachers" else ["the student"]
+        max_length = fit_max_length(max_length or self.max_length, encoders, names)
         enc = {}
         for t in self.tokenizers:
             key = tokenizer_key(t)

@@ -266,6 +266,49 @@ def test_external_sigkill_then_resume(tiny_task, teachers_dir, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_checkpoints_after_the_step_and_resume_is_bit_identical(sig, tiny_task, teachers_dir, uninterrupted,
+                                                                          tmp_path):
+    """SIGTERM (a scheduler's notice) or Ctrl-C mid-run, with no --save-every: the run finishes the step,
+    writes a checkpoint, says in one line how to go on, exits with 128 + the signal; that command ends
+    with the same weights and log as a run never stopped."""
+    import shlex
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "fastmt", *map(str, _distill_argv(tiny_task, teachers_dir, out))],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=_run_env(FASTMT_FAULT_PAUSE_AFTER_STEP=5))
+    guard = threading.Timer(600, proc.kill)
+    guard.start()
+    try:
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if "paused after step 5" in line:
+                break
+        else:
+            pytest.fail("the run ended before step 5: " + "".join(seen[-20:]))
+        proc.send_signal(sig)
+        rest = proc.stderr.read()
+        assert proc.wait() == 128 + sig, rest
+    finally:
+        guard.cancel()
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert "Traceback" not in rest
+    last = rest.strip().splitlines()[-1]
+    name = signal.Signals(sig).name
+    assert last.startswith(f"fastmt: distill: {name} received; stopped after step 5 (epoch 1 of 2) with a checkpoint in "), last
+    cmd = last.split("To go on: ", 1)[1]
+    assert cmd.startswith("fastmt distill ") and cmd.endswith(" --resume")
+    assert json.loads((out / "checkpoint" / "meta.json").read_text())["step"] == 5
+    r = run_cli(*shlex.split(cmd)[1:])
+    assert r.returncode == 0, r.stderr
+    _assert_same_run(out, uninterrupted)
+    assert not (out / "checkpoint").exists()  # finished: the model is the result
+
+
 def test_resume_refuses_changed_settings(tiny_task, teachers_dir, tmp_path):
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "fastmt", *map(str, _distill_argv(tiny_task, teachers_dir, out, "--save-every", "2"))]

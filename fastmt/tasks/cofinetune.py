@@ -18,7 +18,7 @@ from fastmt.evaluate import accuracy
 from fastmt.inference import teacher_logits
 from fastmt.loop import Hooks, RunResult, fit
 from fastmt.metrics import scores as metric_scores
-from fastmt.models import Teachers, choose_pooling
+from fastmt.models import Teachers, choose_pooling, fit_max_length
 from fastmt.rundir import check_out_dir, check_resume
 from fastmt.settings import TrainArgs, resolve_device
 from fastmt.step import _install_output_hooks, autocast, compile_fn
@@ -40,6 +40,7 @@ def cofinetune(teacher_sources: list[str], args: TrainArgs) -> RunResult:
         args.pooling, why = choose_pooling(teacher_sources)
         pooled = f"pooling {args.pooling} ({why})"  # told on the path line, once everything has loaded
     teachers = Teachers.from_pretrained_encoders(teacher_sources, len(label_names), args.pooling)
+    args.max_length = fit_max_length(args.max_length, teachers.encoders, [f"teacher {s}" for s in teacher_sources])
     splits = prepare_splits(args.train, args.dev, teachers.tokenizers, args.max_length, label_names, args.columns)
     auto_compile = args.compile is None
     path = fastpath.resolve(args, device, total_steps(args, splits))

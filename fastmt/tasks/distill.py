@@ -20,7 +20,7 @@ from fastmt.errors import UsageError
 from fastmt.inference import student_logits
 from fastmt.loop import Hooks, RunResult, fit
 from fastmt.metrics import scores as metric_scores
-from fastmt.models import Student, StudentSpec, Teachers, build_student, count_parameters, layer_maps
+from fastmt.models import Student, StudentSpec, Teachers, build_student, count_parameters, fit_max_length, layer_maps
 from fastmt.rundir import check_out_dir, check_resume
 from fastmt.settings import DistillArgs, loss_module, resolve_device
 from fastmt.stacked import teacher_groups
@@ -48,6 +48,8 @@ def distill(args: DistillArgs) -> RunResult:
     if args.hidden_loss == "tokens" and use_teachers:
         _check_same_tokens(student, teachers)
     out_dir = check_out_dir(args.out, args.overwrite, args.resume)
+    args.max_length = fit_max_length(args.max_length, [student.encoder, *teachers.encoders] if use_teachers else
+                                     [student.encoder], ["the student", *[f"teacher {n}" for n in teachers.names]])
     splits = prepare_splits(args.train, args.dev, [student.tokenizer, *teachers.tokenizers], args.max_length, label_names,
                             args.columns)
     stackable = use_teachers and any(len(g) > 1 for g in teacher_groups(teachers))
