@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fastmt import outlock
 from fastmt.checkpoint import checkpoint_dir, checkpoint_meta, load_checkpoint
 from fastmt.errors import UsageError
 from fastmt.io import recover
@@ -16,9 +17,12 @@ if TYPE_CHECKING:
     from fastmt.settings import TrainArgs
 
 
-def check_out_dir(out: str, overwrite: bool, resume: bool = False) -> Path:
-    """Refuse an --out that holds a run (unless --overwrite, or --resume with a checkpoint there)."""
+def check_out_dir(out: str, overwrite: bool, resume: bool = False, lock: bool = True) -> Path:
+    """Refuse an --out that another run is using (``fastmt.outlock``; taken here for this run when
+    ``lock``) or that holds a run (unless --overwrite, or --resume with a checkpoint there)."""
     d = Path(out)
+    if lock and not (d.exists() and not d.is_dir()):
+        outlock.hold(d)
     if d.exists() and not d.is_dir():
         raise UsageError(f"--out {out}: exists and is not a directory")
     if d.is_dir():

@@ -309,6 +309,42 @@ def test_sigterm_checkpoints_after_the_step_and_resume_is_bit_identical(sig, tin
     assert not (out / "checkpoint").exists()  # finished: the model is the result
 
 
+def test_a_run_owns_its_out_while_it_lives(tiny_task, teachers_dir, tmp_path):
+    """A second run into the same --out, or a --resume of it, is refused in one line naming the live
+    process; once that process is gone (SIGKILL: no clean-up), its lock is taken over, said so."""
+    from fastmt.outlock import lock_path
+
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "fastmt", *map(str, _distill_argv(tiny_task, teachers_dir, out))],
+                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env=_run_env(FASTMT_FAULT_PAUSE_AFTER_STEP=2))
+    guard = threading.Timer(600, first.kill)
+    guard.start()
+    try:
+        for line in first.stderr:
+            if "paused after step 2" in line:
+                break
+        else:
+            pytest.fail("the first run ended before step 2")
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            r = run_cli(*_distill_argv(tiny_task, teachers_dir, out, "--seed", "9", *extra))
+            assert r.returncode == 2, r.stderr
+            said = r.stderr.strip()
+            assert "\n" not in said and said.startswith(f"fastmt: error: --out {out}: another fastmt run is using it "
+                                                        f"(process {first.pid} (fastmt distill --teachers "), said
+            assert said.endswith("...)); wait for it to end, or choose another dir"), said
+    finally:
+        guard.cancel()
+        first.kill()
+        first.wait()
+        first.stderr.close()
+    assert lock_path(out).exists()  # a SIGKILL cleans nothing up
+    r = run_cli(*_distill_argv(tiny_task, teachers_dir, out, "--overwrite"))
+    assert r.returncode == 0, r.stderr
+    assert f"--out {out}: took over the lock left by process {first.pid}, which is no longer running" in r.stderr
+    assert not lock_path(out).exists()  # released at the end
+
+
 def test_resume_refuses_changed_settings(tiny_task, teachers_dir, tmp_path):
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "fastmt", *map(str, _distill_argv(tiny_task, teachers_dir, out, "--save-every", "2"))]

@@ -11,7 +11,7 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
-from fastmt import fastpath, shapes
+from fastmt import fastpath, outlock, shapes
 from fastmt.data import read_dataset
 from fastmt.errors import UsageError
 from fastmt.evaluate import accuracy
@@ -25,6 +25,7 @@ from fastmt.step import _install_output_hooks, autocast, compile_fn
 from fastmt.tasks.common import encodings_for, prepare_splits, seed_everything, total_steps, train_data, train_label_names
 
 
+@outlock.released
 def cofinetune(teacher_sources: list[str], args: TrainArgs) -> RunResult:
     """Fine-tune the teachers jointly through one shared head: ``L = sum_i CE(y, z_i)``."""
     if not teacher_sources:

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from fastmt import cache as C
-from fastmt import fastpath, shapes
+from fastmt import fastpath, outlock, shapes
 from fastmt.distributed import World, check_batch, local_device, world_from_env
 from fastmt.errors import UsageError
 from fastmt.inference import student_logits
@@ -30,6 +30,7 @@ from fastmt.tasks.common import Splits, encodings_for, prepare_splits, seed_ever
 log = logging.getLogger("fastmt")
 
 
+@outlock.released
 def distill(args: DistillArgs) -> RunResult:
     """Train the student from the teachers: ``a_task CE + a_kd L_kd + a_hid L_hid`` (SPEC §1)."""
     device = resolve_device(args.device)
@@ -47,7 +48,7 @@ def distill(args: DistillArgs) -> RunResult:
     use_teachers = args.alpha_kd > 0 or (args.hidden_loss != "none" and args.alpha_hidden > 0)
     if args.hidden_loss == "tokens" and use_teachers:
         _check_same_tokens(student, teachers)
-    out_dir = check_out_dir(args.out, args.overwrite, args.resume)
+    out_dir = check_out_dir(args.out, args.overwrite, args.resume, lock=world.is_main)
     args.max_length = fit_max_length(args.max_length, [student.encoder, *teachers.encoders] if use_teachers else
                                      [student.encoder], ["the student", *[f"teacher {n}" for n in teachers.names]])
     splits = prepare_splits(args.train, args.dev, [student.tokenizer, *teachers.tokenizers], args.max_length, label_names,
