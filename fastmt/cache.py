@@ -15,8 +15,13 @@ later step, epoch and run reads it back instead of running the teachers:
 
 Layout of the cache dir: ``manifest.json`` (what the cache was made from, shapes, dtypes),
 ``logits.bin``, ``lse.bin`` and ``hidden.bin`` (float32, memory-mapped: the OS keeps hot pages in memory), and
-``filled.bin`` (one byte per example: stored or not). An interrupted first pass leaves a partial
-cache that the next run completes. A cache made for other teachers (any file of the teachers dir
+``filled.bin`` (one byte per example: stored or not), ``sums.bin`` (a CRC-32 per example of each of
+the three data files, written with the data and checked on every read: an example whose bytes
+changed on disk since, by a crash mid-write, a disk error or another program, is recomputed from the
+teachers and stored again, with one warning naming the file). An interrupted first pass leaves a
+partial cache that the next run completes. Runs may fill one cache at the same time: making or
+rebuilding it happens under a lock (``DIR.lock`` beside it), and an example two runs both store ends
+with one run's bytes and the checksum of those bytes, or is found out and recomputed. A cache made for other teachers (any file of the teachers dir
 changed), other training data (its bytes), another max length, teacher subset, hidden-loss kind or
 layer map, or another precision does not match the manifest: it is rebuilt, and the run says which
 of those changed. Data-parallel runs do not use the cache (each process would need its shard's).
@@ -29,6 +34,9 @@ import json
 import logging
 import os
 import shutil
+import time
+import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +46,8 @@ from fastmt.errors import UsageError
 
 log = logging.getLogger("fastmt")
 
-FORMAT = 2  # 2: the teachers' log-sum-exps stored beside their logits
+FORMAT = 3  # 2: the teachers' log-sum-exps stored beside their logits; 3: a checksum per example and file
+_SUMMED = ("logits.bin", "lse.bin", "hidden.bin")  # the columns of sums.bin
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -84,6 +93,27 @@ def fingerprint(teachers_dir: str, train: str, max_length: int, teacher_subset, 
     }
 
 
+@contextmanager
+def _creation_lock(path: Path):
+    """Making, checking or rebuilding a cache dir, one process at a time (``DIR.lock`` beside it)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f"{path.name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    """Whole or not at all: another run may read it at any time."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, path)
+
+
 def default_dir(fp: dict) -> Path:
     """``auto``: one dir per fingerprint under ``$FASTMT_CACHE`` (default ``~/.cache/fastmt/teachers``)."""
     base = Path(os.environ.get("FASTMT_CACHE") or Path.home() / ".cache" / "fastmt") / "teachers"
@@ -101,6 +131,7 @@ class TeacherCache:
         self.kind = manifest["hidden_loss"]
         self.k, self.d = manifest["layers"], manifest["hidden"]
         self.filled = np.memmap(path / "filled.bin", dtype=np.uint8, mode="r+", shape=(n,))
+        self.sums = np.memmap(path / "sums.bin", dtype=np.uint32, mode="r+", shape=(n, len(_SUMMED)))
         self.logits = np.memmap(path / "logits.bin", dtype=np.float32, mode="r+", shape=(n, t, c))
         self.lse = np.memmap(path / "lse.bin", dtype=np.float32, mode="r+", shape=(n, 2, t))
         self.temperature = float(manifest["lse_temperature"])
@@ -117,6 +148,23 @@ class TeacherCache:
                                     shape=(max(rows, 1), t, self.k, self.d))
         self.count = int(self.filled.sum())
         self._unflushed = 0
+        self.verify_s = 0.0  # time spent checking checksums (reported when the run ends)
+        self.read_s = 0.0  # time spent in get(), checks included
+        self.bad = {}  # file -> examples found changed on disk
+
+    def _rows(self, i: int):
+        """Example ``i``'s bytes in each file of ``_SUMMED`` (memmap views, not copies)."""
+        if self.kind == "tokens":
+            h = self.hidden[self.offsets[i]:self.offsets[i] + int(self.lengths[i])]
+        elif self.kind == "cls":
+            h = self.hidden[i]
+        else:
+            h = None
+        return self.logits[i], self.lse[i], h
+
+    def _crc(self, i: int) -> np.ndarray:
+        return np.array([zlib.crc32(memoryview(np.ascontiguousarray(x)).cast("B")) if x is not None else 0
+                         for x in self._rows(i)], dtype=np.uint32)
 
     # -- building ------------------------------------------------------------------------------
 
@@ -128,7 +176,7 @@ class TeacherCache:
         total = n * per
         if kind == "tokens":
             total += int(lengths.sum()) * t * k * d
-        return 4 * total + n
+        return 4 * total + n + 4 * len(_SUMMED) * n
 
     @classmethod
     def open(cls, path: str | Path, fp: dict, n: int, t: int, c: int, k: int, d: int,
@@ -145,9 +193,16 @@ class TeacherCache:
                         need / 1e9, budget_bytes / 1e9, hint)
             return None
         path = Path(path)
+        with _creation_lock(path):
+            return cls._open_locked(path, fp, n, t, c, k, d, lengths, need, temperature)
+
+    @classmethod
+    def _open_locked(cls, path: Path, fp: dict, n: int, t: int, c: int, k: int, d: int, lengths, need: int,
+                     temperature: float) -> "TeacherCache":
+        kind = fp["hidden_loss"]
         manifest = {**fp, "n": n, "teachers": t, "classes": c, "layers": k, "hidden": d}
         mpath = path / "manifest.json"
-        sizes = {"filled.bin": n, "logits.bin": 4 * n * t * c, "lse.bin": 4 * n * 2 * t}
+        sizes = {"filled.bin": n, "sums.bin": 4 * len(_SUMMED) * n, "logits.bin": 4 * n * t * c, "lse.bin": 4 * n * 2 * t}
         if kind == "cls":
             sizes["hidden.bin"] = 4 * n * t * k * d
         elif kind == "tokens":
@@ -172,8 +227,8 @@ class TeacherCache:
                          " (teachers skipped)" if cache.count == n else "; the rest are stored as they are computed")
                 return cache
             what = {"format": "the cache format", "teacher_files": "the teachers dir", "train_data": "the training data",
-                    "max_length": "--max-length", "teacher_subset": "--teacher-subset", "hidden_loss": "--hidden-loss", "layer_maps": "the layer map",
-                    "precision": "--precision"}
+                    "max_length": "--max-length", "teacher_subset": "--teacher-subset", "hidden_loss": "--hidden-loss",
+                    "layer_maps": "the layer map", "precision": "--precision"}
             changed = [what.get(key, key) for key, ok in same.items() if not ok]
             if changed:
                 log.warning("teacher cache %s was made for other inputs (%s differ): rebuilding it", path,
@@ -185,7 +240,7 @@ class TeacherCache:
                 f.truncate(size)  # zeros; sparse where the filesystem allows
         manifest["dtypes"] = None
         manifest["lse_temperature"] = float(temperature)
-        mpath.write_text(json.dumps(manifest, indent=1))
+        _write_manifest(mpath, manifest)
         log.info("teacher cache %s: new, %.2f GB for %d examples; filled as the first epoch runs", path, need / 1e9, n)
         return cls(path, manifest, lengths)
 
@@ -212,14 +267,25 @@ class TeacherCache:
         log.info("teacher cache %s: log-sum-exps recomputed for temperature %g (stored at %g)", self.path,
                  temperature, self.temperature)
         self.temperature = self.manifest["lse_temperature"] = temperature
-        (self.path / "manifest.json").write_text(json.dumps(self.manifest, indent=1))
+        for i in rows:  # the lse column of each example's checksums
+            self.sums[i, 1] = self._crc(int(i))[1]
+        self.sums.flush()
+        _write_manifest(self.path / "manifest.json", self.manifest)
 
     def get(self, index: torch.Tensor, width: int, device: torch.device):
         """``(logits [T,N,C], hidden [T,K,N,S,D] or None, lse [2,T,N] float32)`` for these examples,
         or None unless all are stored. ``width``: the batch's padded length (token states; zeros past
         each example). ``lse``: ``fastmt.losses.teacher_lse`` of the logits at the cache's temperature."""
-        idx = index.cpu().numpy()
+        start = time.perf_counter()
+        try:
+            return self._get(index.cpu().numpy(), width, device)
+        finally:
+            self.read_s += time.perf_counter() - start
+
+    def _get(self, idx: np.ndarray, width: int, device: torch.device):
         if self.manifest.get("dtypes") is None or not self.filled[idx].all():
+            return None
+        if not self._verified(idx):
             return None
         dl, dh = (_DTYPES[x] if x else None for x in self.manifest["dtypes"])
         logits = torch.from_numpy(np.ascontiguousarray(self.logits[idx])).permute(1, 0, 2)
@@ -238,6 +304,27 @@ class TeacherCache:
             hidden = hidden.to(device=device, dtype=dh).contiguous()
         return logits, hidden, lse.to(device=device).contiguous()
 
+    def _verified(self, idx: np.ndarray) -> bool:
+        """Whether every example's bytes still match its checksums; the ones that do not are marked
+        not stored (the step recomputes and stores them), with one warning per file."""
+        start = time.perf_counter()
+        ok = True
+        for i in idx:
+            got = self._crc(int(i))
+            wrong = np.flatnonzero(got != self.sums[i])
+            if len(wrong):
+                ok = False
+                self.filled[i] = 0
+                self.count -= 1
+                for j in wrong:
+                    name = _SUMMED[j]
+                    if name not in self.bad:
+                        log.warning("teacher cache %s: %s changed on disk after it was stored (example %d does not match "
+                                    "its checksum); recomputing what changed from the teachers", self.path, name, int(i))
+                    self.bad.setdefault(name, set()).add(int(i))
+        self.verify_s += time.perf_counter() - start
+        return ok
+
     def put(self, index: torch.Tensor, logits: torch.Tensor, hidden: torch.Tensor | None,
             lse: torch.Tensor | None = None) -> None:
         """Store these examples' outputs (``logits [T,N,C]``, ``hidden [T,K,N,S,D]``) and the logits'
@@ -251,7 +338,7 @@ class TeacherCache:
         if self.manifest.get("dtypes") is None:
             self.manifest["dtypes"] = [str(logits.dtype).replace("torch.", ""),
                                        str(hidden.dtype).replace("torch.", "") if hidden is not None else None]
-            (self.path / "manifest.json").write_text(json.dumps(self.manifest, indent=1))
+            _write_manifest(self.path / "manifest.json", self.manifest)
         self.logits[idx] = logits.detach().float().permute(1, 0, 2).cpu().numpy()
         self.lse[idx] = lse.detach().float().permute(2, 0, 1).cpu().numpy()
         if self.kind == "cls":
@@ -263,6 +350,8 @@ class TeacherCache:
                 if length > h.shape[1]:
                     raise ValueError(f"example {i}: {length} tokens but the batch holds {h.shape[1]}")
                 self.hidden[self.offsets[i]:self.offsets[i] + length] = h[j, :length]
+        for i in idx:  # after the data, before the flag
+            self.sums[i] = self._crc(int(i))
         new = int((self.filled[idx] == 0).sum())
         self._unflushed += 1
         if new:
@@ -274,7 +363,14 @@ class TeacherCache:
                 self.filled.flush()
                 log.info("teacher cache %s: all %d examples stored; later steps skip the teachers", self.path, self.n)
 
+    def report(self) -> str:
+        """What reading the cache cost, checksums apart, and what was found changed (one line)."""
+        bad = sum(len(v) for v in self.bad.values())
+        return (f"teacher cache {self.path}: reads took {self.read_s:.2f} s, of which checksums {self.verify_s:.2f} s"
+                + (f"; {bad} example(s) found changed on disk and recomputed" if bad else ""))
+
     def flush(self) -> None:
+        self.sums.flush()
         self.logits.flush()
         self.lse.flush()
         if self.hidden is not None:

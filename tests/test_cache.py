@@ -188,3 +188,61 @@ def test_fused_kl_reads_the_cached_log_sum_exps(teachers_dir, tiny_task, tmp_pat
     for a, b in zip(_losses(tmp_path / "plain"), _losses(tmp_path / "cached")):
         for key in ("loss", "loss_task", "loss_kd"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
+
+
+def _cli_distill(tiny_task, teachers_dir, out, cache, *extra):
+    return ["distill", "--teachers", teachers_dir, "--student-layers", "1", "--train", tiny_task["train"], "--dev",
+            tiny_task["dev"], "--out", out, "--epochs", "2", "--batch-size", "32", "--max-length", "16", "--lr", "1e-3",
+            "--precision", "fp32", "--hidden-loss", "cls", "--log-every", "1", "--no-progress", "--cache-teachers", cache,
+            *extra]
+
+
+def test_cache_changed_on_disk_is_found_and_recomputed(teachers_dir, tiny_task, tmp_path):
+    """logits.bin overwritten in place with valid floats of the same size: the next run says so in one
+    line naming the file, recomputes those examples from the teachers, and trains as without a cache."""
+    from conftest import run_cli
+
+    cache = tmp_path / "cache"
+    r = run_cli(*_cli_distill(tiny_task, teachers_dir, tmp_path / "plain", "off"))
+    assert r.returncode == 0, r.stderr
+    r = run_cli(*_cli_distill(tiny_task, teachers_dir, tmp_path / "fill", cache))
+    assert r.returncode == 0, r.stderr
+    logits = np.fromfile(cache / "logits.bin", dtype=np.float32)
+    (cache / "logits.bin").write_bytes((logits[::-1] * 3 + 1).astype(np.float32).tobytes())  # same size, wrong values
+    r = run_cli(*_cli_distill(tiny_task, teachers_dir, tmp_path / "again", cache))
+    assert r.returncode == 0, r.stderr
+    warned = [x for x in r.stderr.splitlines() if "changed on disk after" in x]
+    assert len(warned) == 1 and f"teacher cache {cache}: logits.bin changed on disk after it was stored" in warned[0]
+    assert "256 example(s) found changed on disk and recomputed" in r.stderr
+    for a, b in zip(_losses(tmp_path / "plain"), _losses(tmp_path / "again")):
+        for key in ("loss", "loss_kd", "loss_hidden"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
+    r = run_cli(*_cli_distill(tiny_task, teachers_dir, tmp_path / "third", cache))  # repaired: no warning
+    assert r.returncode == 0 and "changed on disk" not in r.stderr, r.stderr
+
+
+def test_two_runs_filling_one_cache_at_once_leave_it_correct(teachers_dir, tiny_task, tmp_path):
+    """Two processes start on an empty cache at the same time; afterwards every example is stored,
+    matches its checksum, and a run on it trains as without a cache."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, run_cli
+
+    cache = tmp_path / "cache"
+    procs = [subprocess.Popen([sys.executable, "-m", "fastmt", *map(str, _cli_distill(tiny_task, teachers_dir, tmp_path / f"r{i}",
+                                                                                       cache, "--seed", str(i)))],
+                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in (1, 2)]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert not any("changed on disk" in e for e in errs)
+    assert np.fromfile(cache / "filled.bin", dtype=np.uint8).all()
+    cached = C.TeacherCache(cache, json.loads((cache / "manifest.json").read_text()), None)
+    assert cached.count == 256 and cached._verified(np.arange(256))  # every example's bytes match its checksums
+    r = run_cli(*_cli_distill(tiny_task, teachers_dir, tmp_path / "plain", "off"))
+    assert r.returncode == 0, r.stderr
+    r = run_cli(*_cli_distill(tiny_task, teachers_dir, tmp_path / "reused", cache))
+    assert r.returncode == 0 and "changed on disk" not in r.stderr and "(teachers skipped)" in r.stderr, r.stderr
+    for a, b in zip(_losses(tmp_path / "plain"), _losses(tmp_path / "reused")):
+        for key in ("loss", "loss_kd", "loss_hidden"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)

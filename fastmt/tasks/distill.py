@@ -81,6 +81,9 @@ def distill(args: DistillArgs) -> RunResult:
     result = fit(student, loss_fn, train_data(splits, keys), args, device, out_dir, "distill",
                  Hooks(evaluate, save_best, loss_fn.describe_faults), world, run_config=fit_config)
     result.extra["parameters"] = count_parameters(student.encoder) + count_parameters(student.head)
+    if loss_fn.cache is not None:
+        log.info("%s", loss_fn.cache.report())
+        result.extra["cache_read_s"], result.extra["cache_verify_s"] = loss_fn.cache.read_s, loss_fn.cache.verify_s
     return result
 
 
