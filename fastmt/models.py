@@ -665,7 +665,7 @@ def build_student(spec: StudentSpec, teachers: Teachers, init_from: Teachers | N
 
 
 def layer_maps(student_layers: int, teachers: Teachers) -> list[list[int]]:
-    """Per teacher, the hidden-state index matched to each student layer 1..K (SPEC §1)."""
+    """Per teacher, the hidden-state index matched to each student layer 1..K (the README's "The method")."""
     return [layer_map(student_layers, teachers.depth(i)) for i in range(len(teachers))]
 
 

@@ -1,4 +1,5 @@
-"""``fastmt distill``: the student trained from the teachers, ``a_task CE + a_kd L_kd + a_hid L_hid`` (SPEC §1).
+"""``fastmt distill``: the student trained from the teachers, ``a_task CE + a_kd L_kd + a_hid L_hid``
+(the README's "The method").
 
 Builds the student, the frozen teachers, the data and the step (``fastmt.step.DistillStep``, with the
 teacher cache when one serves), and hands them to the loop.
@@ -32,7 +33,7 @@ log = logging.getLogger("fastmt")
 
 @outlock.released
 def distill(args: DistillArgs) -> RunResult:
-    """Train the student from the teachers: ``a_task CE + a_kd L_kd + a_hid L_hid`` (SPEC §1)."""
+    """Train the student from the teachers: ``a_task CE + a_kd L_kd + a_hid L_hid`` (the README's "The method")."""
     device = resolve_device(args.device)
     world = world_from_env(device)
     device = local_device(device, world)
