@@ -19,6 +19,9 @@ Hidden-state loss (``hs [K,N,S,Ds]``, ``ht [T,K,N,S,Dt]``, projections ``W [T,K,
     L_hid = sum_i sum_k sum_{n,s} mask[n,s] * w[i,n] * ||hs[k,n,s] @ W[i,k] + b[i,k] - ht[i,k,n,s]||^2
             / (sum_{n,s} mask[n,s] * Dt)
 
+For causal language models (``lm_kl_loss``) a row is a token position and its label the next token;
+``reverse`` swaps the KL's arguments: ``KL(softmax(s/tau) || softmax(t[i]/tau))``.
+
 Rows whose label is ``ignore_index`` get weight 0 and are left out of ``N_valid``. Everything is computed
 in float32 (float64 when an input is float64); gradients return in each input's own dtype and never
 reach teacher tensors, masks or weights.
@@ -32,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["SCHEMES", "teacher_weights", "mt_kl_loss", "mt_hidden_loss", "layer_map", "check_kl_args", "check_hidden_args"]
+__all__ = ["SCHEMES", "DIRECTIONS", "teacher_weights", "mt_kl_loss", "lm_kl_loss", "check_vocab", "mt_hidden_loss",
+           "layer_map", "check_kl_args", "check_hidden_args"]
 
 SCHEMES = ("paper", "softmax", "uniform")
 
@@ -264,6 +268,64 @@ def mt_kl_loss(
         row = torch.where(valid, (w * kl).sum(0), 0.0)
         n_valid = valid.sum().to(dtype)
     return (tau * tau) * row.sum() / n_valid.clamp_min(1.0)
+
+
+DIRECTIONS = ("forward", "reverse")
+
+
+def check_vocab(student_vocab: int, teacher_vocabs, names=None) -> None:
+    """Teachers of a language model must share the student's vocabulary (one tokenizer): a ValueError
+    naming both sizes when one does not."""
+    for i, v in enumerate(teacher_vocabs):
+        if int(v) != int(student_vocab):
+            who = f"teacher {i}" + (f" ({names[i]})" if names else "")
+            raise ValueError(f"{who} has a vocabulary of {int(v)} tokens and the student {int(student_vocab)}: "
+                             "teachers must share the student's tokenizer")
+
+
+def lm_kl_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor,
+    weights: Tensor | str | None = "paper",
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    direction: str = "forward",
+) -> Tensor:
+    """Token-level multi-teacher distillation for a causal language model (a scalar).
+
+    Each of the ``N`` rows is one token position (batch and sequence flattened): ``student_logits
+    [N,V]`` and ``teacher_logits [T,N,V]`` predict ``targets [N]``, the actual next token, or
+    ``ignore_index`` for positions that count nowhere (padding, the prompt). Each teacher is weighted
+    per token as in ``mt_kl_loss``: ``paper`` ``1 / (1 + CE_i)`` from teacher ``i``'s untempered
+    cross-entropy on the next token, ``softmax``, ``uniform``, a ``[T,N]`` tensor, or None (1).
+    ``direction``: ``forward`` ``KL(p_i || q)`` (the teacher's distribution against the student's, as
+    in MT-BERT), or ``reverse`` ``KL(q || p_i)`` (mode-seeking); each scaled by ``temperature^2`` and
+    averaged over the counted tokens. Teachers must share the student's vocabulary (``check_vocab``).
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {', '.join(map(repr, DIRECTIONS))}; got {direction!r}")
+    if isinstance(student_logits, Tensor) and isinstance(teacher_logits, Tensor):
+        if student_logits.dim() == 2 and teacher_logits.dim() == 3:
+            check_vocab(student_logits.shape[-1], [teacher_logits.shape[-1]] * teacher_logits.shape[0])
+    if targets is None:
+        raise ValueError("targets (the next token of each row, or ignore_index) are required")
+    if direction == "forward":
+        return mt_kl_loss(student_logits, teacher_logits, weights, temperature, targets, ignore_index)
+    tau, weights = check_kl_args(student_logits, teacher_logits, weights, temperature, targets, ignore_index)
+    if isinstance(weights, str):
+        weights = teacher_weights(teacher_logits, targets, weights, ignore_index)
+    dtype = _compute_dtype(student_logits, teacher_logits, weights)
+    log_q = F.log_softmax(student_logits.to(dtype) / tau, dim=-1)  # [N,V]
+    log_p = F.log_softmax(teacher_logits.detach().to(dtype) / tau, dim=-1)  # [T,N,V]
+    q = log_q.exp()
+    # q (log q - log p) is 0 where q == 0; masked so that a -inf teacher logit there gives no NaN.
+    kl = (q * torch.where(q > 0, log_q - log_p, 0.0)).sum(-1)  # [T,N]
+    w = torch.ones_like(kl) if weights is None else weights.detach().to(dtype)
+    valid = targets != ignore_index
+    w = torch.where(valid, w, 0.0)
+    row = torch.where(valid, (w * kl).sum(0), 0.0)
+    return (tau * tau) * row.sum() / valid.sum().to(dtype).clamp_min(1.0)
 
 
 def mt_hidden_loss(
