@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer_textbrewer import add_job_args, rows_file, run_distill  # noqa: E402 - the same job and runner
+from fastmt.fileio import write_json  # noqa: E402
 
 REFERENCE = ["--precision", "fp32", "--no-compile", "--kernels", "reference", "--no-stack-teachers",
              "--cache-teachers", "off", "--no-group-by-length"]
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
           f"({row['difference_points']:+.2f} points); default {row['speedup']:.2f}x the reference's samples/s")
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(row, indent=1) + "\n")
+        write_json(a.out, row)
     return 0
 
 

@@ -45,11 +45,9 @@ class Case:
 
 
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
+    from fastmt.machine import device_name as name
 
-    return f"CPU {platform.machine()} (Triton interpreter)"
+    return name(device) + ("" if device.type == "cuda" else " (Triton interpreter)")
 
 
 def copy_bandwidth_gbps(device: torch.device) -> float:

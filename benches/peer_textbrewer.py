@@ -31,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from fastmt.fileio import write_json  # noqa: E402 - the checkout's fastmt
 
 
 def rows_file(train: str, rows: int | None, tmp: Path) -> str:
@@ -204,7 +205,7 @@ def main(argv=None) -> int:
     print(f"fastmt / TextBrewer samples/s: whole job {row['ratio_whole_job']:.2f}x, training {row['ratio_training']:.2f}x")
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(row, indent=1) + "\n")
+        write_json(a.out, row)
     return 0
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fastmt.io import atomic_write_text  # noqa: E402
+from fastmt.fileio import atomic_write_text  # noqa: E402
 
 TEACHERS = ["minilm-l6-h384", "minilm-l6-h384", "minilm-l3-h384"]
 TEACHER_NAMES = ["L6-a", "L6-b", "L3"]
@@ -424,7 +424,7 @@ def plot(data: dict, summ: dict, png: Path) -> None:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
-    from fastmt.io import atomic_path
+    from fastmt.fileio import atomic_path
 
     with atomic_path(png) as tmp:
         fig.savefig(tmp, dpi=120, format="png")

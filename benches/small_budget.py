@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 from peer_textbrewer import rows_file  # noqa: E402
+from fastmt.fileio import write_json  # noqa: E402
 
 
 def alone(model_dir: str, train: str, dev: str, seed: int, lr: float, max_length: int, batch_size: int) -> float:
@@ -134,7 +135,7 @@ def main(argv=None) -> int:
     print(json.dumps(out["mean"]))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
+        write_json(a.out, out)
     return 0
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import platform
 import subprocess
 import tempfile
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from fastmt.errors import FastmtError, UsageError
+from fastmt.machine import device_name
 
 
 @dataclass(frozen=True)
@@ -79,20 +79,6 @@ def git_sha() -> str:
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
 
 
 def percentiles(times: list[float]) -> tuple[float, float, float]:
@@ -277,7 +263,7 @@ def run_mode(p: Preset, mode: Mode, device: torch.device, steps: int, warmup: in
 
 
 def _profile_into(row: dict, m: "PreparedMode", steps: int) -> None:
-    from fastmt.profile import format_profile, profile_mode
+    from fastmt.stepprofile import format_profile, profile_mode
 
     row["profile"] = profile_mode(m, steps=min(steps, 10))
     print(format_profile(row["profile"]), flush=True)
@@ -289,7 +275,7 @@ def run_bench(device_name_arg: str = "cpu", preset: str = "tiny", json_out: str 
     are dealt out round-robin (``steps / rounds`` per mode per turn), so a slow spell of a shared
     machine lands on every mode alike instead of on whichever ran then. Default: 5 on a CPU; 1 on
     CUDA, where each mode runs alone (its peak memory is its own). ``profile``: after timing, each
-    mode's step split into phases and its top kernels (``fastmt.profile``), printed and in the JSON."""
+    mode's step split into phases and its top kernels (``fastmt.stepprofile``), printed and in the JSON."""
     from fastmt.settings import resolve_device
 
     device = resolve_device(device_name_arg)
@@ -307,7 +293,7 @@ def run_bench(device_name_arg: str = "cpu", preset: str = "tiny", json_out: str 
         raise UsageError(f"--rounds {rounds}: must be at least 1")
     steps = steps or (10 if preset == "tiny" else 20)
     rounds = min(rounds or (1 if device.type == "cuda" else 5), steps)
-    from fastmt.io import write_json
+    from fastmt.fileio import write_json
 
     rows = []
     result = {"device": device_name(device), "preset": preset, "preset_shape": p.__dict__, "torch": torch.__version__,

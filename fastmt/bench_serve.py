@@ -16,8 +16,6 @@ timed batches, and the student's speed-up (its rows/s over the model's).
 from __future__ import annotations
 
 import json
-import os
-import platform
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ import numpy as np
 import torch
 
 from fastmt.errors import UsageError
+from fastmt.machine import device_name
 
 
 @dataclass
@@ -142,7 +141,7 @@ def run_bench(student_dir: str, teachers_dir: str, data: str, batch_sizes=(1, 32
         r["student_speedup"] = by[(r["runtime"], r["batch_size"])] / r["rows_per_s"]
     lengths = [len(x) for x in student.tokenizer(texts[:2000], truncation=True, max_length=max_length)["input_ids"]]
     return {
-        "machine": machine(), "torch": torch.__version__, "threads": threads, "data": str(data),
+        "machine": device_name(torch.device("cpu")), "torch": torch.__version__, "threads": threads, "data": str(data),
         "rows_in_data": len(texts), "max_length": max_length, "timed_batches": batches, "warmup_batches": warmup,
         "token_lengths": {"mean": float(np.mean(lengths)), "p50": float(np.percentile(lengths, 50)),
                           "max": int(max(lengths))},
@@ -156,17 +155,6 @@ def _ort_version() -> str:
     return onnxruntime.__version__
 
 
-def machine() -> str:
-    """The CPU model (and thread count) the timings ran on."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} threads"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} threads"
-
-
 def format_table(res: dict) -> str:
     head = "| model | runtime | batch | p50 ms | p99 ms | rows/s | student speed-up |\n|---|---|---:|---:|---:|---:|---:|"
     lines = [head]
@@ -177,6 +165,6 @@ def format_table(res: dict) -> str:
 
 
 def write_json(path: str, res: dict) -> None:
-    from fastmt.io import atomic_write_text
+    from fastmt.fileio import atomic_write_text
 
     atomic_write_text(Path(path), json.dumps(res, indent=1) + "\n")

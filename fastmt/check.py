@@ -165,7 +165,7 @@ def run_check(device_name: str = "cpu", quick: bool = False, json_out: str | Non
 
     from dataclasses import asdict
 
-    from fastmt.io import write_json
+    from fastmt.fileio import write_json
 
     crashed: list[str] = []
 
@@ -196,8 +196,6 @@ def run_check(device_name: str = "cpu", quick: bool = False, json_out: str | Non
 
 
 def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
+    from fastmt.machine import device_name
 
-    return f"CPU ({platform.processor() or platform.machine()}), Triton interpreter"
+    return device_name(device) + (", Triton interpreter" if device.type != "cuda" else "")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from fastmt.errors import UsageError
-from fastmt.io import atomic_path, first_line, read_json, tensor_bytes, write_json
+from fastmt.fileio import atomic_path, first_line, read_json, tensor_bytes, write_json
 
 CHECKPOINT = "checkpoint"
 FORMAT = 1

@@ -199,26 +199,27 @@ def _add_distill(sub) -> None:
     _add_common(p, defaults={"epochs": 3, "lr": 5e-5})
 
 
+def _add_model_on_data(p: argparse.ArgumentParser, data_help: str) -> None:
+    """The flags of a command that runs a run dir over a file: ``eval`` and ``predict``."""
+    p.add_argument("--model", required=True, metavar="DIR", help="a student dir or a teachers dir")
+    p.add_argument("--data", required=True, metavar="F", help=data_help + DATA_HELP)
+    _add_columns(p)
+    p.add_argument("--device", type=_device, default="auto", help=DEVICE_HELP)
+    p.add_argument("--batch-size", type=int, default=128, help="examples per forward pass")
+
+
 def _add_eval(sub) -> None:
     """``fastmt eval``: scores of a run dir."""
     p = sub.add_parser("eval", help="accuracy of a student dir, or of each teacher and the ensemble")
-    p.add_argument("--model", required=True, metavar="DIR", help="a student dir or a teachers dir")
-    p.add_argument("--data", required=True, metavar="F", help="labelled data: " + DATA_HELP)
-    _add_columns(p)
+    _add_model_on_data(p, "labelled data: ")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the result as JSON")
-    p.add_argument("--device", type=_device, default="auto", help=DEVICE_HELP)
-    p.add_argument("--batch-size", type=int, default=128, help="examples per forward pass")
 
 
 def _add_predict(sub) -> None:
     """``fastmt predict``: labels for every row of a file."""
     p = sub.add_parser("predict", help="labels and probabilities of a student (or teachers' ensemble) for every row of a file")
-    p.add_argument("--model", required=True, metavar="DIR", help="a student dir or a teachers dir")
-    p.add_argument("--data", required=True, metavar="F", help="data to label (a label column is optional): " + DATA_HELP)
-    _add_columns(p)
+    _add_model_on_data(p, "data to label (a label column is optional): ")
     p.add_argument("--out", required=True, metavar="P", help="predictions file; .tsv, .csv or .jsonl by extension")
-    p.add_argument("--device", type=_device, default="auto", help=DEVICE_HELP)
-    p.add_argument("--batch-size", type=int, default=128, help="examples per forward pass")
     p.add_argument("--max-length", type=int, default=None, help="longest tokenized input (default: the training run's)")
 
 
@@ -358,7 +359,7 @@ def _eval(ns: argparse.Namespace) -> None:
     for name, row in result["per_class"].items():
         print(f"  {name:<{width}}  {row['precision']:9.4f}  {row['recall']:6.4f}  {row['f1']:6.4f}  {row['support']:7d}")
     if ns.json:
-        from fastmt.io import write_json
+        from fastmt.fileio import write_json
 
         write_json(ns.json, result)
 
@@ -410,7 +411,7 @@ def _bench(ns: argparse.Namespace) -> None:
 
 
 def _bench_serve(ns: argparse.Namespace) -> None:
-    from fastmt import bench_serve as B
+    from fastmt import bench_serve
 
     try:
         sizes = [int(x) for x in ns.batch_sizes.split(",") if x.strip()]
@@ -420,17 +421,17 @@ def _bench_serve(ns: argparse.Namespace) -> None:
         raise UsageError(f"--batch-sizes {ns.batch_sizes}: each must be at least 1")
     if ns.batches < 1:
         raise UsageError(f"--batches {ns.batches}: must be at least 1")
-    bar = None
-    if not ns.no_progress and not getattr(ns, "quiet", False):
-        def bar(bs, done, total):
-            print(f"\rbatch size {bs}: {done}/{total} batches", end="\n" if done == total else "", file=sys.stderr,
-                  flush=True)
-    res = B.run_bench(ns.student, ns.teachers, ns.data, sizes, ns.batches, ns.max_length, not ns.no_onnx, progress=bar)
+    def bar(bs, done, total):
+        print(f"\rbatch size {bs}: {done}/{total} batches", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+    show = not ns.no_progress and not getattr(ns, "quiet", False)
+    res = bench_serve.run_bench(ns.student, ns.teachers, ns.data, sizes, ns.batches, ns.max_length, not ns.no_onnx,
+                                progress=bar if show else None)
     print(f"{res['machine']}, torch {res['torch']}" + (f", onnxruntime {res['onnxruntime']}" if res["onnxruntime"] else "")
           + f"; {res['timed_batches']} timed batches per cell; rows of {res['token_lengths']['mean']:.0f} tokens on average")
-    print(B.format_table(res))
+    print(bench_serve.format_table(res))
     if ns.json:
-        B.write_json(ns.json, res)
+        bench_serve.write_json(ns.json, res)
 
 
 def _memory(ns: argparse.Namespace) -> None:
@@ -486,7 +487,7 @@ def _replay(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
         raise UsageError("--config replays a cofinetune or distill run: put it after one of those commands")
     if not path:
         raise UsageError("--config: give a run's config.json (or its run dir)")
-    from fastmt.io import read_json
+    from fastmt.fileio import read_json
 
     f = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
     from fastmt.modeldir import fastmt_block

@@ -165,7 +165,7 @@ def build_encoder(shape: Shape, tokenizer, out_dir: Path, seed: int, positions: 
 
 def run_demo(out: str | None = None, seed: int = 0, fast: bool = False, progress: bool = True) -> list[dict]:
     """Build everything, train everything, print one table; returns its rows."""
-    from fastmt import train as T
+    from fastmt.train import DistillArgs, TrainArgs, cofinetune, distill, evaluate_dir
     from fastmt.models import count_parameters
 
     with tempfile.TemporaryDirectory(prefix="fastmt-demo-") as tmp:
@@ -191,18 +191,18 @@ def run_demo(out: str | None = None, seed: int = 0, fast: bool = False, progress
                       batch_size=32, progress=progress, overwrite=True, log_every=25, device="cpu", precision="fp32",
                       compile=False, group_by_length=False, pooling="cls", head_lr=None)
         t0 = time.perf_counter()
-        T.cofinetune([str(d) for d in teacher_dirs],
-                          T.TrainArgs(out=str(root / "teachers"), epochs=2 if fast else 10, lr=5e-4, **common))
+        cofinetune([str(d) for d in teacher_dirs],
+                          TrainArgs(out=str(root / "teachers"), epochs=2 if fast else 10, lr=5e-4, **common))
         distill_common = dict(teachers=str(root / "teachers"), student_layers=STUDENT.layers,
                               student_init=str(student_dir), epochs=2 if fast else 10, lr=2e-3, kernels="reference",
                               stack_teachers=False, cache_teachers=None, **common)
-        alone = T.distill(T.DistillArgs(out=str(root / "student_alone"), alpha_kd=0.0, hidden_loss="none", **distill_common))
+        alone = distill(DistillArgs(out=str(root / "student_alone"), alpha_kd=0.0, hidden_loss="none", **distill_common))
         # The projected-MSE term is ~10x the others at the start here; 0.1 keeps it from drowning them.
-        mt = T.distill(T.DistillArgs(out=str(root / "student_mtbert"), temperature=2.0, alpha_hidden=0.1, **distill_common))
+        mt = distill(DistillArgs(out=str(root / "student_mtbert"), temperature=2.0, alpha_hidden=0.1, **distill_common))
         total_s = time.perf_counter() - t0
 
         dev = str(data / "dev.tsv")
-        teach = T.evaluate_dir(str(root / "teachers"), dev)
+        teach = evaluate_dir(str(root / "teachers"), dev)
         from fastmt.models import Teachers
 
         teachers, _ = Teachers.load(root / "teachers")
@@ -214,7 +214,7 @@ def run_demo(out: str | None = None, seed: int = 0, fast: bool = False, progress
         rows.append({"model": "teacher ensemble", "dev_acc": teach["accuracy"], "params": count_parameters(teachers),
                      "infer_sps": teach["samples_per_s"]})
         for label, res in (("student alone", alone), ("MT-BERT student", mt)):
-            ev = T.evaluate_dir(res.out, dev)
+            ev = evaluate_dir(res.out, dev)
             rows.append({"model": f"{label} ({STUDENT.layers}L/{STUDENT.hidden}H)", "dev_acc": ev["accuracy"],
                          "params": res.extra["parameters"], "infer_sps": ev["samples_per_s"]})
         print_table(rows, n_train, n_dev, total_s, Path(out) if out else None)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable
 
 from fastmt.checkpoint import checkpoint_dir
 from fastmt.errors import FastmtError, WriteFailed, size_text
-from fastmt.io import append_jsonl
+from fastmt.fileio import append_jsonl
 
 if TYPE_CHECKING:
     from fastmt.runstate import RunState

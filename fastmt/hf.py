@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from fastmt.io import atomic_write_text, save_tensors
+from fastmt.fileio import atomic_write_text, save_tensors
 
 # model_type -> (name of the head's dense layer, name of its output layer) in the stock class.
 HEADS = {
@@ -164,7 +164,7 @@ def save_code_dir(out_dir: Path, encoder: nn.Module, head: CodeHead, label_names
                   why: str) -> None:
     """The remote-code form: config.json of model type ``CODE_TYPE`` with ``auto_map`` naming the
     modeling file copied beside it, and ``model.safetensors`` under that file's names."""
-    from fastmt.io import write_json
+    from fastmt.fileio import write_json
     from fastmt.modeldir import encoder_config_dict
 
     enc_cfg = encoder_config_dict(encoder)
@@ -200,7 +200,7 @@ def save_code_dir(out_dir: Path, encoder: nn.Module, head: CodeHead, label_names
 
 def is_code_dir(model_dir: Path) -> bool:
     """Whether ``model_dir`` holds a model in the remote-code form (or the older encoder-only form)."""
-    from fastmt.io import read_json
+    from fastmt.fileio import read_json
 
     model_dir = Path(model_dir)
     if (model_dir / ENCODER_WEIGHTS).is_file() and not (model_dir / "model.safetensors").is_file():
@@ -219,7 +219,7 @@ def load_seq_cls(model_dir: Path, fix: str = "write it again with fastmt, or res
     naming the file and ``fix``."""
     from transformers import AutoConfig
 
-    from fastmt.io import load_tensors, read_json, reading
+    from fastmt.fileio import load_tensors, read_json, reading
     from fastmt.modeldir import encoder_from_config, fitting
 
     config = model_dir / "config.json"

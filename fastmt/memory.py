@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from fastmt.errors import FastmtError, UsageError
+from fastmt.machine import device_name
 
 PHASES = ("teachers_forward", "student_forward", "losses", "backward", "optimizer")
 MODES = {"reference": ("reference", "fp32"), "fast": ("fused", "fp16")}
@@ -279,7 +280,7 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fastmt.io import atomic_path
+    from fastmt.fileio import atomic_path
 
     modes = [m for m in MODES if m in report["modes"]]
     fig, ax = plt.subplots(figsize=(8, 3.5))
@@ -352,11 +353,11 @@ def measure(preset, preset_name: str, device, out_dir: Path, budget_mb: float, s
             snapshot_mb: float = 15.0, max_batch: int = 8192, max_probes: int = 6) -> dict:
     """The report: both modes' phases, a snapshot, each mode's largest batch; printed and written as it goes."""
     from fastmt.bench import git_sha
-    from fastmt.io import write_json
+    from fastmt.fileio import write_json
 
     t_start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = {"device": torch.cuda.get_device_name(device), "preset": preset_name, "batch": preset.batch,
+    report = {"device": device_name(device), "preset": preset_name, "batch": preset.batch,
               "seq": preset.seq, "torch": torch.__version__, "git_sha": git_sha(), "budget_mb": budget_mb,
               "complete": False, "modes": {}}
     json_path, png_path = out_dir / "memory.json", out_dir / "memory.png"
@@ -418,7 +419,7 @@ def _chart(report: dict, path: Path) -> str:
 def _snapshot(m: _Mode, batch: int, path: Path, max_mb: float) -> dict:
     """Record one step's allocations (Python stacks only: C++ frames take long to symbolise) and
     write them for https://pytorch.org/memory_viz, no larger than ``max_mb``."""
-    from fastmt.io import atomic_path
+    from fastmt.fileio import atomic_path
 
     torch.cuda.memory._record_memory_history(enabled="all", context="all", stacks="python", max_entries=200_000)
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from fastmt.errors import UsageError
-from fastmt.io import read_json, reading, recover
+from fastmt.fileio import read_json, reading, recover
 
 TEACHERS_KIND = "fastmt-teachers"
 STUDENT_KIND = "fastmt-student"

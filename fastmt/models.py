@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from fastmt.errors import UsageError
-from fastmt.io import (first_line, load_tensors, read_json, read_problem, reading, save_tensors, staged_set,
+from fastmt.fileio import (first_line, load_tensors, read_json, read_problem, reading, save_tensors, staged_set,
                        tensor_bytes, write_json)
 from fastmt.losses import layer_map
 from fastmt.modeldir import (STUDENT_KIND, TEACHERS_KIND, encoder_config_dict, encoder_from_config,  # noqa: F401

@@ -112,7 +112,7 @@ def export_model(model: ServedClassifier, tokenizer, path: Path) -> float:
                                   input_names=names, output_names=["logits"], dynamic_shapes=shapes, dynamo=True,
                                   verbose=False, external_data=weights > SINGLE_FILE_BYTES)
         except Exception as e:  # the exporter's errors are long; the first line says what it met
-            from fastmt.io import first_line
+            from fastmt.fileio import first_line
 
             why = re.sub(r"\x1b\[[0-9;]*m", "", first_line(e))  # the exporter colours its messages
             raise UsageError(f"{path}: torch.onnx could not export this model ({why})") from e

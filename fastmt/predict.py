@@ -94,7 +94,7 @@ def predict_file(model_dir: str, data: str, out: str, device: torch.device, batc
                  max_length: int | None = None, columns=None) -> dict:
     """Write predictions for every row of ``data`` into ``out``; returns a summary."""
     from fastmt.data import read_dataset
-    from fastmt.io import atomic_write_text
+    from fastmt.fileio import atomic_write_text
 
     ext = _check_out(out)  # before loading anything: a wrong --out is found at once
     model = load_model(model_dir, device)

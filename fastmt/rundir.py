@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from fastmt import outlock
 from fastmt.checkpoint import checkpoint_dir, checkpoint_meta, load_checkpoint
 from fastmt.errors import UsageError
-from fastmt.io import recover
+from fastmt.fileio import recover
 
 if TYPE_CHECKING:
     from fastmt.settings import TrainArgs

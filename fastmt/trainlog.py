@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from fastmt.distributed import World, mean_over_world
-from fastmt.io import append_jsonl
+from fastmt.fileio import append_jsonl
 from fastmt.tracking import Tracker
 
 if TYPE_CHECKING:

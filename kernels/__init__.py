@@ -75,7 +75,8 @@ def mt_kl_loss(student_logits, teacher_logits, weights=None, temperature=1.0, la
     w_tensor = w.detach() if isinstance(w, torch.Tensor) else None
     with_grad = torch.is_grad_enabled() and student_logits.requires_grad
     loss, _, _ = _kl.mt_kl_op(student_logits, teacher_logits.detach(), w_tensor, labels,
-                              teacher_lse.detach() if teacher_lse is not None else None, _kl.scheme_code(w), tau,
+                              teacher_lse.detach() if teacher_lse is not None else None,
+                              w if isinstance(w, str) else None, tau,
                               int(ignore_index), with_grad)
     return loss
 

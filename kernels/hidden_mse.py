@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmt.kernels.kl import Launch
+from fastmt.kernels.launch import Launch
 
 # Most bytes the backward's dE chunk may take (64 MiB: 2,816 of 8,192 rows for 3 teachers x 4 layers
 # x 768 columns in bf16). Smaller budgets only mean more, shorter launches.
@@ -400,7 +400,7 @@ def hidden_backward(grad, hs, ht, w, b, mask=None, tw=None, budget: int = DE_BUD
 # torch.library ops: opaque to torch.compile, differentiable through register_autograd.
 
 
-@torch.library.custom_op("fastmt::mt_hidden_loss", mutates_args=())
+@torch.library.custom_op("fastmt::mt_hidden_forward", mutates_args=())
 def mt_hidden_op(hs: torch.Tensor, ht: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
                  mask: torch.Tensor | None, tw: torch.Tensor | None) -> torch.Tensor:
     return hidden_forward(hs, ht, w, b, mask, tw)
@@ -411,7 +411,7 @@ def _(hs, ht, w, b, mask, tw):
     return hs.new_empty((), dtype=torch.float32)
 
 
-@torch.library.custom_op("fastmt::mt_hidden_loss_backward", mutates_args=())
+@torch.library.custom_op("fastmt::mt_hidden_backward", mutates_args=())
 def mt_hidden_bwd_op(grad: torch.Tensor, hs: torch.Tensor, ht: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
                      mask: torch.Tensor | None, tw: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return hidden_backward(grad, hs, ht, w, b, mask, tw)

@@ -33,12 +33,13 @@ and gradient, a block of rows at a time, in one launch.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
+from fastmt.kernels.launch import Launch  # noqa: F401 (kl.Launch: the launchers' return type)
 from fastmt.losses import SCHEMES
 
 # 0: a weight tensor (or none = 1); then one code per scheme name.
@@ -420,20 +421,6 @@ def _mt_kl_small_kernel(
 
 
 
-class Launch(NamedTuple):
-    """One kernel launch, fully decided from the inputs: the launchers run it, and the ahead-of-time
-    build (``fastmt.kernels.aot``) specializes and compiles exactly these arguments, so the two cannot
-    drift apart."""
-
-    kernel: Any  # the @triton.jit function
-    grid: tuple[int, ...]
-    args: tuple  # positional, in the kernel's parameter order
-    constexprs: dict[str, Any]
-    num_warps: int
-    options: dict[str, Any] | None = None  # further Triton compile options (ptx_options, ...)
-
-    def __call__(self) -> None:
-        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps, **(self.options or {}))
 
 
 def _options(t_pad: int, roomy: bool = False) -> dict[str, Any]:
@@ -640,14 +627,15 @@ def mt_kl_op(
     weights: torch.Tensor | None,
     labels: torch.Tensor | None,
     teacher_lse: torch.Tensor | None,
-    scheme: int,
+    scheme: str | None,
     temperature: float,
     ignore_index: int,
     with_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, gradient or an empty tensor, the upstream gradient applied to it so far: 1)."""
-    name = {v: k for k, v in _SCHEME_CODE.items()}.get(scheme)
-    loss, grad = kl_forward(student_logits, teacher_logits, weights, name, temperature, labels, ignore_index,
+    """(loss, gradient or an empty tensor, the upstream gradient applied to it so far: 1). ``scheme``:
+    the weighting's name, or None with a ``weights`` tensor (or none: 1); the launch turns it into
+    the kernel's constexpr, in one place."""
+    loss, grad = kl_forward(student_logits, teacher_logits, weights, scheme, temperature, labels, ignore_index,
                             teacher_lse, with_grad)
     done = torch.ones((), dtype=torch.float32, device=student_logits.device)
     return loss, grad if grad is not None else student_logits.new_empty((0,), dtype=grad_dtype(student_logits.dtype)), done
@@ -700,10 +688,6 @@ def _backward(ctx, grad_loss, grad_grad, grad_done):
 
 
 mt_kl_op.register_autograd(_backward, setup_context=_setup)
-
-
-def scheme_code(weights) -> int:
-    return _SCHEME_CODE[weights] if isinstance(weights, str) else 0
 
 
 assert set(_SCHEME_CODE) == set(SCHEMES)

@@ -270,7 +270,7 @@ def test_profiled_step_is_the_training_step(tmp_path):
     import torch
 
     from fastmt import bench
-    from fastmt.profile import _Clock, profiled_step
+    from fastmt.stepprofile import _Clock, profiled_step
 
     dev = torch.device("cpu")
     a = bench.PreparedMode(bench.PRESETS["tiny"], bench.Mode("reference"), dev, 1, tmp_path)

@@ -414,7 +414,7 @@ def test_disk_full_after_training_then_resume(tmp_path, tiny_task, teachers_dir)
 
 
 def test_native_writers_os_errors_are_recognised():
-    from fastmt.io import os_error_of
+    from fastmt.fileio import os_error_of
 
     e = os_error_of(Exception("Error while serializing: I/O error: No space left on device (os error 28)"))
     assert e.errno == errno.ENOSPC
@@ -426,7 +426,7 @@ def test_a_line_that_does_not_fit_is_taken_back(tmp_path, monkeypatch):
     import builtins
 
     from fastmt.errors import WriteFailed
-    from fastmt.io import append_jsonl
+    from fastmt.fileio import append_jsonl
 
     path = tmp_path / "metrics.jsonl"
     append_jsonl(path, {"event": "a"})
@@ -461,7 +461,7 @@ def test_a_line_that_does_not_fit_is_taken_back(tmp_path, monkeypatch):
 
 def test_staged_set_drops_the_stage_and_names_the_dir(tmp_path):
     from fastmt.errors import WriteFailed
-    from fastmt.io import STAGING, staged_set
+    from fastmt.fileio import STAGING, staged_set
 
     out = tmp_path / "run"
     with staged_set(out) as st:

@@ -214,7 +214,7 @@ def test_dirs_in_the_older_encoder_only_form_still_load_and_export(runs, tiny_ta
     import shutil
 
     from fastmt.hf import CODE_TYPE, ENCODER_WEIGHTS, NOT_STOCK
-    from fastmt.io import save_tensors
+    from fastmt.fileio import save_tensors
     from fastmt.models import Teachers
 
     old = tmp_path / "old"
@@ -267,7 +267,7 @@ def _enc(teachers, tiny_task):
 def test_older_student_dirs_load_and_export(runs, tiny_task, tmp_path):
     """A student dir in the earlier layout (fastmt config at the top, one model.safetensors with
     encoder.*/head.*/proj_*) still loads in fastmt, and `fastmt export` makes it loadable by HF."""
-    from fastmt.io import save_tensors, write_json
+    from fastmt.fileio import save_tensors, write_json
     from fastmt.models import STUDENT_KIND, Student, encoder_config_dict
 
     student, cfg = Student.load(runs / "student")

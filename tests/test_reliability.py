@@ -362,7 +362,7 @@ def test_resume_refuses_changed_settings(tiny_task, teachers_dir, tmp_path):
 def test_nan_teacher_is_reported_and_the_run_stops(tiny_task, teachers_dir, tmp_path):
     broken = tmp_path / "teachers"
     shutil.copytree(teachers_dir, broken)
-    from fastmt.io import load_tensors, save_tensors
+    from fastmt.fileio import load_tensors, save_tensors
 
     head = load_tensors(broken / "model.safetensors")
     key = next(k for k in head if k.endswith("weight") and "classifier" in k)
@@ -433,7 +433,7 @@ def test_non_finite_step_changes_nothing(fused):
 
 
 def test_staged_set_rolls_forward_or_back(tmp_path):
-    from fastmt.io import STAGING, recover, staged_set
+    from fastmt.fileio import STAGING, recover, staged_set
 
     out = tmp_path / "run"
     with staged_set(out) as st:

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from fastmt import cache as C
 from fastmt import fastpath, outlock, shapes
+from fastmt.cache import TeacherCache, default_dir, fingerprint
 from fastmt.distributed import World, check_batch, local_device, world_from_env
 from fastmt.errors import UsageError
 from fastmt.inference import student_logits
@@ -124,12 +124,12 @@ def teacher_cache(args: DistillArgs, splits: Splits, student: Student, teachers:
         return None
     want_hidden = args.hidden_loss != "none" and args.alpha_hidden > 0
     kind = args.hidden_loss if want_hidden else "none"
-    fp = C.fingerprint(args.teachers, args.train, args.max_length, args.teacher_subset, kind, maps, args.precision)
-    path = C.default_dir(fp) if args.cache_teachers == "auto" else Path(args.cache_teachers)
+    fp = fingerprint(args.teachers, args.train, args.max_length, args.teacher_subset, kind, maps, args.precision)
+    path = default_dir(fp) if args.cache_teachers == "auto" else Path(args.cache_teachers)
     k = len(maps[0]) if want_hidden else 0
     d = teachers.hidden_size if want_hidden else 0
     lengths = splits.train_enc[student.key].packed()[3] if kind == "tokens" else None
-    return C.TeacherCache.open(path, fp, len(splits.train_labels), len(teachers), len(splits.label_names),
+    return TeacherCache.open(path, fp, len(splits.train_labels), len(teachers), len(splits.label_names),
                                k, d, lengths, args.cache_budget_gb * 1e9, temperature=args.temperature)
 
 
