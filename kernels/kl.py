@@ -9,8 +9,8 @@ Row kernel (``_mt_kl_kernel``), persistent programs, each taking rows in turn. P
    untempered log-sum-exp the per-example weights (paper / softmax) need;
 3. the weights and the row's loss; in training, the gradient ``d loss / d s = sum_i coef_i (q - p_i)``
    in a second sweep, written in the forward while the row is still in L2: the launcher sizes the
-   grid so that the rows in flight fit there. Backward then only scales that gradient by the upstream
-   gradient, in place, and skips even that when the upstream gradient is 1.
+   grid so that the rows in flight fit there. Backward (``_mt_kl_scale_kernel``) only scales that
+   gradient by the upstream gradient, in place, and skips even that when the upstream gradient is 1.
 
 Logits are scaled to base 2 by one multiply (``log2(e) / temperature``) folded into the FMA that
 subtracts the running maximum, and exponentiated with ``exp2``. A block is a ``[ROWS, VEC]`` tile
