@@ -132,14 +132,14 @@ def uneven_runs(tiny_task, tmp_path_factory):
     b = _encoder_without_dropout(tok, d, "b", 1, 32, 2)
     write_tsv(easy_rows(12, 5), d / "dev.tsv")
     common = dict(dev=str(d / "dev.tsv"), batch_size=6, lr=1e-3, max_length=16, progress=False, precision="fp32",
-                  group_by_length=False, cache_teachers=None)
+                  group_by_length=False)
     write_tsv(easy_rows(24, 4), d / "teach.tsv")
     T.cofinetune([str(a), str(b)], T.TrainArgs(train=str(d / "teach.tsv"), out=str(d / "teachers"), epochs=1, **common))
     cases = {}
     for name, (n, hidden) in UNEVEN.items():
         write_tsv(easy_rows(n, 6), d / f"{name}.tsv")
         cases[name] = dict(train=str(d / f"{name}.tsv"), teachers=str(d / "teachers"), student_layers=1, hidden_loss=hidden,
-                           temperature=2.0, epochs=2, log_every=1, **common)
+                           temperature=2.0, epochs=2, log_every=1, cache_teachers=None, **common)  # as torchrun's runs
         T.distill(T.DistillArgs(out=str(d / "one" / name), **cases[name]))
     return d, cases
 

@@ -33,7 +33,10 @@ def test_two_minilm_teachers_on_reviews(tmp_path):
     hf = json.loads((tmp_path / "student" / "config.json").read_text())
     cfg = hf["fastmt"]
     assert cfg["layer_maps"] == [[2, 4, 6], [1, 2, 3]]
-    assert hf["num_hidden_layers"] == 3 and hf["hidden_size"] == 384
+    # Sentence-transformers folders that mean-pool: the default pooling is mean, which no stock class
+    # computes, so the student dir is in transformers' remote-code form with the encoder's config inside.
+    assert cfg["pooling"] == "mean" and hf["model_type"] == "fastmt-classifier" and hf["pooling"] == "mean"
+    assert hf["encoder"]["num_hidden_layers"] == 3 and hf["encoder"]["hidden_size"] == 384
     rows = [json.loads(x) for x in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["event"] == "train"]
     assert train_rows and all(math.isfinite(r["loss_hidden"]) and r["loss_hidden"] > 0 for r in train_rows)
