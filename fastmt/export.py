@@ -20,8 +20,9 @@ from fastmt.errors import UsageError
 STUDENT_KEYS = {"kind", "encoder", "num_labels", "num_teachers", "teacher_hidden", "label_names", "run", "model_type"}
 
 
-def export_dir(model_dir: str, out: str | None = None) -> dict:
-    from fastmt.models import STUDENT_KIND, TEACHERS_KIND, Student, Teachers, read_run_kind
+def run_dir_kind(model_dir: str) -> tuple[Path, str]:
+    """``(dir, kind)`` of a student or teachers dir named by ``--model``, or one line saying what it is not."""
+    from fastmt.models import STUDENT_KIND, TEACHERS_KIND, read_run_kind
 
     src = Path(model_dir)
     kind = read_run_kind(src, strict=True)
@@ -29,6 +30,13 @@ def export_dir(model_dir: str, out: str | None = None) -> dict:
         if not src.is_dir():
             raise UsageError(f"--model {model_dir}: no such directory")
         raise UsageError(f"--model {model_dir}: not a fastmt student or teachers dir")
+    return src, kind
+
+
+def export_dir(model_dir: str, out: str | None = None) -> dict:
+    from fastmt.models import STUDENT_KIND, Student, Teachers
+
+    src, kind = run_dir_kind(model_dir)
     dst = Path(out) if out else src
     if dst != src:
         if dst.exists() and any(dst.iterdir()):

@@ -138,14 +138,10 @@ def export_onnx(model_dir: str, out: str | None = None) -> dict:
     """``model.onnx`` for a student dir, or ``teacher_i/model.onnx`` for each teacher of a teachers
     dir, beside the model (or under ``out``, with the tokenizer)."""
     require_onnx()
-    from fastmt.models import STUDENT_KIND, TEACHERS_KIND, Student, Teachers, read_run_kind
+    from fastmt.export import run_dir_kind
+    from fastmt.models import STUDENT_KIND, Student, Teachers
 
-    src = Path(model_dir)
-    kind = read_run_kind(src, strict=True)
-    if kind not in (STUDENT_KIND, TEACHERS_KIND):
-        if not src.is_dir():
-            raise UsageError(f"--model {model_dir}: no such directory")
-        raise UsageError(f"--model {model_dir}: not a fastmt student or teachers dir")
+    src, kind = run_dir_kind(model_dir)
     dst = Path(out) if out else src
     jobs = []
     if kind == STUDENT_KIND:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +191,31 @@ def _run_env(**env) -> dict:
     return dict(os.environ, PYTHONUNBUFFERED="1", **{k: str(v) for k, v in env.items()})
 
 
+@contextmanager
+def _paused_run(argv, step: int):
+    """A real run that announces step ``step`` on stderr and waits there (``FASTMT_FAULT_PAUSE_AFTER_STEP``):
+    yields its process once it is there, so what the test does next lands at that step whatever the
+    machine's speed; killed in any case afterwards (a hung run fails the test instead of the suite)."""
+    proc = subprocess.Popen([sys.executable, "-m", "fastmt", *map(str, argv)], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=_run_env(FASTMT_FAULT_PAUSE_AFTER_STEP=step))
+    guard = threading.Timer(600, proc.kill)
+    guard.start()
+    try:
+        seen = []
+        for line in proc.stderr:  # blocks until the run writes a line, or ends
+            seen.append(line)
+            if f"paused after step {step}" in line:
+                break
+        else:
+            pytest.fail(f"the run ended before step {step}: " + "".join(seen[-20:]))
+        yield proc
+    finally:
+        guard.cancel()
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+
+
 @pytest.mark.parametrize("save_every, kill_after", [(3, 7), (4, 8), (5, 12)])
 def test_sigkill_then_resume_is_bit_identical(save_every, kill_after, tiny_task, teachers_dir, uninterrupted, tmp_path):
     # 8 steps per epoch, 2 epochs: kill mid-epoch 1, right after the end-of-epoch checkpoint (before
@@ -235,27 +261,10 @@ def test_external_sigkill_then_resume(tiny_task, teachers_dir, tmp_path):
     straight = tmp_path / "straight"
     assert run_cli(*base, "--out", straight).returncode == 0
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "fastmt", *base, "--out", str(out), "--save-every", "7"], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=_run_env(FASTMT_FAULT_PAUSE_AFTER_STEP=10))
-    guard = threading.Timer(600, proc.kill)  # a hung run fails the test instead of hanging the suite
-    guard.start()
-    try:
-        seen = []
-        for line in proc.stderr:  # blocks until the run writes a line, or ends
-            seen.append(line)
-            if "paused after step 10" in line:
-                break
-        else:
-            pytest.fail("the run ended before step 10: " + "".join(seen[-20:]))
+    with _paused_run([*base, "--out", out, "--save-every", "7"], 10) as proc:
         assert json.loads((out / "checkpoint" / "meta.json").read_text())["step"] == 7
         proc.kill()
         assert proc.wait() == -signal.SIGKILL
-    finally:
-        guard.cancel()
-        proc.kill()
-        proc.wait()
-        proc.stderr.close()
     r = run_cli(*base, "--out", out, "--save-every", "7", "--resume")
     assert r.returncode == 0, r.stderr
     wa, wb = load_file(out / "model.safetensors"), load_file(straight / "model.safetensors")
@@ -275,27 +284,10 @@ def test_sigterm_checkpoints_after_the_step_and_resume_is_bit_identical(sig, tin
     import shlex
 
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "fastmt", *map(str, _distill_argv(tiny_task, teachers_dir, out))],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=_run_env(FASTMT_FAULT_PAUSE_AFTER_STEP=5))
-    guard = threading.Timer(600, proc.kill)
-    guard.start()
-    try:
-        seen = []
-        for line in proc.stderr:
-            seen.append(line)
-            if "paused after step 5" in line:
-                break
-        else:
-            pytest.fail("the run ended before step 5: " + "".join(seen[-20:]))
+    with _paused_run(_distill_argv(tiny_task, teachers_dir, out), 5) as proc:
         proc.send_signal(sig)
         rest = proc.stderr.read()
         assert proc.wait() == 128 + sig, rest
-    finally:
-        guard.cancel()
-        proc.kill()
-        proc.wait()
-        proc.stderr.close()
     assert "Traceback" not in rest
     last = rest.strip().splitlines()[-1]
     name = signal.Signals(sig).name
@@ -315,17 +307,7 @@ def test_a_run_owns_its_out_while_it_lives(tiny_task, teachers_dir, tmp_path):
     from fastmt.outlock import lock_path
 
     out = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-m", "fastmt", *map(str, _distill_argv(tiny_task, teachers_dir, out))],
-                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             env=_run_env(FASTMT_FAULT_PAUSE_AFTER_STEP=2))
-    guard = threading.Timer(600, first.kill)
-    guard.start()
-    try:
-        for line in first.stderr:
-            if "paused after step 2" in line:
-                break
-        else:
-            pytest.fail("the first run ended before step 2")
+    with _paused_run(_distill_argv(tiny_task, teachers_dir, out), 2) as first:
         for extra in ([], ["--resume"], ["--overwrite"]):
             r = run_cli(*_distill_argv(tiny_task, teachers_dir, out, "--seed", "9", *extra))
             assert r.returncode == 2, r.stderr
@@ -333,11 +315,6 @@ def test_a_run_owns_its_out_while_it_lives(tiny_task, teachers_dir, tmp_path):
             assert "\n" not in said and said.startswith(f"fastmt: error: --out {out}: another fastmt run is using it "
                                                         f"(process {first.pid} (fastmt distill --teachers "), said
             assert said.endswith("...)); wait for it to end, or choose another dir"), said
-    finally:
-        guard.cancel()
-        first.kill()
-        first.wait()
-        first.stderr.close()
     assert lock_path(out).exists()  # a SIGKILL cleans nothing up
     r = run_cli(*_distill_argv(tiny_task, teachers_dir, out, "--overwrite"))
     assert r.returncode == 0, r.stderr
