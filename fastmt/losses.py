@@ -243,7 +243,6 @@ def mt_kl_loss(
     ``student_logits``, with zero gradient).
     """
     tau, weights = check_kl_args(student_logits, teacher_logits, weights, temperature, labels, ignore_index)
-    n = teacher_logits.shape[1]
     if isinstance(weights, str):
         weights = teacher_weights(teacher_logits, labels, weights, ignore_index)
 
@@ -256,17 +255,22 @@ def mt_kl_loss(
     support = p > 0
     kl = (p * torch.where(support, log_p - log_q, 0.0)).sum(-1)  # [T,N]
 
-    w = torch.ones_like(kl) if weights is None else weights.detach().to(dtype)
+    return _weighted_mean(kl, weights, labels, ignore_index, tau)
+
+
+def _weighted_mean(kl: Tensor, weights: Tensor | None, labels: Tensor | None, ignore_index: int, tau: float) -> Tensor:
+    """``tau^2 * mean over counted rows of sum_i w[i,n] kl[i,n]`` for per-teacher, per-row ``kl [T,N]``."""
+    w = torch.ones_like(kl) if weights is None else weights.detach().to(kl.dtype)
     if labels is None:
         row = (w * kl).sum(0)  # [N]
-        n_valid = torch.tensor(float(n), dtype=dtype, device=row.device)
+        n_valid = torch.tensor(float(kl.shape[1]), dtype=kl.dtype, device=row.device)
     else:
         valid = labels != ignore_index
         # Zero the weights as well as the rows: an ignored row may carry a non-finite weight, and a NaN
         # weight times a zero upstream gradient would still poison the student gradient.
         w = torch.where(valid, w, 0.0)
         row = torch.where(valid, (w * kl).sum(0), 0.0)
-        n_valid = valid.sum().to(dtype)
+        n_valid = valid.sum().to(kl.dtype)
     return (tau * tau) * row.sum() / n_valid.clamp_min(1.0)
 
 
@@ -321,11 +325,7 @@ def lm_kl_loss(
     q = log_q.exp()
     # q (log q - log p) is 0 where q == 0; masked so that a -inf teacher logit there gives no NaN.
     kl = (q * torch.where(q > 0, log_q - log_p, 0.0)).sum(-1)  # [T,N]
-    w = torch.ones_like(kl) if weights is None else weights.detach().to(dtype)
-    valid = targets != ignore_index
-    w = torch.where(valid, w, 0.0)
-    row = torch.where(valid, (w * kl).sum(0), 0.0)
-    return (tau * tau) * row.sum() / valid.sum().to(dtype).clamp_min(1.0)
+    return _weighted_mean(kl, weights, targets, ignore_index, tau)
 
 
 def mt_hidden_loss(
