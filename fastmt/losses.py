@@ -242,13 +242,8 @@ def mt_kl_loss(
     the mean runs over the remaining rows; with none left the loss is 0 (still attached to
     ``student_logits``, with zero gradient).
     """
-    tau, weights = check_kl_args(student_logits, teacher_logits, weights, temperature, labels, ignore_index)
-    if isinstance(weights, str):
-        weights = teacher_weights(teacher_logits, labels, weights, ignore_index)
-
-    dtype = _compute_dtype(student_logits, teacher_logits, weights)
-    log_q = F.log_softmax(student_logits.to(dtype) / tau, dim=-1)  # [N,C]
-    log_p = F.log_softmax(teacher_logits.detach().to(dtype) / tau, dim=-1)  # [T,N,C]
+    tau, weights, log_q, log_p = _tempered_log_probs(student_logits, teacher_logits, weights, temperature, labels,
+                                                     ignore_index)
     p = log_p.exp()
     # p * (log p - log q) is 0 wherever p == 0 (a -inf teacher logit), including where log q is -inf
     # too; masking the difference keeps both the value and the gradient free of NaN there.
@@ -256,6 +251,18 @@ def mt_kl_loss(
     kl = (p * torch.where(support, log_p - log_q, 0.0)).sum(-1)  # [T,N]
 
     return _weighted_mean(kl, weights, labels, ignore_index, tau)
+
+
+def _tempered_log_probs(student_logits, teacher_logits, weights, temperature, labels, ignore_index):
+    """Checked arguments, the teacher weights (a scheme name computed into ``[T,N]``), and the student's
+    ``[N,C]`` and teachers' ``[T,N,C]`` log-probabilities at the temperature, in the compute dtype."""
+    tau, weights = check_kl_args(student_logits, teacher_logits, weights, temperature, labels, ignore_index)
+    if isinstance(weights, str):
+        weights = teacher_weights(teacher_logits, labels, weights, ignore_index)
+    dtype = _compute_dtype(student_logits, teacher_logits, weights)
+    log_q = F.log_softmax(student_logits.to(dtype) / tau, dim=-1)
+    log_p = F.log_softmax(teacher_logits.detach().to(dtype) / tau, dim=-1)
+    return tau, weights, log_q, log_p
 
 
 def _weighted_mean(kl: Tensor, weights: Tensor | None, labels: Tensor | None, ignore_index: int, tau: float) -> Tensor:
@@ -316,12 +323,8 @@ def lm_kl_loss(
         raise ValueError("targets (the next token of each row, or ignore_index) are required")
     if direction == "forward":
         return mt_kl_loss(student_logits, teacher_logits, weights, temperature, targets, ignore_index)
-    tau, weights = check_kl_args(student_logits, teacher_logits, weights, temperature, targets, ignore_index)
-    if isinstance(weights, str):
-        weights = teacher_weights(teacher_logits, targets, weights, ignore_index)
-    dtype = _compute_dtype(student_logits, teacher_logits, weights)
-    log_q = F.log_softmax(student_logits.to(dtype) / tau, dim=-1)  # [N,V]
-    log_p = F.log_softmax(teacher_logits.detach().to(dtype) / tau, dim=-1)  # [T,N,V]
+    tau, weights, log_q, log_p = _tempered_log_probs(student_logits, teacher_logits, weights, temperature, targets,
+                                                     ignore_index)
     q = log_q.exp()
     # q (log q - log p) is 0 where q == 0; masked so that a -inf teacher logit there gives no NaN.
     kl = (q * torch.where(q > 0, log_q - log_p, 0.0)).sum(-1)  # [T,N]

@@ -66,6 +66,7 @@ class DistillStep:
         self._student = self.student_loss
         # Frozen teachers' outputs stored per example (fastmt.cache), set by the distill command.
         self.cache = None
+        self._kl_takes_lse = None  # whether the KL loss takes the teachers' log-sum-exps (read once)
         # Steps in which each teacher gave a non-finite logit, counted on the device (read when logging).
         self.teacher_faults = torch.zeros(len(teachers), dtype=torch.int64, device=device)
         # CUDA graphs: Inductor's graph trees record each compiled graph (teachers' forward, student
@@ -108,8 +109,9 @@ class DistillStep:
         """Whether the KL loss reads the teachers' log-sum-exps from the cache (``teacher_lse``) rather
         than computing them: the fused losses do, for the per-teacher KL (not the averaged target)."""
         a = self.args
-        return (self.cache is not None and a.alpha_kd > 0 and a.kd_target != "ensemble"
-                and "teacher_lse" in inspect.signature(self.losses.mt_kl_loss).parameters)
+        if self._kl_takes_lse is None:  # once per run: not a signature read every step
+            self._kl_takes_lse = "teacher_lse" in inspect.signature(self.losses.mt_kl_loss).parameters
+        return self.cache is not None and a.alpha_kd > 0 and a.kd_target != "ensemble" and self._kl_takes_lse
 
     def losses_from(self, inputs, labels, s_logits, s_hidden, t_logits, t_hidden, scale=None, t_lse=None):
         """``a_task CE + a_kd L_kd + a_hid L_hid`` and the detached terms.
