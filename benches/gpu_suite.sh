@@ -5,9 +5,10 @@
 # charts) are used where installed; without them the suite says what it skipped and goes on, and a
 # skipped part is not a failure. Stages, in priority order; each has its own time limit, writes as it
 # goes, and runs even when an earlier one failed:
-#   check   fastmt check --device cuda: every kernel case against float64           -> check.json
 #   tests   the CUDA tests of the files in CUDA_TESTS (default tests/test_graphs.py: training under
-#           CUDA graphs), then the kernel tests on the GPU (FASTMT_TEST_DEVICE=cuda tests/test_kernels.py)
+#           CUDA graphs), then the kernel tests on the GPU (FASTMT_TEST_DEVICE=cuda tests/test_kernels.py,
+#           in parallel workers where pytest-xdist is installed)
+#   check   fastmt check --device cuda: every kernel case against float64           -> check.json
 #   kbench  benches/bench_kernels.py: target shapes, bf16, fwd+bwd (then fwd alone)  -> kernels.jsonl, kernels.png
 #   bench   fastmt bench --preset base: reference, eager-fp16, fast, then the rest    -> bench-PRESET-GPU.json
 #   memory  fastmt memory --preset base                                               -> memory.json, memory.png,
@@ -75,7 +76,7 @@ tee_pid=$!
 # Seconds each stage is guaranteed, and the most it may take; the guarantees add up to the default budget.
 declare -A share=([check]=60 [tests]=160 [kbench]=65 [bench]=120 [memory]=60)
 declare -A cap=([check]=90 [tests]=240 [kbench]=100 [bench]=300 [memory]=90)
-read -r -a stages <<< "${STAGES:-check tests kbench bench memory}"
+read -r -a stages <<< "${STAGES:-tests check kbench bench memory}"
 for name in "${stages[@]}"; do
     if [ -z "${share[$name]:-}" ]; then
         echo "gpu_suite: STAGES: unknown stage '$name' (choose from check tests kbench bench memory)" >&2
@@ -126,8 +127,8 @@ stage_tests() {
     if [ "$device" = cpu ]; then
         sel=(-k "(float32 and (3x7x5 or 2x2x3x5x12x20)) or ignored_rows or minus_inf")
     fi
-    # The CUDA-graph training tests first: the check stage has already compared every kernel with
-    # float64 on this GPU, so the kernel tests get what is left (at least 60 s).
+    # The CUDA-graph training tests first (nothing else runs them); the kernel tests get what is left
+    # (at least 60 s), and the check stage after them compares every kernel with float64 again.
     local f
     for f in $cuda_tests; do
         if [ ! -f "$f" ]; then
@@ -138,7 +139,17 @@ stage_tests() {
         within 60 python -m pytest -p no:cacheprovider --disable-warnings -v -rfEs "$f" -k cuda
         keep $?
     done
-    within 0 python -m pytest -p no:cacheprovider --disable-warnings -v -rfEs tests/test_kernels.py "${sel[@]}"
+    # The kernel tests are mostly Triton compiling each specialization: with pytest-xdist, in parallel
+    # workers (one CUDA context each; the compiled kernels land in Triton's cache, where the check
+    # stage finds them).
+    local par=()
+    if [ "$device" != cpu ] && have xdist; then
+        local n
+        n=$(nproc 2>/dev/null || echo 2)
+        [ "$n" -gt 12 ] && n=12
+        [ "$n" -gt 1 ] && par=(-n "$n")
+    fi
+    within 0 python -m pytest -p no:cacheprovider --disable-warnings -v -rfEs "${par[@]}" tests/test_kernels.py "${sel[@]}"
     keep $?
     return $rc
 }

@@ -80,7 +80,11 @@ def _edge_cols(e0, lead, n_main, n_edge, idx, ALIGNED: tl.constexpr):
 #
 # Logits are scaled to base 2 by one multiply, k = log2(e) / temperature, folded into the FMA that
 # subtracts the running maximum: 2^(t k - m) = exp((t - max t) / temperature). Running maxima are
-# kept on the raw logits (the scaled maximum is then exactly the scaled maximal element).
+# kept on the raw logits (the scaled maximum is then exactly the scaled maximal element). A rescale
+# between two maxima is always (r_old - r_new) k, never r_old k - m_new: a GPU build contracts the
+# latter into one FMA that keeps the rounding error of m_new = r_new k, and at the floor _NEG
+# (a lane that has seen only masked columns, |r k| ~ 1e30) that error is ~1e22, so 2^error overflowed
+# and 0 * inf made the loss NaN on an H200 (rows shorter than one block); the interpreter never fuses.
 
 
 @triton.jit
@@ -88,7 +92,7 @@ def _fold_student(s, k, r, d):
     """Fold a block of student logits into per-lane (raw maximum, sum of 2^(s k - r k))."""
     r_new = tl.maximum(r, tl.max(s, axis=1))
     m_new = r_new * k
-    d = d * tl.exp2(r * k - m_new) + tl.sum(tl.exp2(s * k - m_new[:, None]), axis=1)
+    d = d * tl.exp2((r - r_new) * k) + tl.sum(tl.exp2(s * k - m_new[:, None]), axis=1)
     return r_new, d
 
 
@@ -100,7 +104,7 @@ def _fold_teacher(t, lq, k, tau, r, d, a, u, NEED_U: tl.constexpr):
     weights at a temperature other than 1, the untempered ``u = sum 2^(temperature z)``."""
     r_new = tl.maximum(r, tl.max(t, axis=1))
     m_new = r_new * k
-    delta = m_new - r * k  # >= 0: how far the lane's maximum moved, base 2
+    delta = (r_new - r) * k  # >= 0: how far the lane's maximum moved, base 2
     rescale = tl.exp2(-delta)
     z = t * k - m_new[:, None]
     e = tl.exp2(z)
@@ -190,7 +194,7 @@ def _mt_kl_kernel(
             cols, ok = _edge_cols(e0, lead, n_main, n_edge, idx, ALIGNED)
             rs, ds = _fold_student(tl.load(s_row + cols, mask=ok, other=float("-inf")).to(tl.float32), k, rs, ds)
         r_max = tl.max(rs, axis=0)
-        Ls = r_max * k + tl.log2(tl.sum(ds * tl.exp2(rs * k - r_max * k), axis=0))
+        Ls = r_max * k + tl.log2(tl.sum(ds * tl.exp2((rs - r_max) * k), axis=0))
 
         # ---- sweep 1b: each teacher in turn (no padded lane), against the student's log-probabilities
         kl_t = tl.zeros((T_PAD,), tl.float32)  # KL(p_i || q), nats
@@ -229,7 +233,7 @@ def _mt_kl_kernel(
                     rt, d, a, u = _fold_teacher(t, lq, k, tau, rt, d, a, u, NEED_U)
                 # Combine the lanes against the row's maximum.
                 t_max = tl.max(rt, axis=0)
-                delta = t_max * k - rt * k
+                delta = (t_max - rt) * k
                 scale = tl.exp2(-delta)
                 dsum = tl.sum(d * scale, axis=0)
                 kl_i = tl.sum((a - delta * d) * scale, axis=0) / dsum - tl.log2(dsum)

@@ -15,6 +15,7 @@ shows the same check fails. The CUDA tests (skipped without a GPU) train with th
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -197,14 +198,17 @@ def test_distill_under_cuda_graphs_trains_like_eager(tiny_task, tiny_encoders, t
     assert len(graphs) == len(eager) == 32
     for key in ("loss", "loss_task", "loss_kd", "loss_hidden"):
         assert graphs[0][key] == pytest.approx(eager[0][key], rel=1e-2, abs=1e-4), key
-    first = sum(r["loss"] for r in graphs[:4]) / 4
-    last = sum(r["loss"] for r in graphs[-4:]) / 4
-    assert last < 0.9 * first, (first, last)
-    assert all(r["loss"] == r["loss"] for r in graphs)  # no NaN
+    # Trains like eager: the loss falls over the 32 steps (4 epochs, the last 3 from the teacher
+    # cache) and ends where eager's ends. How far it falls is the task's, not the graphs': eager fp32
+    # on the CPU goes from 0.938 to 0.847 (mean of the first and last 4 steps).
+    mean4 = lambda rows: sum(r["loss"] for r in rows) / 4  # noqa: E731
+    assert all(math.isfinite(r["loss"]) for r in graphs)
+    assert mean4(graphs[-4:]) < mean4(graphs[:4])
+    assert mean4(graphs[-4:]) == pytest.approx(mean4(eager[-4:]), rel=3e-2)
 
 
 @needs_cuda
-def test_every_replayed_step_matches_eager_on_the_same_weights_and_batch(tiny_task, tmp_path, monkeypatch):
+def test_every_step_under_cuda_graphs_matches_eager_on_the_same_weights_and_batch(tiny_task, tmp_path, monkeypatch):
     """Each step under CUDA graphs (the first records, every later one replays) against the eager
     functions on the same weights and batch, read before the next replay. Dropout-free models: the
     eager shadow must not draw other random numbers than the graphs do."""
