@@ -331,6 +331,61 @@ def lm_kl_loss(
     return _weighted_mean(kl, weights, targets, ignore_index, tau)
 
 
+def _teacher_list(x, name: str) -> list[Tensor]:
+    """A stacked ``[T, ...]`` tensor or a list of per-teacher tensors, as a list."""
+    if isinstance(x, Tensor):
+        return list(x.unbind(0))
+    if isinstance(x, (list, tuple)) and x and all(isinstance(t, Tensor) for t in x):
+        return list(x)
+    raise ValueError(f"{name} must be a [T, ...] tensor or a non-empty list of tensors; got {type(x).__name__}")
+
+
+def check_lm_linear_args(student_hidden, student_weight, teacher_hidden, teacher_weight, targets):
+    """Validate ``lm_linear_kl_loss`` arguments; returns the teachers' hidden states and output matrices
+    as lists (teachers may differ in width)."""
+    _tensor(student_hidden, "student_hidden")
+    _tensor(student_weight, "student_weight", student_hidden, "student_hidden")
+    dims: dict[str, tuple[int, str]] = {}
+    _shape(student_hidden, "student_hidden", ("N", "D"), dims)
+    _shape(student_weight, "student_weight", ("V", "D"), dims)
+    hts, wts = _teacher_list(teacher_hidden, "teacher_hidden"), _teacher_list(teacher_weight, "teacher_weight")
+    if len(hts) != len(wts):
+        raise ValueError(f"{len(hts)} teachers' hidden states but {len(wts)} output matrices")
+    for i, (h, w) in enumerate(zip(hts, wts)):
+        _tensor(h, f"teacher_hidden[{i}]", student_hidden, "student_hidden")
+        _tensor(w, f"teacher_weight[{i}]", student_hidden, "student_hidden")
+        tdims = {"N": dims["N"]}
+        _shape(h, f"teacher_hidden[{i}]", ("N", "Dt"), tdims)
+        _shape(w, f"teacher_weight[{i}]", ("V", "Dt"), tdims)
+    check_vocab(student_weight.shape[0], [w.shape[0] for w in wts])
+    if targets is None:
+        raise ValueError("targets (the next token of each row, or ignore_index) are required")
+    _labels(targets, student_hidden.shape[0], student_hidden, "student_hidden")
+    return hts, wts
+
+
+def lm_linear_kl_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden,
+    teacher_weight,
+    targets: Tensor,
+    weights: Tensor | str | None = "paper",
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    direction: str = "forward",
+) -> Tensor:
+    """``lm_kl_loss`` on the output layers' logits: the student's ``student_hidden [N,D] @
+    student_weight [V,D]^T`` and each teacher's ``teacher_hidden[i] [N,Dt_i] @ teacher_weight[i]
+    [V,Dt_i]^T`` (stacked ``[T,...]`` tensors, or lists when the teachers differ in width). The
+    reference for ``fastmt.kernels.lm_linear_kl_loss``, which never forms these ``N x V`` logits."""
+    hts, wts = check_lm_linear_args(student_hidden, student_weight, teacher_hidden, teacher_weight, targets)
+    s_logits = student_hidden @ student_weight.t()
+    with torch.no_grad():
+        t_logits = torch.stack([h @ w.t() for h, w in zip(hts, wts)])
+    return lm_kl_loss(s_logits, t_logits, targets, weights, temperature, ignore_index, direction)
+
+
 def mt_hidden_loss(
     student_hidden: Tensor,
     teacher_hidden: Tensor,

@@ -21,7 +21,7 @@ import torch
 
 from fastmt import losses as _ref
 
-__all__ = ["mt_kl_loss", "mt_hidden_loss", "hidden_products", "available", "SCHEMES"]
+__all__ = ["mt_kl_loss", "mt_hidden_loss", "lm_linear_kl_loss", "hidden_products", "available", "SCHEMES"]
 
 SCHEMES = _ref.SCHEMES
 log = logging.getLogger("fastmt")
@@ -29,10 +29,11 @@ log = logging.getLogger("fastmt")
 try:
     from fastmt.kernels import hidden_mse as _hidden
     from fastmt.kernels import kl as _kl
+    from fastmt.kernels import lm_kl as _lm
 
     _IMPORT_ERROR: str | None = None
 except ImportError as e:  # no triton: the reference serves
-    _kl = _hidden = None
+    _kl = _hidden = _lm = None
     _IMPORT_ERROR = str(e)
 
 _warned = False
@@ -102,3 +103,27 @@ def mt_hidden_loss(student_hidden, teacher_hidden, proj_weight, proj_bias, mask=
     return _hidden.mt_hidden_op(student_hidden, teacher_hidden.detach(), proj_weight, proj_bias,
                                 mask.detach() if mask is not None else None,
                                 weights.detach() if weights is not None else None)
+
+
+def lm_linear_kl_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, targets, weights="paper",
+                      temperature=1.0, ignore_index=-100, direction="forward", chunk_bytes=None):
+    """Fused ``fastmt.losses.lm_linear_kl_loss``: same arguments and value (float32), without forming
+    the student's or any teacher's ``N x V`` logits (``fastmt.kernels.lm_kl``). The teachers come stacked
+    (``[T,N,Dt]``, ``[T,V,Dt]``; ``lm_kl.stack_teachers`` pads different widths) or as lists.
+    ``chunk_bytes``: the most the gradient block of one chunk of rows may take (default 256 MiB)."""
+    if direction not in _ref.DIRECTIONS:
+        raise ValueError(f"direction must be one of {', '.join(map(repr, _ref.DIRECTIONS))}; got {direction!r}")
+    hts, _ = _ref.check_lm_linear_args(student_hidden, student_weight, teacher_hidden, teacher_weight, targets)
+    tau = _ref._temperature(temperature)
+    if isinstance(weights, torch.Tensor):
+        _ref._tensor(weights, "weights", student_hidden, "student_hidden")
+        _ref._shape(weights, "weights", ("T", "N"), {"T": (len(hts), "teacher_hidden"),
+                                                      "N": (student_hidden.shape[0], "student_hidden")})
+    elif weights is not None:
+        weights = _ref._scheme(weights, "weights")
+    if not _use_kernels(student_hidden.device):
+        return _ref.lm_linear_kl_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, targets,
+                                      weights, temperature, ignore_index, direction)
+    return _lm.lm_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, targets, weights, tau,
+                            ignore_index, direction == "reverse",
+                            _lm.CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes))
