@@ -86,6 +86,21 @@ HIDDEN_SHAPES: dict[str, tuple[int, int, int, int, int, int]] = {  # (T, K, N, S
     "16>16 K=1": (1, 1, 2, 3, 16, 16),
 }
 
+LM_SHAPES: dict[str, tuple[int, int, int, int]] = {  # (N tokens, D, Dt, V) of the causal-LM loss
+    "2048x512>512 V=32000": (2048, 512, 512, 32000),
+    "13x40>24 V=300": (13, 40, 24, 300),
+}
+
+LM_AXES: dict[str, list] = {
+    "dtype": ["fp32", "fp16", "bf16"],
+    "direction": ["forward", "reverse"],
+    # paper: the untempered normaliser is folded too (NEED_U, at temperatures other than 1)
+    "weights": ["paper", "uniform"],
+    "T": [1, 2, 4],
+    "tau": [1.0, 2.0],
+    "shape": list(LM_SHAPES),
+}
+
 HIDDEN_AXES: dict[str, list] = {
     # fpXX: every tensor in that dtype (tests, ``fastmt check``); -amp: training under autocast, where
     # activations are half precision and the projection and teacher weights stay float32; fp32-tf32:
@@ -117,6 +132,8 @@ class Case:
         p = self.p
         if self.op == "kl":
             return f"kl {p['dtype']} {p['weights']} T={p['T']} C={p['C']} N={p['N']}"
+        if self.op == "lm":
+            return f"lm {p['dtype']} {p['direction']} {p['weights']} T={p['T']} tau={p['tau']} {p['shape']}"
         extras = [f"mask={p['mask']}"] if p["mask"] != "none" else []
         extras += ["tw"] if p["tw"] else []
         return " ".join([f"hidden-{p['direction']}", p["dtype"], p["shape"], *extras])
@@ -143,9 +160,14 @@ def _product(axes: dict[str, list]) -> list[dict[str, Any]]:
 def cases(level: str = "ci") -> list[Case]:
     """The cases to build: ``full`` (every combination) or ``ci`` (pairwise plus the largest tiles)."""
     if level == "full":
-        kl_rows, hid_rows = _product(KL_AXES), _product(HIDDEN_AXES)
+        kl_rows, hid_rows, lm_rows = _product(KL_AXES), _product(HIDDEN_AXES), _product(LM_AXES)
     elif level == "ci":
-        kl_rows, hid_rows = _pairwise(KL_AXES), _pairwise(HIDDEN_AXES)
+        kl_rows, hid_rows, lm_rows = _pairwise(KL_AXES), _pairwise(HIDDEN_AXES), _pairwise(LM_AXES)
+        # The most state per thread: four teachers, the untempered normaliser, every dtype and direction.
+        for dtype in LM_AXES["dtype"]:
+            for direction in LM_AXES["direction"]:
+                lm_rows.append(dict(dtype=dtype, direction=direction, weights="paper", T=4, tau=2.0,
+                                    shape="2048x512>512 V=32000"))
         # Registers grow with the tile and the dtype: every dtype at the largest tiles, with the most
         # inputs, whatever pairs the greedy cover happened to pick.
         for dtype in KL_AXES["dtype"]:
@@ -159,7 +181,7 @@ def cases(level: str = "ci") -> list[Case]:
     else:
         raise ValueError(f"unknown set {level!r}: ci or full")
     out: list[Case] = []
-    for op, rows in (("kl", kl_rows), ("hidden", hid_rows)):
+    for op, rows in (("kl", kl_rows), ("hidden", hid_rows), ("lm", lm_rows)):
         for r in rows:
             case = Case(op, tuple(r.items()))
             if case not in out:
@@ -174,12 +196,25 @@ def launches_of(case: Case) -> list:
     """The launcher's own Launches for this case's inputs, in launch order, built from meta tensors."""
     import torch
 
-    from fastmt.kernels import hidden_mse, kl
+    from fastmt.kernels import hidden_mse, kl, lm_kl
 
     p = case.p
 
     def meta(shape, dtype):
         return torch.empty(shape, dtype=dtype, device="meta")
+
+    if case.op == "lm":
+        dt = getattr(torch, _DTYPES[p["dtype"]])
+        n, d, d_t, v = LM_SHAPES[p["shape"]]
+        t, tau, reverse = p["T"], p["tau"], p["direction"] == "reverse"
+        hs, ws, ht, wt = meta((n, d), dt), meta((v, d), dt), meta((t, n, d_t), dt), meta((t, v, d_t), dt)
+        # As fastmt.kernels.lm_linear_kl_loss runs them: the statistics, then one chunk's gradient block.
+        stats_run, stats = lm_kl.stats_launch(hs, ws, ht, wt, tau, reverse, p["weights"] == "paper")
+        g_dtype = dt if dt in (torch.float16, torch.bfloat16) else torch.float32
+        rows = lm_kl.chunk_rows(n, v, torch.empty((), dtype=g_dtype).element_size())
+        g = meta((rows, v), g_dtype)
+        grad_run = lm_kl.grad_launch(hs, ws, ht, wt, stats, meta((t, n), torch.float32), g, 0, rows, tau, reverse)
+        return [stats_run, grad_run]
 
     if case.op == "kl":
         dt = getattr(torch, _DTYPES[p["dtype"]])

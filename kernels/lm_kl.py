@@ -9,7 +9,7 @@ tensor is made for the student or any teacher:
    (``tl.dot``), folded at once into per-row online statistics: the student's tempered log-sum-exp,
    each teacher's tempered (and, for the weights, untempered) log-sum-exp, and the running sum that
    becomes the KL: ``sum_v p_iv (a_iv - a_sv)`` for the forward KL, ``sum_v q_v (a_sv - a_iv)`` for the
-   reverse one (``a``: logits over the temperature). Out: ``[1 + 3T, N]`` float32.
+   reverse one (``a``: logits over the temperature). Out: ``[1 + 4T, N]`` float32.
 2. The teacher weights (``paper``, ``softmax``, ``uniform``, a tensor) and the loss, from those
    ``[T, N]`` numbers in torch; a teacher's logit at the next token is one row of its output matrix
    dotted with its hidden state, not a column of logits.
@@ -40,6 +40,10 @@ from fastmt.kernels.launch import Launch
 _NEG = tl.constexpr(-1.0e30)
 # Bytes of the gradient block G that one chunk of rows may take.
 CHUNK_BYTES = 256 * 1024 * 1024
+# One stage (no software pipelining of the width loop: the tiles' registers go to the per-row
+# statistics) and an explicit cap: at ptxas's own choice some float32 builds spilled 4-8 B at
+# ~176 registers; with 232 none of ``python -m fastmt.kernels.aot``'s builds spills.
+OPTIONS = {"num_stages": 1, "maxnreg": 232}
 
 
 @triton.jit
@@ -63,20 +67,14 @@ def _logit_tile(h_ptr, w_ptr, rows, cols, r_ok, c_ok, D, s_hn, s_hd, s_wv, s_wd,
 
 
 @triton.jit
-def _pick(x, sel):
-    """Row ``i`` of a ``[T_PAD, BN]`` state, where ``sel`` is ``offs_t[:, None] == i``."""
-    return tl.sum(tl.where(sel, x, 0.0), axis=0)
-
-
-@triton.jit
 def _lm_stats_kernel(
     hs_ptr, ws_ptr, ht_ptr, wt_ptr,  # [N,D], [V,D], [T,N,Dt], [T,V,Dt]
-    out_ptr,  # [1 + 3T, N] float32: student lse (base 2), teachers' lse (base 2), untempered lse, KL (nats)
+    out_ptr,  # [1 + 4T, N] float32: student lse (base 2), teachers' lse (base 2), untempered lse, KL (nats), scratch
     N, V, D, DT,
     s_hn, s_hd, s_wv, s_wd, s_ti, s_tn, s_td, s_ui, s_uv, s_ud,
     k,  # log2(e) / temperature
     tau,  # temperature
-    T: tl.constexpr, T_PAD: tl.constexpr, REVERSE: tl.constexpr, NEED_U: tl.constexpr,
+    T: tl.constexpr, REVERSE: tl.constexpr, NEED_U: tl.constexpr,
     S_FP32: tl.constexpr, S_PREC: tl.constexpr, T_FP32: tl.constexpr, T_PREC: tl.constexpr,
     BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
 ):
@@ -84,16 +82,21 @@ def _lm_stats_kernel(
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     r_ok = rows < N
     rows = rows.to(tl.int64)
-    offs_t = tl.arange(0, T_PAD)
     sti = s_ti + tl.zeros((), tl.int64)  # 64-bit teacher offsets: T x V x Dt passes 2^31 at LLM sizes
     sui = s_ui + tl.zeros((), tl.int64)
 
     m_s = tl.full((BN,), _NEG, tl.float32)  # student: running maximum of a = z k (base 2)
     d_s = tl.zeros((BN,), tl.float32)  # sum 2^(a - m_s)
-    m_t = tl.full((T_PAD, BN), _NEG, tl.float32)  # per teacher, the same
-    d_t = tl.zeros((T_PAD, BN), tl.float32)
-    a_t = tl.zeros((T_PAD, BN), tl.float32)  # forward: sum 2^(a_i - m_i)(a_i - a_s); reverse: sum 2^(a_s - m_s)(a_s - a_i)
-    u_t = tl.zeros((T_PAD, BN), tl.float32)  # sum 2^(tau (a_i - m_i)): the untempered normaliser
+    # Each teacher's running values live in ``out`` between tiles (rows 1+i, 1+T+i, 1+2T+i, 1+3T+i of
+    # the block's columns: m_i, u_i, a_i, d_i), not in registers: one teacher's state is live at a time.
+    # a_i: forward sum 2^(a_i - m_i)(a_i - a_s), reverse sum 2^(a_s - m_s)(a_s - a_i); u_i: sum 2^(tau
+    # (a_i - m_i)), the untempered normaliser.
+    for i in range(T):
+        tl.store(out_ptr + (1 + i) * N + rows, tl.full((BN,), _NEG, tl.float32), mask=r_ok)
+        tl.store(out_ptr + (1 + T + i) * N + rows, tl.zeros((BN,), tl.float32), mask=r_ok)
+        tl.store(out_ptr + (1 + 2 * T + i) * N + rows, tl.zeros((BN,), tl.float32), mask=r_ok)
+        tl.store(out_ptr + (1 + 3 * T + i) * N + rows, tl.zeros((BN,), tl.float32), mask=r_ok)
+    tl.debug_barrier()
 
     for v0 in range(0, V, BV):
         cols = (v0 + tl.arange(0, BV)).to(tl.int64)
@@ -105,43 +108,49 @@ def _lm_stats_kernel(
         alpha_s = tl.exp2(m_s - ms_new)
         es = tl.exp2(xs - ms_new[:, None])
         d_s = d_s * alpha_s + tl.sum(es, axis=1)
-        for i in tl.static_range(T):
+        for i in range(T):  # a loop, not unrolled: one teacher's tiles live at a time
             zt = _logit_tile(ht_ptr + i * sti, wt_ptr + i * sui, rows, cols, r_ok, c_ok, DT, s_tn, s_td, s_uv, s_ud,
                              BN, BV, BD, T_FP32, T_PREC)
             xt = tl.where(c_ok[None, :], zt * k, float("-inf"))
-            sel = offs_t[:, None] == i
-            mi = _pick(m_t, sel)
+            m_at, u_at = out_ptr + (1 + i) * N + rows, out_ptr + (1 + T + i) * N + rows
+            a_at, d_at = out_ptr + (1 + 2 * T + i) * N + rows, out_ptr + (1 + 3 * T + i) * N + rows
+            mi = tl.load(m_at, mask=r_ok, other=0.0)
             mi_new = tl.maximum(mi, tl.max(xt, axis=1))
             alpha = tl.exp2(mi - mi_new)
             et = tl.exp2(xt - mi_new[:, None])
-            di = _pick(d_t, sel) * alpha + tl.sum(et, axis=1)
+            di = tl.load(d_at, mask=r_ok, other=0.0) * alpha + tl.sum(et, axis=1)
             if REVERSE:
-                ai = _pick(a_t, sel) * alpha_s + tl.sum(tl.where(es > 0, es * (xs - xt), 0.0), axis=1)
+                ai = tl.load(a_at, mask=r_ok, other=0.0) * alpha_s + tl.sum(tl.where(es > 0, es * (xs - xt), 0.0), axis=1)
             else:
-                ai = _pick(a_t, sel) * alpha + tl.sum(tl.where(et > 0, et * (xt - xs), 0.0), axis=1)
+                ai = tl.load(a_at, mask=r_ok, other=0.0) * alpha + tl.sum(tl.where(et > 0, et * (xt - xs), 0.0), axis=1)
             if NEED_U:
-                ui = _pick(u_t, sel) * tl.exp2(tau * (mi - mi_new)) + tl.sum(tl.exp2(tau * (xt - mi_new[:, None])),
-                                                                              axis=1)
-                u_t = tl.where(sel, ui[None, :], u_t)
-            m_t = tl.where(sel, mi_new[None, :], m_t)
-            d_t = tl.where(sel, di[None, :], d_t)
-            a_t = tl.where(sel, ai[None, :], a_t)
+                ui = tl.load(u_at, mask=r_ok, other=0.0) * tl.exp2(tau * (mi - mi_new))
+                ui += tl.sum(tl.exp2(tau * (xt - mi_new[:, None])), axis=1)
+            tl.debug_barrier()  # every thread has read this teacher's state before it is rewritten
+            if NEED_U:
+                tl.store(u_at, ui, mask=r_ok)
+            tl.store(m_at, mi_new, mask=r_ok)
+            tl.store(d_at, di, mask=r_ok)
+            tl.store(a_at, ai, mask=r_ok)
+            tl.debug_barrier()  # written before any thread reads it for the next tile
         m_s = ms_new
 
     lse_s = m_s + tl.log2(d_s)
     tl.store(out_ptr + rows, lse_s, mask=r_ok)
-    for i in tl.static_range(T):
-        sel = offs_t[:, None] == i
-        mi = _pick(m_t, sel)
-        lse_i = mi + tl.log2(_pick(d_t, sel))
+    for i in range(T):
+        mi = tl.load(out_ptr + (1 + i) * N + rows, mask=r_ok, other=0.0)
+        di = tl.load(out_ptr + (1 + 3 * T + i) * N + rows, mask=r_ok, other=1.0)
+        ai = tl.load(out_ptr + (1 + 2 * T + i) * N + rows, mask=r_ok, other=0.0)
+        lse_i = mi + tl.log2(di)
         if REVERSE:
-            kl = (_pick(a_t, sel) / d_s - lse_s + lse_i) * LN2
+            kl = (ai / d_s - lse_s + lse_i) * LN2
         else:
-            kl = (_pick(a_t, sel) / _pick(d_t, sel) - lse_i + lse_s) * LN2
+            kl = (ai / di - lse_i + lse_s) * LN2
         if NEED_U:
-            lse_u = (tau * mi + tl.log2(_pick(u_t, sel))) * LN2
+            lse_u = (tau * mi + tl.log2(tl.load(out_ptr + (1 + T + i) * N + rows, mask=r_ok, other=1.0))) * LN2
         else:
             lse_u = lse_i * LN2
+        tl.debug_barrier()
         tl.store(out_ptr + (1 + i) * N + rows, lse_i, mask=r_ok)
         tl.store(out_ptr + (1 + T + i) * N + rows, lse_u, mask=r_ok)
         tl.store(out_ptr + (1 + 2 * T + i) * N + rows, kl, mask=r_ok)
@@ -150,7 +159,7 @@ def _lm_stats_kernel(
 @triton.jit
 def _lm_grad_kernel(
     hs_ptr, ws_ptr, ht_ptr, wt_ptr,  # as in _lm_stats_kernel
-    stats_ptr,  # [1 + 3T, N] float32 from _lm_stats_kernel
+    stats_ptr,  # [1 + 4T, N] float32 from _lm_stats_kernel
     coef_ptr,  # [T, N] float32: each teacher's weight, 0 on rows that do not count
     g_ptr,  # [rows of the chunk, V]: G
     r0, r1, N, V, D, DT,
@@ -175,7 +184,7 @@ def _lm_grad_kernel(
     q = tl.exp2(ls)
     g = tl.zeros((BN, BV), tl.float32)
     c_sum = tl.zeros((BN,), tl.float32)
-    for i in tl.static_range(T):
+    for i in range(T):  # a loop, not unrolled: one teacher's tiles live at a time
         c = tl.load(coef_ptr + i * N + rows, mask=r_ok, other=0.0)
         lse_i = tl.load(stats_ptr + (1 + i) * N + rows, mask=r_ok, other=0.0)
         zt = _logit_tile(ht_ptr + i * sti, wt_ptr + i * sui, rows, cols, r_ok, c_ok, DT, s_tn, s_td, s_uv, s_ud,
@@ -194,14 +203,30 @@ def _lm_grad_kernel(
              mask=r_ok[:, None] & c_ok[None, :])
 
 
-def lm_config(plan_half: bool, v: int = 0, device_type: str = "cuda") -> tuple[int, int, int, int]:
+def lm_config(plan_half: bool, v: int = 0, device_type: str = "cuda", aligned: bool = True) -> tuple[int, int, int, int]:
     """(BN, BV, BD, num_warps): tiles of rows x vocabulary, and the reduction step over the width.
-    Triton's CPU interpreter pays per tile rather than per element: there, vocabularies past 16k
-    columns take wider tiles (at most 256 of them a row), so that a 262,144-token test takes seconds."""
-    bn, bv, bd = (64, 64, 64) if plan_half else (32, 64, 32)
+    ``aligned``: every row stride is a multiple of 16 (Triton then knows rows start on 16-byte
+    boundaries), so tiles load 16 bytes a thread; other widths load element by element,
+    with a 64-bit address per element, and take smaller tiles (the ahead-of-time build spilled
+    otherwise). Triton's CPU interpreter pays per tile rather than per element: there, vocabularies past
+    16k columns take wider tiles (at most 256 of them a row), so that a 262,144-token test takes seconds."""
+    if plan_half and aligned:
+        bn, bv, bd, warps = BIG_TILES
+    else:
+        bn, bv, bd, warps = SMALL_TILES
     if device_type == "cpu":
         bv = max(bv, min(1024, triton.next_power_of_2(max(1, v // 256))))
-    return bn, bv, bd, 4
+    return bn, bv, bd, warps
+
+
+BIG_TILES = (64, 64, 64, 8)
+SMALL_TILES = (32, 32, 32, 4)
+
+
+def _aligned(*tensors: torch.Tensor) -> bool:
+    """Whether Triton will know that every row of these tensors starts on a 16-byte boundary: it
+    specializes integer arguments on divisibility by 16, so the row strides must be multiples of 16."""
+    return all(x.stride(-2) % 16 == 0 for x in tensors)
 
 
 def stack_teachers(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -226,19 +251,20 @@ def _strides(x: torch.Tensor) -> tuple[int, ...]:
 
 
 def stats_launch(hs, ws, ht, wt, temperature: float, reverse: bool, need_u: bool) -> tuple[Launch, torch.Tensor]:
-    """The statistics kernel's launch and its output ``[1 + 3T, N]`` (allocated, not yet written)."""
+    """The statistics kernel's launch and its output ``[1 + 4T, N]`` (allocated, not yet written; the
+    last T rows are the kernel's scratch)."""
     n, d = hs.shape
     v = ws.shape[0]
     t, _, dt = ht.shape
     sp, tp = dot_plan(hs.dtype, hs.device.type), dot_plan(ht.dtype, ht.device.type)
-    bn, bv, bd, warps = lm_config(sp.half and tp.half, v, hs.device.type)
-    out = torch.empty((1 + 3 * t, n), dtype=torch.float32, device=hs.device)
+    bn, bv, bd, warps = lm_config(sp.half and tp.half, v, hs.device.type, _aligned(hs, ws, ht, wt))
+    out = torch.empty((1 + 4 * t, n), dtype=torch.float32, device=hs.device)
     args = (hs, ws, ht, wt, out, n, v, d, dt, *_strides(hs), *_strides(ws), *_strides(ht), *_strides(wt),
             math.log2(math.e) / temperature, float(temperature))
-    constexprs = dict(T=t, T_PAD=max(2, triton.next_power_of_2(t)), REVERSE=reverse,
+    constexprs = dict(T=t, REVERSE=reverse,
                       NEED_U=need_u and float(temperature) != 1.0, S_FP32=sp.dot_fp32, S_PREC=sp.precision,
                       T_FP32=tp.dot_fp32, T_PREC=tp.precision, BN=bn, BV=bv, BD=bd)
-    return Launch(_lm_stats_kernel, (triton.cdiv(n, bn),), args, constexprs, warps), out
+    return Launch(_lm_stats_kernel, (triton.cdiv(n, bn),), args, constexprs, warps, OPTIONS), out
 
 
 def grad_launch(hs, ws, ht, wt, stats, coef, g, r0: int, r1: int, temperature: float, reverse: bool) -> Launch:
@@ -247,12 +273,12 @@ def grad_launch(hs, ws, ht, wt, stats, coef, g, r0: int, r1: int, temperature: f
     v = ws.shape[0]
     t, _, dt = ht.shape
     sp, tp = dot_plan(hs.dtype, hs.device.type), dot_plan(ht.dtype, ht.device.type)
-    bn, bv, bd, warps = lm_config(sp.half and tp.half, v, hs.device.type)
+    bn, bv, bd, warps = lm_config(sp.half and tp.half, v, hs.device.type, _aligned(hs, ws, ht, wt))
     args = (hs, ws, ht, wt, stats, coef, g, r0, r1, n, v, d, dt, *_strides(hs), *_strides(ws), *_strides(ht),
             *_strides(wt), g.stride(0), math.log2(math.e) / temperature)
     constexprs = dict(T=t, REVERSE=reverse, S_FP32=sp.dot_fp32, S_PREC=sp.precision, T_FP32=tp.dot_fp32,
                       T_PREC=tp.precision, BN=bn, BV=bv, BD=bd)
-    return Launch(_lm_grad_kernel, (triton.cdiv(r1 - r0, bn), triton.cdiv(v, bv)), args, constexprs, warps)
+    return Launch(_lm_grad_kernel, (triton.cdiv(r1 - r0, bn), triton.cdiv(v, bv)), args, constexprs, warps, OPTIONS)
 
 
 def chunk_rows(n: int, v: int, itemsize: int, budget: int = CHUNK_BYTES) -> int:
@@ -290,7 +316,7 @@ class _LMLinearKL(torch.autograd.Function):
         launch()
         w = _teacher_weights(stats, ht, wt_c, targets, weights, ignore_index, t)
         n_valid = (targets != ignore_index).sum().to(torch.float32).clamp_min(1.0)
-        kl = stats[1 + 2 * t:]
+        kl = stats[1 + 2 * t: 1 + 3 * t]
         loss = (tau * tau) * torch.where(w != 0, w * kl, 0.0).sum() / n_valid
         if not needs_grad:
             ctx.grads = (None, None)

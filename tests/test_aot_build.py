@@ -48,8 +48,29 @@ def test_every_specialization_builds_for_sm90_and_sm80_without_spills(ci_build):
     assert all(r["regs"] and r["smem"] is not None and r["spill_stores"] == 0 for r in rows)
 
 
-KERNELS = ("mt_kl_kernel", "mt_kl_scale_kernel", "mt_kl_small_kernel",
-           "hidden_fwd_kernel", "hidden_de_kernel", "hidden_dw_kernel", "hidden_dx_kernel")
+CLS_KERNELS = ("mt_kl_kernel", "mt_kl_scale_kernel", "mt_kl_small_kernel",
+               "hidden_fwd_kernel", "hidden_de_kernel", "hidden_dw_kernel", "hidden_dx_kernel")
+LM_KERNELS = ("lm_stats_kernel", "lm_grad_kernel")
+KERNELS = CLS_KERNELS + LM_KERNELS
+
+
+def test_lm_kernels_have_no_atomics_and_multiply_half_precision_on_tensor_cores(ci_build):
+    """The causal-LM loss's two kernels, read from the SASS of every build: no global atomic or
+    reduction (each program owns its rows' statistics, each G tile has one writer, and the weight's
+    gradient is a GEMM); half precision multiplies with warpgroup MMAs on sm_90 (HGMMA) and HMMA on
+    sm_80; exact float32 on FMA units."""
+    rows, _ = ci_build
+    lm = [r for r in rows if r["kernel"] in LM_KERNELS]
+    assert {r["kernel"] for r in lm} == set(LM_KERNELS)
+    assert not [(r["kernel"], r["case"]) for r in lm if r["sass"]["atomics"]]
+    half = [r for r in lm if "S_FP32=0" in r["constexprs"]]
+    assert half and all(r["sass"]["wgmma"] + r["sass"]["mma"] > 0 for r in half)
+    # The big tiles (aligned rows) on sm_90: warpgroup MMAs; the small ones take warp-level HMMA.
+    big = [r for r in half if r["arch"] == 90 and "BN=64" in r["constexprs"]]
+    assert big and all(r["sass"]["wgmma"] > 0 for r in big)
+    assert all(r["sass"]["mma"] > 0 for r in half if r["arch"] == 80)
+    exact = [r for r in lm if "S_PREC=ieee" in r["constexprs"] and "S_FP32=1" in r["constexprs"]]
+    assert exact and all(r["sass"]["wgmma"] == r["sass"]["mma"] == 0 for r in exact)
 
 
 def test_hidden_backward_has_no_atomics_and_half_precision_runs_on_tensor_cores(ci_build):
@@ -121,7 +142,7 @@ def test_sass_counts_read_widths_and_atomics():
 
 def test_ci_set_holds_every_pair_of_axis_values():
     chosen = aot.cases("ci")
-    for op, axes in (("kl", aot.KL_AXES), ("hidden", aot.HIDDEN_AXES)):
+    for op, axes in (("kl", aot.KL_AXES), ("hidden", aot.HIDDEN_AXES), ("lm", aot.LM_AXES)):
         got = [c.p for c in chosen if c.op == op]
         for a, b in itertools.combinations(axes, 2):
             for va, vb in itertools.product(axes[a], axes[b]):
@@ -228,7 +249,7 @@ def test_specialization_is_what_a_real_launch_compiles(monkeypatch):
         seen.append(compile)
         return True  # handled: JITFunction.run returns before compiling or launching
 
-    for mod, name in (((kl if k.startswith("mt_kl") else hidden_mse), f"_{k}") for k in KERNELS):
+    for mod, name in (((kl if k.startswith("mt_kl") else hidden_mse), f"_{k}") for k in CLS_KERNELS):
         monkeypatch.setattr(mod, name, _jit(getattr(mod, name)))
     monkeypatch.setattr(knobs.runtime, "jit_cache_hook", hook)
     saved = driver._active
