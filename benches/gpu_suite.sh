@@ -10,10 +10,11 @@
 #           in parallel workers where pytest-xdist is installed)
 #   check   fastmt check --device cuda: every kernel case against float64           -> check.json
 #   kbench  benches/bench_kernels.py: target shapes, bf16, fwd+bwd (then fwd alone)  -> kernels.jsonl, kernels.png
+#   lm      benches/bench_lm.py: the causal-LM loss, fused vs Liger (once per teacher) vs eager vs
+#           torch.compile, 8,192 tokens, D=4,096, 2 teachers, bf16, V=128,256 then 32,000  -> lm.jsonl
 #   bench   fastmt bench --preset base: reference, eager-fp16, fast, then the rest    -> bench-PRESET-GPU.json
-#   memory  fastmt memory --preset base                                               -> memory.json, memory.png,
-#                                                                                        snapshot-fast.pickle
-# Time: within BUDGET_S seconds in all (default 465: under 8 minutes on one H100). Each stage is
+#   memory  fastmt memory --preset base (no allocator snapshot)                      -> memory.json, memory.png
+# Time: within BUDGET_S seconds in all (default 525: under 9 minutes on one H100). Each stage is
 # guaranteed its share; what a stage leaves unused goes to the stages after it, up to each one's cap.
 # Files: at most 8, all directly in OUT_DIR: suite.log (everything printed, and a per-stage timing
 # summary at the end) and the results above; none over 16 MiB.
@@ -38,7 +39,7 @@ cd "$root" || exit 2
 
 device=${DEVICE:-cuda}
 preset=${PRESET:-base}
-budget=${BUDGET_S:-465}
+budget=${BUDGET_S:-525}
 [ "$device" = cpu ] && budget=${BUDGET_S:-900}  # the window is the GPU's; a dry run may take its time
 cuda_tests=${CUDA_TESTS:-tests/test_graphs.py}
 
@@ -69,17 +70,17 @@ gpu=${gpu:-$device}
 bench_json=$out/bench-$preset-$gpu.json
 # A rerun into the same dir starts clean (bench_kernels appends to its JSONL).
 rm -f "$out"/suite.log "$out"/check.json "$out"/kernels.jsonl "$out"/kernels.png "$bench_json" \
-    "$out"/memory.json "$out"/memory.png "$out"/snapshot-fast.pickle "$out"/.bench-rest.json
+    "$out"/memory.json "$out"/memory.png "$out"/snapshot-fast.pickle "$out"/.bench-rest.json "$out"/lm.jsonl
 exec > >(tee -a "$out/suite.log") 2>&1
 tee_pid=$!
 
 # Seconds each stage is guaranteed, and the most it may take; the guarantees add up to the default budget.
-declare -A share=([check]=60 [tests]=160 [kbench]=65 [bench]=120 [memory]=60)
-declare -A cap=([check]=90 [tests]=240 [kbench]=100 [bench]=300 [memory]=90)
-read -r -a stages <<< "${STAGES:-tests check kbench bench memory}"
+declare -A share=([check]=60 [tests]=160 [kbench]=65 [lm]=60 [bench]=120 [memory]=60)
+declare -A cap=([check]=90 [tests]=240 [kbench]=100 [lm]=150 [bench]=300 [memory]=90)
+read -r -a stages <<< "${STAGES:-tests check kbench lm bench memory}"
 for name in "${stages[@]}"; do
     if [ -z "${share[$name]:-}" ]; then
-        echo "gpu_suite: STAGES: unknown stage '$name' (choose from check tests kbench bench memory)" >&2
+        echo "gpu_suite: STAGES: unknown stage '$name' (choose from tests check kbench lm bench memory)" >&2
         exit 2
     fi
 done
@@ -149,7 +150,8 @@ stage_tests() {
         [ "$n" -gt 12 ] && n=12
         [ "$n" -gt 1 ] && par=(-n "$n")
     fi
-    within 0 python -m pytest -p no:cacheprovider --disable-warnings -v -rfEs "${par[@]}" tests/test_kernels.py "${sel[@]}"
+    within 0 python -m pytest -p no:cacheprovider --disable-warnings -v -rfEs "${par[@]}" tests/test_kernels.py \
+        tests/test_lm_kernels.py "${sel[@]}"
     keep $?
     return $rc
 }
@@ -175,6 +177,15 @@ stage_kbench() {
         fi
     fi
     return $rc
+}
+
+stage_lm() {
+    local args=(--device "$device" --tokens 8192 --dim 4096 --teachers 2 --vocab 128256,32000
+                --providers fused,liger,eager,compiled)
+    # The dry run: the interpreter's fused kernel at a size it finishes, the same providers.
+    [ "$device" = cpu ] && args=(--device cpu --tokens 64 --dim 32 --teachers 2 --vocab 1000 --reps 2
+                                 --providers fused,eager)
+    within 0 python benches/bench_lm.py "${args[@]}" --out "$out/lm.jsonl"
 }
 
 stage_bench() {
@@ -224,7 +235,8 @@ EOF
 
 stage_memory() {
     have matplotlib || skipped+=("memory chart (no matplotlib)")
-    within 0 python -m fastmt memory --device "$device" --preset "$preset" --out "$out" --snapshot-mb 15
+    # No allocator snapshot: the files that come back from a GPU lease are 8 at most, and lm.jsonl is one.
+    within 0 python -m fastmt memory --device "$device" --preset "$preset" --out "$out" --snapshot-mb 0
 }
 
 echo "[suite] $(date -u '+%Y-%m-%d %H:%M:%S UTC') device=$device preset=$preset budget=${budget}s out=$out"
