@@ -6,7 +6,10 @@ Each provider computes the multi-teacher loss from the student's last hidden sta
 matrix and the teachers' (forward and backward, the gradient for the student's hidden states and
 output matrix), on the same inputs:
 
-- ``fused``: ``fastmt.kernels.lm_linear_kl_loss`` (never forms the ``tokens x vocab`` logits)
+- ``fused``: ``fastmt.kernels.lm_linear_kl_loss`` with its Triton kernels (never forms the ``tokens x
+  vocab`` logits; CUDA, or the CPU interpreter for tiny sizes)
+- ``tiled``: the same algorithm in torch over vocabulary tiles (``fastmt.kernels.lm_tiled``: what
+  ``lm_linear_kl_loss`` runs where Triton cannot, e.g. a CPU without the interpreter)
 - ``eager``: ``fastmt.losses.lm_linear_kl_loss``, the reference (forms every model's logits)
 - ``compiled``: that reference under ``torch.compile``
 - ``liger``: Liger-Kernel's chunked fused-linear distillation loss (``LigerFusedLinearJSDLoss``,
@@ -23,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -31,7 +33,7 @@ import time
 
 import torch
 
-PROVIDERS = ("fused", "eager", "compiled", "liger")
+PROVIDERS = ("fused", "tiled", "eager", "compiled", "liger")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -59,6 +61,11 @@ def make(provider: str, a, device: torch.device):
         if not fused.available(device):
             raise RuntimeError("the Triton kernels do not run here (CUDA, or TRITON_INTERPRET=1 on the CPU)")
         return lambda hs, ws, ht, wt, y: fused.lm_linear_kl_loss(hs, ws, ht, wt, y, a.weights, a.temperature)
+    if provider == "tiled":
+        from fastmt.kernels import lm_tiled
+
+        return lambda hs, ws, ht, wt, y: lm_tiled.lm_linear_kl(hs, ws, ht, wt, y, a.weights, a.temperature, -100,
+                                                               False, lm_tiled.CHUNK_BYTES, "torch")
     from fastmt import losses
 
     def eager(hs, ws, ht, wt, y):
@@ -143,11 +150,13 @@ def _child(a, provider: str, v: int) -> dict:
     return json.loads(lines[-1])
 
 
-def table(rows: list[dict]) -> str:
-    out = [f"{'vocab':>7} {'provider':<9} {'ms p50':>9} {'peak MB':>9} {'time vs fused':>14} {'memory vs fused':>16}"]
+def table(rows: list[dict], a_base: str = "fused") -> str:
+    """Each row's time and memory against ``a_base``'s at the same vocabulary size."""
+    out = [f"{'vocab':>7} {'provider':<9} {'ms p50':>9} {'peak MB':>9} {'time vs ' + a_base:>14} "
+           f"{'memory vs ' + a_base:>16}"]
     for v in sorted({r["vocab"] for r in rows}):
         here = [r for r in rows if r["vocab"] == v]
-        f = next((r for r in here if r["provider"] == "fused" and "error" not in r), None)
+        f = next((r for r in here if r["provider"] == a_base and "error" not in r), None)
         for r in here:
             if "error" in r:
                 out.append(f"{v:>7} {r['provider']:<9} error: {r['error']}")
@@ -195,7 +204,8 @@ def main(argv=None) -> int:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"\nLM distillation loss, forward + backward: {a.tokens} tokens, D={a.dim}, Dt={a.teacher_dim}, "
           f"{a.teachers} teachers, {a.dtype}, on {where}")
-    print(table(rows))
+    base = next((p for p in ("fused", "tiled") if p in a.providers.split(",")), a.providers.split(",")[0])
+    print(table(rows, base))
     return 1 if any("error" in r for r in rows) else 0
 
 

@@ -20,6 +20,7 @@ import os
 import torch
 
 from fastmt import losses as _ref
+from fastmt.kernels import lm_tiled as _lm_tiled
 
 __all__ = ["mt_kl_loss", "mt_hidden_loss", "lm_linear_kl_loss", "hidden_products", "available", "SCHEMES"]
 
@@ -29,11 +30,10 @@ log = logging.getLogger("fastmt")
 try:
     from fastmt.kernels import hidden_mse as _hidden
     from fastmt.kernels import kl as _kl
-    from fastmt.kernels import lm_kl as _lm
 
     _IMPORT_ERROR: str | None = None
 except ImportError as e:  # no triton: the reference serves
-    _kl = _hidden = _lm = None
+    _kl = _hidden = None
     _IMPORT_ERROR = str(e)
 
 _warned = False
@@ -54,8 +54,9 @@ def _use_kernels(device: torch.device) -> bool:
         return True
     if not _warned:
         why = f"Triton is not importable ({_IMPORT_ERROR})" if _kl is None else f"tensors are on {device}, not CUDA"
-        log.warning("fastmt.kernels: %s; running the reference losses instead (set TRITON_INTERPRET=1 to "
-                    "run the kernels in Triton's CPU interpreter)", why)
+        log.warning("fastmt.kernels: %s; running the reference losses instead, and the causal-LM loss "
+                    "over vocabulary tiles in torch (set TRITON_INTERPRET=1 to run the kernels in Triton's "
+                    "CPU interpreter)", why)
         _warned = True
     return False
 
@@ -121,9 +122,9 @@ def lm_linear_kl_loss(student_hidden, student_weight, teacher_hidden, teacher_we
                                                       "N": (student_hidden.shape[0], "student_hidden")})
     elif weights is not None:
         weights = _ref._scheme(weights, "weights")
-    if not _use_kernels(student_hidden.device):
-        return _ref.lm_linear_kl_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, targets,
-                                      weights, temperature, ignore_index, direction)
-    return _lm.lm_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, targets, weights, tau,
-                            ignore_index, direction == "reverse",
-                            _lm.CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes))
+    # Where the Triton kernels cannot run, the same algorithm in torch over vocabulary tiles (still no
+    # [N, V] logits), said once like the other losses' fallback.
+    backend = "triton" if _use_kernels(student_hidden.device) else "torch"
+    return _lm_tiled.lm_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, targets, weights,
+                                  tau, ignore_index, direction == "reverse",
+                                  _lm_tiled.CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes), backend)

@@ -34,12 +34,11 @@ import triton.language as tl
 
 from fastmt.kernels.hidden_mse import dot_plan
 from fastmt.kernels.launch import Launch
+from fastmt.kernels.lm_tiled import CHUNK_BYTES, stack_teachers  # noqa: F401 (lm_kl.stack_teachers)
 
 # Floor for running maxima (see kl.py): rescales are always 2^(m_old - m_new) of two stored maxima,
 # never a product minus a maximum, which a GPU build contracts into an FMA that keeps a rounding error.
 _NEG = tl.constexpr(-1.0e30)
-# Bytes of the gradient block G that one chunk of rows may take.
-CHUNK_BYTES = 256 * 1024 * 1024
 # One stage (no software pipelining of the width loop: the tiles' registers go to the per-row
 # statistics) and an explicit cap: at ptxas's own choice some float32 builds spilled 4-8 B at
 # ~176 registers; with 232 none of ``python -m fastmt.kernels.aot``'s builds spills.
@@ -229,23 +228,6 @@ def _aligned(*tensors: torch.Tensor) -> bool:
     return all(x.stride(-2) % 16 == 0 for x in tensors)
 
 
-def stack_teachers(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Teachers' ``[N, Dt_i]`` hidden states or ``[V, Dt_i]`` output matrices as one ``[T, *, max Dt]``
-    tensor, narrower ones padded with zero columns (their logits are unchanged). Stack output matrices
-    once, not every step: they are the largest tensors here."""
-    width = max(t.shape[-1] for t in tensors)
-    if all(t.shape[-1] == width for t in tensors):
-        return torch.stack(tensors)
-    out = tensors[0].new_zeros((len(tensors), tensors[0].shape[0], width))
-    for i, t in enumerate(tensors):
-        out[i, :, : t.shape[-1]] = t
-    return out
-
-
-def _as_stack(x) -> torch.Tensor:
-    return x if isinstance(x, torch.Tensor) else stack_teachers(list(x))
-
-
 def _strides(x: torch.Tensor) -> tuple[int, ...]:
     return tuple(x.stride())
 
@@ -286,75 +268,30 @@ def chunk_rows(n: int, v: int, itemsize: int, budget: int = CHUNK_BYTES) -> int:
     return max(16, min(n, budget // max(1, v * itemsize)))
 
 
-def _teacher_weights(stats, ht, wt, targets, weights, ignore_index: int, t: int) -> torch.Tensor:
-    """``[T, N]`` float32 teacher weights, 0 on rows that do not count."""
-    valid = targets != ignore_index
-    if isinstance(weights, torch.Tensor):
-        w = weights.detach().to(torch.float32)
-    elif weights in ("paper", "softmax"):
-        # CE_i = untempered log-sum-exp - the logit of the next token: one row of each output matrix.
-        idx = torch.where(valid, targets, 0).long().clamp(0, wt.shape[1] - 1)
-        z_y = torch.stack([(ht[i].float() * wt[i].index_select(0, idx).float()).sum(-1) for i in range(t)])
-        ce = stats[1 + t: 1 + 2 * t] - z_y
-        w = 1.0 / (1.0 + ce) if weights == "paper" else torch.softmax(-ce, dim=0)
-    else:  # uniform, or none: every teacher 1
-        w = torch.ones_like(stats[1: 1 + t])
-    return torch.where(valid, w, 0.0)
+def triton_stats(hs, ws, ht, wt, tau: float, reverse: bool, need_u: bool) -> torch.Tensor:
+    """``[1 + 4T, N]`` statistics from ``_lm_stats_kernel`` (``fastmt.kernels.lm_tiled`` reads them)."""
+    launch, stats = stats_launch(hs, ws, ht, wt, tau, reverse, need_u)
+    launch()
+    return stats
 
 
-class _LMLinearKL(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hs, ws, ht, wt, targets, weights, tau, ignore_index, reverse, chunk_bytes):
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        plan = dot_plan(hs.dtype, hs.device.type)
-        hs_c = hs.contiguous()
-        ws_c = ws.to(hs.dtype).contiguous() if plan.half else ws.contiguous()
-        t = ht.shape[0]
-        tplan = dot_plan(ht.dtype, ht.device.type)
-        wt_c = wt.to(ht.dtype) if tplan.half else wt
-        launch, stats = stats_launch(hs_c, ws_c, ht, wt_c, tau, reverse, isinstance(weights, str) and weights != "uniform")
-        launch()
-        w = _teacher_weights(stats, ht, wt_c, targets, weights, ignore_index, t)
-        n_valid = (targets != ignore_index).sum().to(torch.float32).clamp_min(1.0)
-        kl = stats[1 + 2 * t: 1 + 3 * t]
-        loss = (tau * tau) * torch.where(w != 0, w * kl, 0.0).sum() / n_valid
-        if not needs_grad:
-            ctx.grads = (None, None)
-            return loss
-        n, v = hs.shape[0], ws.shape[0]
-        g_dtype = hs.dtype if plan.half else torch.float32
-        rows = chunk_rows(n, v, torch.empty((), dtype=g_dtype).element_size(), chunk_bytes)
-        g = torch.empty((rows, v), dtype=g_dtype, device=hs.device)
-        d_hs = torch.empty((n, hs.shape[1]), dtype=g_dtype, device=hs.device)
-        d_ws = None
-        for r0 in range(0, n, rows):
-            r1 = min(n, r0 + rows)
-            gc = g[: r1 - r0]
-            grad_launch(hs_c, ws_c, ht, wt_c, stats, w, gc, r0, r1, tau, reverse)()
-            torch.mm(gc, ws_c.to(g_dtype), out=d_hs[r0:r1])
-            part = gc.t() @ hs_c[r0:r1].to(g_dtype)
-            # Chunks add up in float32: a half-precision sum over many chunks would lose the small ones.
-            d_ws = part.float() if d_ws is None else d_ws.add_(part)
-        scale = tau / n_valid  # d loss / d logits = tau / counted rows * G (at an upstream gradient of 1)
-        ctx.grads = (d_hs.float().mul_(scale), d_ws.mul_(scale))
-        ctx.dtypes = (hs.dtype, ws.dtype)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        d_hs, d_ws = ctx.grads
-        ctx.grads = None
-        out_hs = (d_hs * grad_loss).to(ctx.dtypes[0]) if d_hs is not None and ctx.needs_input_grad[0] else None
-        out_ws = (d_ws * grad_loss).to(ctx.dtypes[1]) if d_ws is not None and ctx.needs_input_grad[1] else None
-        return out_hs, out_ws, None, None, None, None, None, None, None, None
-
-
-def lm_linear_kl(hs, ws, ht, wt, targets, weights, temperature: float, ignore_index: int, reverse: bool,
-                 chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
-    """The fused loss on checked arguments (``fastmt.kernels.lm_linear_kl_loss`` checks them)."""
-    ht = _as_stack(ht).detach()
-    wt = _as_stack(wt).detach()
-    return _LMLinearKL.apply(hs, ws, ht, wt, targets, weights, float(temperature), int(ignore_index), bool(reverse),
-                             int(chunk_bytes))
-
-
+def triton_grads(hs, ws, ht, wt, stats, w, tau: float, reverse: bool, chunk_bytes: int):
+    """``(G ws, G^T hs)`` in float32 for the whole of ``G``, made chunk by chunk (``_lm_grad_kernel``
+    writes each chunk's block, two GEMMs consume it)."""
+    n, v = hs.shape[0], ws.shape[0]
+    half = dot_plan(hs.dtype, hs.device.type).half
+    g_dtype = hs.dtype if half else torch.float32
+    rows = chunk_rows(n, v, torch.empty((), dtype=g_dtype).element_size(), chunk_bytes)
+    g = torch.empty((rows, v), dtype=g_dtype, device=hs.device)
+    d_hs = torch.empty((n, hs.shape[1]), dtype=g_dtype, device=hs.device)
+    d_ws = None
+    w_g = ws.to(g_dtype)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        gc = g[: r1 - r0]
+        grad_launch(hs, ws, ht, wt, stats, w, gc, r0, r1, tau, reverse)()
+        torch.mm(gc, w_g, out=d_hs[r0:r1])
+        part = gc.t() @ hs[r0:r1].to(g_dtype)
+        # Chunks add up in float32: a half-precision sum over many chunks would lose the small ones.
+        d_ws = part.float() if d_ws is None else d_ws.add_(part)
+    return d_hs.float(), d_ws

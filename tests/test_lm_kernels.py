@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastmt.kernels as fused
 from fastmt import losses as ref
-from fastmt.kernels import lm_kl
+from fastmt.kernels import lm_kl, lm_tiled
 
 DEVICE = torch.device(os.environ.get("FASTMT_TEST_DEVICE", "cpu"))
 
@@ -226,3 +226,26 @@ def test_teachers_must_share_the_vocabulary():
     hs, ws, hts, wts, y = _case(4, 16, (16,), 40, torch.float32, seed=1)
     with pytest.raises(ValueError, match="vocabulary of 41 tokens and the student 40"):
         fused.lm_linear_kl_loss(hs, ws, hts, [torch.zeros(41, 16, device=DEVICE)], y)
+
+
+@pytest.mark.no_launch
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("weights", ["paper", "softmax", "uniform"])
+def test_torch_tiles_where_triton_cannot_run(weights, direction, monkeypatch):
+    """Without the Triton kernels (a CPU without the interpreter), ``lm_linear_kl_loss`` runs the same
+    algorithm in torch over vocabulary tiles (here 64 columns: 5 tiles of a 300-token vocabulary, the
+    last one partial), within the same element-wise bounds."""
+    monkeypatch.setattr(fused, "available", lambda device=None: False)
+    monkeypatch.setattr(lm_tiled, "TILE", 64)
+    launched = []
+    monkeypatch.setattr(lm_tiled.LMLinearKL, "apply", _spy(lm_tiled.LMLinearKL.apply, launched))
+    hs, ws, hts, wts, y = _case(13, 40, (24, 40), 300, torch.float32, seed=11)
+    _compare(hs, ws, hts, wts, y, weights, 2.0, direction, torch.float32)
+    assert launched == ["torch"]
+
+
+def _spy(apply, seen):
+    def spied(*args):
+        seen.append(args[-1])  # the backend
+        return apply(*args)
+    return spied
