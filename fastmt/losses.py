@@ -331,6 +331,79 @@ def lm_kl_loss(
     return _weighted_mean(kl, weights, targets, ignore_index, tau)
 
 
+def lm_topk_kl_loss(
+    student_logits: Tensor,
+    topk_ids: Tensor,
+    topk_logprobs: Tensor,
+    targets: Tensor,
+    weights: Tensor | str | None = "paper",
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    direction: str = "forward",
+    target_logprobs: Tensor | None = None,
+) -> Tensor:
+    """``lm_kl_loss`` against teachers stored as their top-k next-token log-probabilities (a cache).
+
+    Teacher ``i`` at row ``n`` is known on ``topk_ids [T,N,K]`` with log-probabilities ``topk_logprobs
+    [T,N,K]`` at ``temperature``, and the rest of the vocabulary as one tail bucket of mass ``1 - sum
+    p``. The student's distribution is taken on the same ``K + 1`` cells (its tail: everything outside
+    the teacher's ids), and the KL between the two is exact on that partition. It is never more than
+    the KL over the whole vocabulary (merging cells cannot increase a KL), and equals it when the
+    teacher puts no mass in the tail or the student's tail is shaped like the teacher's. Weights as in
+    ``lm_kl_loss``; ``paper`` and ``softmax`` need ``target_logprobs [T,N]``: each teacher's
+    untempered log-probability of the actual next token (stored beside the top-k)."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {', '.join(map(repr, DIRECTIONS))}; got {direction!r}")
+    _tensor(student_logits, "student_logits")
+    dims: dict[str, tuple[int, str]] = {}
+    _shape(student_logits, "student_logits", ("N", "V"), dims)
+    _tensor(topk_logprobs, "topk_logprobs", student_logits, "student_logits")
+    _shape(topk_logprobs, "topk_logprobs", ("T", "N", "K"), dims)
+    _tensor(topk_ids, "topk_ids", student_logits, "student_logits", floating=False)
+    _shape(topk_ids, "topk_ids", ("T", "N", "K"), dims)
+    if targets is None:
+        raise ValueError("targets (the next token of each row, or ignore_index) are required")
+    _labels(targets, dims["N"][0], student_logits, "student_logits")
+    tau = _temperature(temperature)
+    if isinstance(weights, str) or not (weights is None or isinstance(weights, Tensor)):
+        weights = _scheme(weights, "weights")
+        if weights != "uniform":
+            if target_logprobs is None:
+                raise ValueError(f"weights={weights!r} needs target_logprobs: each teacher's log-probability "
+                                 "of the next token")
+            _tensor(target_logprobs, "target_logprobs", student_logits, "student_logits")
+            _shape(target_logprobs, "target_logprobs", ("T", "N"), dims)
+            ce = -target_logprobs.detach().to(_compute_dtype(target_logprobs))
+            weights = 1.0 / (1.0 + ce) if weights == "paper" else torch.softmax(-ce, dim=0)
+        else:
+            weights = None
+    elif weights is not None:
+        _tensor(weights, "weights", student_logits, "student_logits")
+        _shape(weights, "weights", ("T", "N"), dims)
+
+    dtype = _compute_dtype(student_logits, topk_logprobs)
+    t = topk_ids.shape[0]
+    log_q = F.log_softmax(student_logits.to(dtype) / tau, dim=-1)  # [N,V]
+    ids = topk_ids.long()
+    lq_k = log_q.unsqueeze(0).expand(t, -1, -1).gather(-1, ids)  # [T,N,K]
+    # The student's tail: its log-probability outside the teacher's ids (a log-sum-exp with them masked).
+    outside = log_q.unsqueeze(0).expand(t, -1, -1).scatter(-1, ids, float("-inf"))
+    lq_tail = torch.logsumexp(outside, dim=-1)  # [T,N]
+    lp_k = topk_logprobs.detach().to(dtype)
+    p_k = lp_k.exp()
+    r = (1.0 - p_k.sum(-1)).clamp_min(0.0)  # the teacher's tail mass
+    lr = torch.log(r.clamp_min(torch.finfo(dtype).tiny))
+    if direction == "forward":
+        # Ids covering the whole vocabulary leave no tail (lq_tail = -inf): r is then rounding, not mass.
+        has_tail = (r > 0) & (lq_tail > float("-inf"))
+        kl = (p_k * (lp_k - lq_k)).sum(-1) + torch.where(has_tail, r * (lr - lq_tail), 0.0)
+    else:
+        q_k, q_tail = lq_k.exp(), lq_tail.exp()
+        kl = (q_k * torch.where(q_k > 0, lq_k - lp_k, 0.0)).sum(-1)
+        kl = kl + torch.where(q_tail > 0, q_tail * (lq_tail - lr), 0.0)
+    return _weighted_mean(kl, weights, targets, ignore_index, tau)
+
+
 def _teacher_list(x, name: str) -> list[Tensor]:
     """A stacked ``[T, ...]`` tensor or a list of per-teacher tensors, as a list."""
     if isinstance(x, Tensor):
