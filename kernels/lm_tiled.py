@@ -1,4 +1,4 @@
-"""The causal-LM loss's autograd function, and its vocabulary-tiled torch path (no Triton needed).
+"""The causal-LM loss as a custom op, and its vocabulary-tiled torch path (no Triton needed).
 
 ``fastmt.kernels.lm_linear_kl_loss`` runs in two steps on either backend:
 
@@ -118,49 +118,75 @@ def tiled_grads(hs, ws, ht, wt, stats, w, tau: float, reverse: bool, tile: int |
     return d_hs, d_ws
 
 
-class LMLinearKL(torch.autograd.Function):
-    """The loss, with the gradient for ``hs`` and ``ws`` made in the forward (as the KL kernel does)."""
+def _forward(hs, ws, ht, wt, targets, weights, tau: float, ignore_index: int, reverse: bool, chunk_bytes: int,
+             backend: str, with_grad: bool):
+    """``(loss, d hs, d ws)``: the gradients (float32, for an upstream gradient of 1) are made in the
+    forward, as the classification KL kernel makes its own; without ``with_grad`` they are None."""
+    t = ht.shape[0]
+    need_u = isinstance(weights, str) and weights != "uniform"
+    if backend == "triton":
+        from fastmt.kernels import lm_kl
+        from fastmt.kernels.hidden_mse import dot_plan
 
-    @staticmethod
-    def forward(ctx, hs, ws, ht, wt, targets, weights, tau, ignore_index, reverse, chunk_bytes, backend):
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        t = ht.shape[0]
-        need_u = isinstance(weights, str) and weights != "uniform"
-        if backend == "triton":
-            from fastmt.kernels import lm_kl
-            from fastmt.kernels.hidden_mse import dot_plan
+        # Half-precision inputs multiply on tensor cores: each output matrix joins its hidden states' dtype.
+        ws_c = ws.to(hs.dtype).contiguous() if dot_plan(hs.dtype, hs.device.type).half else ws.contiguous()
+        wt_c = wt.to(ht.dtype) if dot_plan(ht.dtype, ht.device.type).half else wt
+        hs_c = hs.contiguous()
+        stats = lm_kl.triton_stats(hs_c, ws_c, ht, wt_c, tau, reverse, need_u)
+    else:
+        hs_c, ws_c, wt_c = hs, ws.to(hs.dtype), wt.to(ht.dtype)
+        stats = tiled_stats(hs_c, ws_c, ht, wt_c, tau, reverse, need_u)
+    w = teacher_weights(stats, ht, wt_c, targets, weights, ignore_index)
+    n_valid = (targets != ignore_index).sum().to(torch.float32).clamp_min(1.0)
+    kl = stats[1 + 2 * t: 1 + 3 * t]
+    loss = (tau * tau) * torch.where(w != 0, w * kl, 0.0).sum() / n_valid
+    if not with_grad:
+        return loss, None, None
+    if backend == "triton":
+        d_hs, d_ws = lm_kl.triton_grads(hs_c, ws_c, ht, wt_c, stats, w, tau, reverse, chunk_bytes)
+    else:
+        d_hs, d_ws = tiled_grads(hs_c, ws_c, ht, wt_c, stats, w, tau, reverse)
+    scale = tau / n_valid  # d loss / d logits = tau / counted rows * G (at an upstream gradient of 1)
+    return loss, d_hs.mul_(scale), d_ws.mul_(scale)
 
-            # Half-precision inputs multiply on tensor cores: each output matrix joins its hidden states' dtype.
-            ws_c = ws.to(hs.dtype).contiguous() if dot_plan(hs.dtype, hs.device.type).half else ws.contiguous()
-            wt_c = wt.to(ht.dtype) if dot_plan(ht.dtype, ht.device.type).half else wt
-            hs_c = hs.contiguous()
-            stats = lm_kl.triton_stats(hs_c, ws_c, ht, wt_c, tau, reverse, need_u)
-        else:
-            hs_c, ws_c, wt_c = hs, ws.to(hs.dtype), wt.to(ht.dtype)
-            stats = tiled_stats(hs_c, ws_c, ht, wt_c, tau, reverse, need_u)
-        w = teacher_weights(stats, ht, wt_c, targets, weights, ignore_index)
-        n_valid = (targets != ignore_index).sum().to(torch.float32).clamp_min(1.0)
-        kl = stats[1 + 2 * t: 1 + 3 * t]
-        loss = (tau * tau) * torch.where(w != 0, w * kl, 0.0).sum() / n_valid
-        ctx.dtypes = (hs.dtype, ws.dtype)
-        if not needs_grad:
-            ctx.grads = (None, None)
-            return loss
-        if backend == "triton":
-            d_hs, d_ws = lm_kl.triton_grads(hs_c, ws_c, ht, wt_c, stats, w, tau, reverse, chunk_bytes)
-        else:
-            d_hs, d_ws = tiled_grads(hs_c, ws_c, ht, wt_c, stats, w, tau, reverse)
-        scale = tau / n_valid  # d loss / d logits = tau / counted rows * G (at an upstream gradient of 1)
-        ctx.grads = (d_hs.mul_(scale), d_ws.mul_(scale))
-        return loss
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        d_hs, d_ws = ctx.grads
-        ctx.grads = None
-        out_hs = (d_hs * grad_loss).to(ctx.dtypes[0]) if d_hs is not None and ctx.needs_input_grad[0] else None
-        out_ws = (d_ws * grad_loss).to(ctx.dtypes[1]) if d_ws is not None and ctx.needs_input_grad[1] else None
-        return out_hs, out_ws, None, None, None, None, None, None, None, None, None
+# A torch.library custom op, so that a step calling the loss compiles under torch.compile(fullgraph=True)
+# without a graph break (the kernels inside are opaque to the compiler, as the classification losses' are).
+@torch.library.custom_op("fastmt::lm_linear_kl", mutates_args=())
+def lm_linear_kl_op(hs: torch.Tensor, ws: torch.Tensor, ht: torch.Tensor, wt: torch.Tensor, targets: torch.Tensor,
+                    weights: torch.Tensor | None, scheme: str | None, temperature: float, ignore_index: int,
+                    reverse: bool, chunk_bytes: int, backend: str,
+                    with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, d hs, d ws)``; the gradients are empty without ``with_grad``."""
+    loss, d_hs, d_ws = _forward(hs, ws, ht, wt, targets, weights if weights is not None else scheme, temperature,
+                                ignore_index, reverse, chunk_bytes, backend, with_grad)
+    if d_hs is None:
+        d_hs = d_ws = hs.new_empty((0,), dtype=torch.float32)
+    return loss, d_hs, d_ws
+
+
+@lm_linear_kl_op.register_fake
+def _(hs, ws, ht, wt, targets, weights, scheme, temperature, ignore_index, reverse, chunk_bytes, backend, with_grad):
+    return (hs.new_empty((), dtype=torch.float32),
+            hs.new_empty(hs.shape if with_grad else (0,), dtype=torch.float32),
+            hs.new_empty(ws.shape if with_grad else (0,), dtype=torch.float32))
+
+
+def _setup(ctx, inputs, output):
+    ctx.with_grad = inputs[12]
+    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
+    ctx.save_for_backward(output[1], output[2])
+
+
+def _backward(ctx, grad_loss, grad_hs, grad_ws):
+    none = (None,) * 11
+    if not ctx.with_grad:
+        return (None, None) + none
+    d_hs, d_ws = ctx.saved_tensors
+    return (d_hs * grad_loss).to(ctx.dtypes[0]), (d_ws * grad_loss).to(ctx.dtypes[1]), *none
+
+
+lm_linear_kl_op.register_autograd(_backward, setup_context=_setup)
 
 
 def stack_teachers(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -182,5 +208,9 @@ def lm_linear_kl(hs, ws, ht, wt, targets, weights, temperature: float, ignore_in
     ``triton`` (``fastmt.kernels.lm_kl``) or ``torch`` (the tiles above)."""
     ht = (ht if isinstance(ht, torch.Tensor) else stack_teachers(list(ht))).detach()
     wt = (wt if isinstance(wt, torch.Tensor) else stack_teachers(list(wt))).detach()
-    return LMLinearKL.apply(hs, ws, ht, wt, targets, weights, float(temperature), int(ignore_index), bool(reverse),
-                            int(chunk_bytes), backend)
+    with_grad = torch.is_grad_enabled() and (hs.requires_grad or ws.requires_grad)
+    w_tensor = weights.detach() if isinstance(weights, torch.Tensor) else None
+    scheme = weights if isinstance(weights, str) else None
+    loss, _, _ = lm_linear_kl_op(hs, ws, ht, wt, targets, w_tensor, scheme, float(temperature), int(ignore_index),
+                                 bool(reverse), int(chunk_bytes), backend, with_grad)
+    return loss
