@@ -341,6 +341,7 @@ def lm_topk_kl_loss(
     ignore_index: int = -100,
     direction: str = "forward",
     target_logprobs: Tensor | None = None,
+    tail_logprobs: Tensor | None = None,
 ) -> Tensor:
     """``lm_kl_loss`` against teachers stored as their top-k next-token log-probabilities (a cache).
 
@@ -351,7 +352,9 @@ def lm_topk_kl_loss(
     the KL over the whole vocabulary (merging cells cannot increase a KL), and equals it when the
     teacher puts no mass in the tail or the student's tail is shaped like the teacher's. Weights as in
     ``lm_kl_loss``; ``paper`` and ``softmax`` need ``target_logprobs [T,N]``: each teacher's
-    untempered log-probability of the actual next token (stored beside the top-k)."""
+    untempered log-probability of the actual next token (stored beside the top-k). ``tail_logprobs
+    [T,N]``: the log of each teacher's mass outside its ids, from its full distribution (a cache stores
+    it); without it the tail is ``1 - sum p`` of the stored log-probabilities."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {', '.join(map(repr, DIRECTIONS))}; got {direction!r}")
     _tensor(student_logits, "student_logits")
@@ -391,7 +394,13 @@ def lm_topk_kl_loss(
     lq_tail = torch.logsumexp(outside, dim=-1)  # [T,N]
     lp_k = topk_logprobs.detach().to(dtype)
     p_k = lp_k.exp()
-    r = (1.0 - p_k.sum(-1)).clamp_min(0.0)  # the teacher's tail mass
+    if tail_logprobs is not None:
+        _tensor(tail_logprobs, "tail_logprobs", student_logits, "student_logits")
+        _shape(tail_logprobs, "tail_logprobs", ("T", "N"), dims)
+        lr = tail_logprobs.detach().to(dtype)
+        r = lr.exp()
+    else:
+        r = (1.0 - p_k.sum(-1)).clamp_min(0.0)  # the teacher's tail mass
     lr = torch.log(r.clamp_min(torch.finfo(dtype).tiny))
     if direction == "forward":
         # Ids covering the whole vocabulary leave no tail (lq_tail = -inf): r is then rounding, not mass.
