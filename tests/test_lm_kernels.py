@@ -52,6 +52,17 @@ def _kernels_must_run(request):
     assert names, "no Triton kernel was launched: the fused path fell back to the reference"
 
 
+@pytest.fixture(autouse=True)
+def _exact_float32():
+    """float32 products exact on a GPU too (the bounds are float32's): TF32 off, whatever ran before."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     got, want = got.double().detach(), want.double().detach()
     return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
