@@ -284,6 +284,12 @@ def _weighted_mean(kl: Tensor, weights: Tensor | None, labels: Tensor | None, ig
 DIRECTIONS = ("forward", "reverse")
 
 
+def check_direction(direction) -> None:
+    """``forward`` ``KL(p_i || q)`` or ``reverse`` ``KL(q || p_i)``; anything else is a ValueError."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {', '.join(map(repr, DIRECTIONS))}; got {direction!r}")
+
+
 def check_vocab(student_vocab: int, teacher_vocabs, names=None) -> None:
     """Teachers of a language model must share the student's vocabulary (one tokenizer): a ValueError
     naming both sizes when one does not."""
@@ -314,8 +320,7 @@ def lm_kl_loss(
     in MT-BERT), or ``reverse`` ``KL(q || p_i)`` (mode-seeking); each scaled by ``temperature^2`` and
     averaged over the counted tokens. Teachers must share the student's vocabulary (``check_vocab``).
     """
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {', '.join(map(repr, DIRECTIONS))}; got {direction!r}")
+    check_direction(direction)
     if isinstance(student_logits, Tensor) and isinstance(teacher_logits, Tensor):
         if student_logits.dim() == 2 and teacher_logits.dim() == 3:
             check_vocab(student_logits.shape[-1], [teacher_logits.shape[-1]] * teacher_logits.shape[0])
@@ -355,8 +360,7 @@ def lm_topk_kl_loss(
     untempered log-probability of the actual next token (stored beside the top-k). ``tail_logprobs
     [T,N]``: the log of each teacher's mass outside its ids, from its full distribution (a cache stores
     it); without it the tail is ``1 - sum p`` of the stored log-probabilities."""
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {', '.join(map(repr, DIRECTIONS))}; got {direction!r}")
+    check_direction(direction)
     _tensor(student_logits, "student_logits")
     dims: dict[str, tuple[int, str]] = {}
     _shape(student_logits, "student_logits", ("N", "V"), dims)

@@ -112,8 +112,7 @@ def lm_linear_kl_loss(student_hidden, student_weight, teacher_hidden, teacher_we
     the student's or any teacher's ``N x V`` logits (``fastmt.kernels.lm_kl``). The teachers come stacked
     (``[T,N,Dt]``, ``[T,V,Dt]``; ``lm_kl.stack_teachers`` pads different widths) or as lists.
     ``chunk_bytes``: the most the gradient block of one chunk of rows may take (default 256 MiB)."""
-    if direction not in _ref.DIRECTIONS:
-        raise ValueError(f"direction must be one of {', '.join(map(repr, _ref.DIRECTIONS))}; got {direction!r}")
+    _ref.check_direction(direction)
     hts, _ = _ref.check_lm_linear_args(student_hidden, student_weight, teacher_hidden, teacher_weight, targets)
     tau = _ref._temperature(temperature)
     if isinstance(weights, torch.Tensor):

@@ -73,6 +73,18 @@ def kernel_launches(device: str | torch.device = "cpu"):
         kl.Launch.__call__ = real
 
 
+@contextlib.contextmanager
+def kernels_must_run(request, device):
+    """The kernel test files' autouse check: unless the test is marked ``no_launch``, it fails when no
+    Triton kernel was launched (the fused path fell back to the reference)."""
+    if request.node.get_closest_marker("no_launch"):
+        yield
+        return
+    with kernel_launches(device) as names:
+        yield
+    assert names, "no Triton kernel was launched: the fused path fell back to the reference"
+
+
 @pytest.fixture
 def kernels_ran():
     """For a test that runs the fused kernels: fails it unless a Triton kernel really was launched."""

@@ -34,14 +34,10 @@ pytestmark = [
 @pytest.fixture(autouse=True)
 def _kernels_must_run(request):
     """Every test here fails unless the Triton kernels are what ran (never the reference fallback)."""
-    from conftest import kernel_launches
+    from conftest import kernels_must_run
 
-    if request.node.get_closest_marker("no_launch"):
+    with kernels_must_run(request, DEVICE):
         yield
-        return
-    with kernel_launches(DEVICE) as names:
-        yield
-    assert names, "no Triton kernel was launched: the fused path fell back to the reference"
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -42,14 +42,10 @@ LOSS_TOL = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 @pytest.fixture(autouse=True)
 def _kernels_must_run(request):
     """Every test here fails unless the Triton kernels are what ran (never the reference fallback)."""
-    from conftest import kernel_launches
+    from conftest import kernels_must_run
 
-    if request.node.get_closest_marker("no_launch"):
+    with kernels_must_run(request, DEVICE):
         yield
-        return
-    with kernel_launches(DEVICE) as names:
-        yield
-    assert names, "no Triton kernel was launched: the fused path fell back to the reference"
 
 
 @pytest.fixture(autouse=True)
