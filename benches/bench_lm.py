@@ -6,8 +6,11 @@ Each provider computes the multi-teacher loss from the student's last hidden sta
 matrix and the teachers' (forward and backward, the gradient for the student's hidden states and
 output matrix), on the same inputs:
 
-- ``fused``: ``fastmt.kernels.lm_linear_kl_loss`` with its Triton kernels (never forms the ``tokens x
-  vocab`` logits; CUDA, or the CPU interpreter for tiny sizes)
+- ``fused``: ``fastmt.kernels.lm_linear_kl_loss`` as it runs by default where its Triton kernels run:
+  chunks of rows, cuBLAS GEMMs writing float32 logits, the KL row kernel (``fastmt.kernels.lm_chunks``;
+  never forms the ``tokens x vocab`` logits; CUDA, or the CPU interpreter for tiny sizes)
+- ``triton-tiles``: the same loss with ``backend="triton"``: vocabulary tiles in Triton kernels that
+  never leave registers (``fastmt.kernels.lm_kl``; least memory, recomputes the logits for the gradient)
 - ``tiled``: the same algorithm in torch over vocabulary tiles (``fastmt.kernels.lm_tiled``: what
   ``lm_linear_kl_loss`` runs where Triton cannot, e.g. a CPU without the interpreter)
 - ``eager``: ``fastmt.losses.lm_linear_kl_loss``, the reference (forms every model's logits)
@@ -33,7 +36,7 @@ import time
 
 import torch
 
-PROVIDERS = ("fused", "tiled", "eager", "compiled", "liger")
+PROVIDERS = ("fused", "triton-tiles", "tiled", "eager", "compiled", "liger")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -55,12 +58,15 @@ def inputs(a, v: int, device: torch.device):
 
 def make(provider: str, a, device: torch.device):
     """``fn(hs, ws, ht, wt, y) -> loss`` for one provider."""
-    if provider == "fused":
+    if provider in ("fused", "triton-tiles"):
         import fastmt.kernels as fused
 
         if not fused.available(device):
             raise RuntimeError("the Triton kernels do not run here (CUDA, or TRITON_INTERPRET=1 on the CPU)")
-        return lambda hs, ws, ht, wt, y: fused.lm_linear_kl_loss(hs, ws, ht, wt, y, a.weights, a.temperature)
+        backend = "chunks" if provider == "fused" else "triton"
+        chunk = int(a.chunk_mb * 2**20) if a.chunk_mb and provider == "fused" else None
+        return lambda hs, ws, ht, wt, y: fused.lm_linear_kl_loss(hs, ws, ht, wt, y, a.weights, a.temperature,
+                                                                 chunk_bytes=chunk, backend=backend)
     if provider == "tiled":
         from fastmt.kernels import lm_tiled
 
@@ -90,7 +96,7 @@ def _sync(device):
 
 
 def measure(provider: str, v: int, a, device: torch.device) -> dict:
-    row = dict(provider=provider, vocab=v, tokens=a.tokens, dim=a.dim, teacher_dim=a.teacher_dim,
+    row = dict(provider=provider, vocab=v, chunk_mb=a.chunk_mb if provider == "fused" else None, tokens=a.tokens, dim=a.dim, teacher_dim=a.teacher_dim,
                teachers=a.teachers, dtype=a.dtype, device=device.type, weights=a.weights,
                temperature=a.temperature)
     try:
@@ -142,7 +148,8 @@ def _child(a, provider: str, v: int) -> dict:
     """One provider in a fresh process (CPU: peak resident memory is per process)."""
     args = [sys.executable, __file__, "--one", provider, "--vocab", str(v)] + [
         f"--{k.replace('_', '-')}={getattr(a, k)}" for k in
-        ("device", "tokens", "dim", "teacher_dim", "teachers", "dtype", "weights", "temperature", "warmup", "reps")]
+        ("device", "tokens", "dim", "teacher_dim", "teachers", "dtype", "weights", "temperature", "warmup", "reps",
+         "chunk_mb")]
     done = subprocess.run(args, capture_output=True, text=True)
     lines = [x for x in done.stdout.splitlines() if x.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -152,18 +159,18 @@ def _child(a, provider: str, v: int) -> dict:
 
 def table(rows: list[dict], a_base: str = "fused") -> str:
     """Each row's time and memory against ``a_base``'s at the same vocabulary size."""
-    out = [f"{'vocab':>7} {'provider':<9} {'ms p50':>9} {'peak MB':>9} {'time vs ' + a_base:>14} "
+    out = [f"{'vocab':>7} {'provider':<12} {'ms p50':>9} {'peak MB':>9} {'time vs ' + a_base:>14} "
            f"{'memory vs ' + a_base:>16}"]
     for v in sorted({r["vocab"] for r in rows}):
         here = [r for r in rows if r["vocab"] == v]
         f = next((r for r in here if r["provider"] == a_base and "error" not in r), None)
         for r in here:
             if "error" in r:
-                out.append(f"{v:>7} {r['provider']:<9} error: {r['error']}")
+                out.append(f"{v:>7} {r['provider']:<12} error: {r['error']}")
                 continue
             speed = f"{r['ms_p50'] / f['ms_p50']:.2f}x" if f else "-"
             mem = f"{r['peak_mb'] / f['peak_mb']:.2f}x" if f and f["peak_mb"] > 0 else "-"
-            out.append(f"{v:>7} {r['provider']:<9} {r['ms_p50']:>9.2f} {r['peak_mb']:>9.1f} {speed:>14} {mem:>16}")
+            out.append(f"{v:>7} {r['provider']:<12} {r['ms_p50']:>9.2f} {r['peak_mb']:>9.1f} {speed:>14} {mem:>16}")
     return "\n".join(out)
 
 
@@ -179,6 +186,8 @@ def main(argv=None) -> int:
     p.add_argument("--weights", default="paper", help="paper, softmax or uniform")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--providers", default=",".join(PROVIDERS))
+    p.add_argument("--chunk-mb", type=float, default=0,
+                   help="fused: MiB one chunk of rows may take (default: the library's, 1024)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", default=None, help="append the rows here (JSON lines)")

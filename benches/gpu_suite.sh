@@ -10,8 +10,9 @@
 #           in parallel workers where pytest-xdist is installed)
 #   check   fastmt check --device cuda: every kernel case against float64           -> check.json
 #   kbench  benches/bench_kernels.py: target shapes, bf16, fwd+bwd (then fwd alone)  -> kernels.jsonl, kernels.png
-#   lm      benches/bench_lm.py: the causal-LM loss, fused vs Liger (once per teacher) vs eager vs
-#           torch.compile, 8,192 tokens, D=4,096, 2 teachers, bf16, V=128,256 then 32,000  -> lm.jsonl
+#   lm      benches/bench_lm.py: the causal-LM loss, fused vs Liger (once per teacher) vs torch.compile vs
+#           eager vs the vocabulary-tiled Triton kernels, 8,192 tokens, D=4,096, 2 teachers, bf16,
+#           V=128,256 then 32,000                                                    -> lm.jsonl
 #   bench   fastmt bench --preset base: reference, eager-fp16, fast, then the rest    -> bench-PRESET-GPU.json
 #   memory  fastmt memory --preset base (no allocator snapshot)                      -> memory.json, memory.png
 # Time: within BUDGET_S seconds in all (default 525: under 9 minutes on one H100). Each stage is
@@ -181,10 +182,10 @@ stage_kbench() {
 
 stage_lm() {
     local args=(--device "$device" --tokens 8192 --dim 4096 --teachers 2 --vocab 128256,32000
-                --providers fused,liger,eager,compiled)
+                --providers fused,liger,compiled,eager,triton-tiles)
     # The dry run: the interpreter's fused kernel at a size it finishes, the same providers.
     [ "$device" = cpu ] && args=(--device cpu --tokens 64 --dim 32 --teachers 2 --vocab 1000 --reps 2
-                                 --providers fused,eager)
+                                 --providers fused,triton-tiles,eager)
     within 0 python benches/bench_lm.py "${args[@]}" --out "$out/lm.jsonl"
 }
 

@@ -107,11 +107,16 @@ def mt_hidden_loss(student_hidden, teacher_hidden, proj_weight, proj_bias, mask=
 
 
 def lm_linear_kl_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, targets, weights="paper",
-                      temperature=1.0, ignore_index=-100, direction="forward", chunk_bytes=None):
+                      temperature=1.0, ignore_index=-100, direction="forward", chunk_bytes=None, backend=None):
     """Fused ``fastmt.losses.lm_linear_kl_loss``: same arguments and value (float32), without forming
-    the student's or any teacher's ``N x V`` logits (``fastmt.kernels.lm_kl``). The teachers come stacked
-    (``[T,N,Dt]``, ``[T,V,Dt]``; ``lm_kl.stack_teachers`` pads different widths) or as lists.
-    ``chunk_bytes``: the most the gradient block of one chunk of rows may take (default 256 MiB)."""
+    the student's or any teacher's ``N x V`` logits. The teachers come stacked (``[T,N,Dt]``,
+    ``[T,V,Dt]``; ``lm_tiled.stack_teachers`` pads different widths) or as lists.
+
+    ``backend``: ``chunks`` (the default where the Triton kernels run: chunks of rows, cuBLAS GEMMs
+    and the KL row kernel, ``fastmt.kernels.lm_chunks``), ``triton`` (vocabulary tiles in Triton,
+    ``fastmt.kernels.lm_kl``: less memory, more products) or ``torch`` (vocabulary tiles in torch,
+    ``fastmt.kernels.lm_tiled``: the default where Triton cannot run). ``chunk_bytes``: the most one
+    chunk's blocks may take (default 1 GiB for ``chunks``, 256 MiB for the gradient block of ``triton``)."""
     _ref.check_direction(direction)
     hts, _ = _ref.check_lm_linear_args(student_hidden, student_weight, teacher_hidden, teacher_weight, targets)
     tau = _ref._temperature(temperature)
@@ -121,9 +126,25 @@ def lm_linear_kl_loss(student_hidden, student_weight, teacher_hidden, teacher_we
                                                       "N": (student_hidden.shape[0], "student_hidden")})
     elif weights is not None:
         weights = _ref._scheme(weights, "weights")
-    # Where the Triton kernels cannot run, the same algorithm in torch over vocabulary tiles (still no
-    # [N, V] logits), said once like the other losses' fallback.
-    backend = "triton" if _use_kernels(student_hidden.device) else "torch"
+    if backend is None:
+        # Where the Triton kernels cannot run, the same algorithm in torch over vocabulary tiles (still no
+        # [N, V] logits), said once like the other losses' fallback.
+        backend = "chunks" if _use_kernels(student_hidden.device) else "torch"
+    elif backend not in LM_BACKENDS:
+        raise ValueError(f"backend={backend!r}: choose from {', '.join(LM_BACKENDS)}")
+    elif backend != "torch" and not available(student_hidden.device):
+        raise ValueError(f"backend={backend!r} needs the Triton kernels, which do not run on "
+                         f"{student_hidden.device} here (CUDA, or TRITON_INTERPRET=1); use backend='torch'")
+    if chunk_bytes is None:
+        chunk_bytes = _lm_chunks_bytes() if backend == "chunks" else _lm_tiled.CHUNK_BYTES
     return _lm_tiled.lm_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, targets, weights,
-                                  tau, ignore_index, direction == "reverse",
-                                  _lm_tiled.CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes), backend)
+                                  tau, ignore_index, direction == "reverse", int(chunk_bytes), backend)
+
+
+LM_BACKENDS = ("chunks", "triton", "torch")
+
+
+def _lm_chunks_bytes() -> int:
+    from fastmt.kernels import lm_chunks
+
+    return lm_chunks.CHUNK_BYTES

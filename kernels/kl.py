@@ -521,13 +521,16 @@ def kl_launch(
     ignore_index: int,
     teacher_lse: torch.Tensor | None = None,
     with_grad: bool = False,
+    count: torch.Tensor | None = None,
 ) -> tuple[Launch | None, torch.Tensor, torch.Tensor | None]:
     """The launch for these inputs and its outputs ``(loss, grad)``, allocated but not yet written:
     ``loss`` is per row (``[N]``, to be summed) from the row kernel, the loss itself (``[]``) from the
     one-launch kernel of classification sizes (``small_config``); ``grad`` (``d loss / d
     student_logits``, student dtype) when ``with_grad``, else None. ``teacher_lse`` (``[2, T, N]``
     float32: the teachers' log-sum-exps at the temperature and at 1, ``fastmt.losses.teacher_lse``)
-    skips computing them. Nothing runs on the inputs' data, so meta tensors give the exact launch
+    skips computing them. ``count`` (a float32 scalar tensor): the number of rows the loss is averaged
+    over, when these rows are one chunk of a larger batch (the row kernel then divides by it instead
+    of by this chunk's counted rows). Nothing runs on the inputs' data, so meta tensors give the exact launch
     without a device. With no rows there is nothing to launch: ``(None, zero loss, grad)``.
     """
     s = student_logits.contiguous()
@@ -548,7 +551,7 @@ def kl_launch(
     g = grad if grad is not None else s
     flags = dict(SCHEME=code, HAS_W=w is not None, HAS_LABELS=labels is not None, HAS_LSE=lse is not None,
                  WRITE_GRAD=with_grad, TAU_ONE=tau_one)
-    small = small_config(n, c, num_t, itemsize)
+    small = small_config(n, c, num_t, itemsize) if count is None else None
     if small is not None:  # one launch: the row count, every row, the loss itself
         t_pad, rows, block_c, warps = small
         loss = torch.empty((), dtype=torch.float32, device=s.device)
@@ -561,7 +564,9 @@ def kl_launch(
     t_pad = max(2, triton.next_power_of_2(num_t))
     row_loss = torch.empty(n, dtype=torch.float32, device=s.device)
     work = torch.empty((n, 2, t_pad) if with_grad else (1,), dtype=torch.float32, device=s.device)
-    if labels is not None:
+    if count is not None:
+        n_valid = count.reshape(()).to(torch.float32)
+    elif labels is not None:
         n_valid = (labels != ignore_index).sum().to(torch.float32)
     else:
         n_valid = torch.full((), float(n), dtype=torch.float32, device=s.device)
@@ -602,10 +607,11 @@ def kl_forward(
     ignore_index: int,
     teacher_lse: torch.Tensor | None = None,
     with_grad: bool = False,
+    count: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the kernel: (loss, a float32 scalar; ``d loss / d student_logits`` when ``with_grad``)."""
     launch, row_loss, grad = kl_launch(student_logits, teacher_logits, weights, scheme, temperature, labels,
-                                       ignore_index, teacher_lse, with_grad)
+                                       ignore_index, teacher_lse, with_grad, count)
     if launch is None:
         return row_loss, grad
     launch()

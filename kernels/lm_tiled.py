@@ -29,6 +29,13 @@ LN2 = math.log(2.0)
 _NEG = -1.0e30  # finite floor for running maxima (no inf - inf)
 
 
+def grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the op returns ``d hs`` in: the hidden states' own, but float32 for float16 (made for an
+    upstream gradient of 1, small entries would underflow float16 before a loss scaler's factor reaches
+    them). The same for ``d ws``, summed in float32 over chunks of rows and rounded once at the end."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def teacher_weights(stats, ht, wt, targets, weights, ignore_index: int) -> torch.Tensor:
     """``[T, N]`` float32 teacher weights from the statistics, 0 on rows that do not count."""
     t = ht.shape[0]
@@ -120,9 +127,17 @@ def tiled_grads(hs, ws, ht, wt, stats, w, tau: float, reverse: bool, tile: int |
 
 def _forward(hs, ws, ht, wt, targets, weights, tau: float, ignore_index: int, reverse: bool, chunk_bytes: int,
              backend: str, with_grad: bool):
-    """``(loss, d hs, d ws)``: the gradients (float32, for an upstream gradient of 1) are made in the
-    forward, as the classification KL kernel makes its own; without ``with_grad`` they are None."""
+    """``(loss, d hs, d ws)``: the gradients (for an upstream gradient of 1, in ``grad_dtype`` of their
+    inputs') are made in the forward, as the classification KL kernel makes its own;
+    without ``with_grad`` they are None. ``backend``: ``chunks`` (``fastmt.kernels.lm_chunks``),
+    ``triton`` (``fastmt.kernels.lm_kl``) or ``torch`` (the vocabulary tiles here)."""
     t = ht.shape[0]
+    if backend == "chunks":
+        from fastmt.kernels import lm_chunks
+
+        loss, d_hs, d_ws = lm_chunks.chunked(hs, ws, ht, wt, targets, weights, tau, ignore_index, reverse,
+                                             chunk_bytes, with_grad)
+        return loss, d_hs, d_ws
     need_u = isinstance(weights, str) and weights != "uniform"
     if backend == "triton":
         from fastmt.kernels import lm_kl
@@ -147,7 +162,7 @@ def _forward(hs, ws, ht, wt, targets, weights, tau: float, ignore_index: int, re
     else:
         d_hs, d_ws = tiled_grads(hs_c, ws_c, ht, wt_c, stats, w, tau, reverse)
     scale = tau / n_valid  # d loss / d logits = tau / counted rows * G (at an upstream gradient of 1)
-    return loss, d_hs.mul_(scale), d_ws.mul_(scale)
+    return loss, d_hs.mul_(scale).to(grad_dtype(hs.dtype)), d_ws.mul_(scale).to(grad_dtype(ws.dtype))
 
 
 # A torch.library custom op, so that a step calling the loss compiles under torch.compile(fullgraph=True)
@@ -161,15 +176,15 @@ def lm_linear_kl_op(hs: torch.Tensor, ws: torch.Tensor, ht: torch.Tensor, wt: to
     loss, d_hs, d_ws = _forward(hs, ws, ht, wt, targets, weights if weights is not None else scheme, temperature,
                                 ignore_index, reverse, chunk_bytes, backend, with_grad)
     if d_hs is None:
-        d_hs = d_ws = hs.new_empty((0,), dtype=torch.float32)
+        d_hs, d_ws = hs.new_empty((0,), dtype=grad_dtype(hs.dtype)), hs.new_empty((0,), dtype=grad_dtype(ws.dtype))
     return loss, d_hs, d_ws
 
 
 @lm_linear_kl_op.register_fake
 def _(hs, ws, ht, wt, targets, weights, scheme, temperature, ignore_index, reverse, chunk_bytes, backend, with_grad):
     return (hs.new_empty((), dtype=torch.float32),
-            hs.new_empty(hs.shape if with_grad else (0,), dtype=torch.float32),
-            hs.new_empty(ws.shape if with_grad else (0,), dtype=torch.float32))
+            hs.new_empty(hs.shape if with_grad else (0,), dtype=grad_dtype(hs.dtype)),
+            hs.new_empty(ws.shape if with_grad else (0,), dtype=grad_dtype(ws.dtype)))
 
 
 def _setup(ctx, inputs, output):
@@ -205,7 +220,8 @@ def stack_teachers(tensors: list[torch.Tensor]) -> torch.Tensor:
 def lm_linear_kl(hs, ws, ht, wt, targets, weights, temperature: float, ignore_index: int, reverse: bool,
                  chunk_bytes: int, backend: str) -> torch.Tensor:
     """The loss on checked arguments (``fastmt.kernels.lm_linear_kl_loss`` checks them); ``backend``:
-    ``triton`` (``fastmt.kernels.lm_kl``) or ``torch`` (the tiles above)."""
+    ``chunks`` (``fastmt.kernels.lm_chunks``), ``triton`` (``fastmt.kernels.lm_kl``) or ``torch`` (the
+    tiles above)."""
     ht = (ht if isinstance(ht, torch.Tensor) else stack_teachers(list(ht))).detach()
     wt = (wt if isinstance(wt, torch.Tensor) else stack_teachers(list(wt))).detach()
     with_grad = torch.is_grad_enabled() and (hs.requires_grad or ws.requires_grad)

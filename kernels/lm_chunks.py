@@ -1,0 +1,146 @@
+"""The causal-LM loss over chunks of rows: cuBLAS GEMMs for every product, the KL row kernel between.
+
+``fastmt.kernels.lm_linear_kl_loss`` on a GPU runs here by default (``backend="chunks"``). Per chunk
+of ``R`` token rows (``R`` chosen so that the chunk's logits stay within a byte budget):
+
+1. the student's logits ``[R, V]`` and the teachers' ``[T, R, V]``: ``T + 1`` GEMMs in the inputs'
+   dtype (tensor cores for half precision), never ``N x V``;
+2. ``fastmt.kernels.kl``'s row kernel (the classification KL kernel: the same weights from each
+   teacher's untempered cross-entropy on the target, the same temperature, rows of ``ignore_index``
+   skipped) gives the chunk's share of the loss and ``d loss / d student logits`` for the chunk,
+   averaged over the counted rows of the whole batch (its ``count`` argument), not the chunk's;
+   the reverse KL, which that kernel does not compute, runs the reference's formula on the chunk;
+3. two GEMMs turn that gradient into the chunk's rows of ``d hs`` and its part of ``d ws``, which
+   is summed in float32 (in place, where cuBLAS writes float32 from half inputs).
+
+That is ``T + 3`` products of ``2 R V D`` per chunk, against ``2 (T + 1) + 2`` for the
+vocabulary-tiled kernels of ``fastmt.kernels.lm_kl`` (which recompute the logits for the gradient)
+and ``4 T`` for a single-teacher chunked loss run once per teacher. The price: the chunk's logits
+(``(T + 2) R V`` elements) and the float32 ``d ws`` read and written once per chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from fastmt.kernels import kl as _kl
+
+log = logging.getLogger("fastmt")
+
+# Bytes the chunk's float32 logits and gradient (T + 2 blocks of [R, V]) may take.
+CHUNK_BYTES = 1024 * 1024 * 1024
+_FP32_OUT_GEMM: dict[str, bool] = {}  # device type -> whether torch's GEMMs write float32 from half inputs
+
+
+def chunk_rows(n: int, v: int, t: int, itemsize: int, budget: int = CHUNK_BYTES) -> int:
+    """Rows per chunk: as many as keep the float32 logits and gradient (``T + 2`` blocks of ``[rows, V]``)
+    and the gradient in the inputs' dtype within ``budget`` bytes (at least 16)."""
+    return max(16, min(n, budget // max(1, ((t + 2) * 4 + itemsize) * v)))
+
+
+def _product(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> None:
+    """``out = a @ b`` (``out += a @ b`` with ``accumulate``), ``out`` float32, ``a`` and ``b`` maybe half.
+    On a GPU: one cuBLAS GEMM that writes float32 from half inputs (products exact in float32, summed
+    in float32, never rounded to half); where torch lacks it, the half product (said once). On a CPU
+    (tests; the tiled torch path is the CPU's): float32 inputs."""
+    if a.dtype == out.dtype:
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+        return
+    kind = out.device.type
+    if kind != "cpu" and _FP32_OUT_GEMM.get(kind, True):
+        try:
+            if accumulate:
+                torch.ops.aten.addmm.dtype_out(out, a, b, torch.float32, out=out)
+            else:
+                torch.ops.aten.mm.dtype_out(a, b, torch.float32, out=out)
+            _FP32_OUT_GEMM[kind] = True
+            return
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, NotImplementedError) as e:
+            _FP32_OUT_GEMM[kind] = False
+            log.warning("fastmt.kernels.lm_chunks: this torch has no %s GEMM writing float32 from %s (%s); "
+                        "the logits are rounded to %s", kind, a.dtype, str(e).splitlines()[0][:120], a.dtype)
+    if kind == "cpu":
+        a, b = a.float(), b.float()
+    if accumulate:
+        out.add_(a @ b)
+    else:
+        out.copy_(a @ b)
+
+
+def _reverse_chunk(zs, zt, y, weights, tau, ignore_index, count):
+    """Reverse KL of one chunk in torch: ``(loss share, d loss / d zs)``, averaged over ``count`` rows.
+    ``d KL(q || p_i) / d (zs / tau) = q ((log q - log p_i) - KL_i)``; the weights are constants."""
+    from fastmt import losses
+
+    valid = y != ignore_index
+    if isinstance(weights, torch.Tensor):
+        w = weights.float()
+    elif weights in ("paper", "softmax"):
+        w = losses.teacher_weights(zt, torch.where(valid, y, 0), weights).float()
+    else:  # uniform, or none: every teacher 1
+        w = torch.ones(zt.shape[:2], dtype=torch.float32, device=zs.device)
+    w = torch.where(valid, w, 0.0)
+    lq = torch.log_softmax(zs / tau, -1)
+    lp = torch.log_softmax(zt / tau, -1)
+    q = lq.exp()
+    diff = torch.where(q > 0, lq - lp, 0.0)  # [T,R,V]; 0 where q is, so a -inf teacher logit gives no NaN
+    kl = (q * diff).sum(-1)  # [T,R]
+    loss = (tau * tau) * torch.where(w != 0, w * kl, 0.0).sum() / count
+    diff.sub_(kl[..., None]).mul_(q).mul_(w[..., None])
+    return loss, diff.sum(0).mul_(tau / count)
+
+
+def chunked(hs, ws, ht, wt, targets, weights, tau: float, ignore_index: int, reverse: bool,
+            chunk_bytes: int, with_grad: bool):
+    """``(loss, d hs, d ws)`` for an upstream gradient of 1 (None without ``with_grad``), in
+    ``lm_tiled.grad_dtype`` of their inputs' dtypes (``d ws`` is summed over chunks in float32). Logits are float32 (a half GEMM
+    that writes float32), so the KL sees the products unrounded; the gradient block is rounded to the
+    inputs' dtype for its two GEMMs, as in ``fastmt.kernels.lm_kl``."""
+    from fastmt.kernels.lm_tiled import grad_dtype
+
+    n, v, t = hs.shape[0], ws.shape[0], ht.shape[0]
+    dtype = hs.dtype
+    ws_c, wt_c = ws.to(dtype), wt.to(ht.dtype)
+    count = (targets != ignore_index).sum().to(torch.float32).clamp_min(1.0)
+    w_tensor = weights.detach().float() if isinstance(weights, torch.Tensor) else None
+    scheme = weights if isinstance(weights, str) else None
+    rows = chunk_rows(n, v, t, dtype.itemsize, chunk_bytes)
+    loss = torch.zeros((), dtype=torch.float32, device=hs.device)
+    d_hs = torch.empty(hs.shape, dtype=grad_dtype(dtype), device=hs.device) if with_grad else None
+    d_ws = torch.zeros((v, ws.shape[1]), dtype=torch.float32, device=hs.device) if with_grad else None
+    zs_buf = torch.empty((rows, v), dtype=torch.float32, device=hs.device)
+    zt_buf = torch.empty((t, rows, v), dtype=torch.float32, device=hs.device)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        h = hs[r0:r1]
+        zs, zt = zs_buf[: r1 - r0], zt_buf[:, : r1 - r0]
+        _product(h, ws_c.t(), zs)
+        for i in range(t):
+            _product(ht[i, r0:r1], wt_c[i].t(), zt[i])
+        y = targets[r0:r1]
+        w = w_tensor[:, r0:r1] if w_tensor is not None else None
+        if reverse:
+            part, g = _reverse_chunk(zs, zt, y, w if w is not None else scheme, tau, ignore_index, count)
+        else:
+            part, g = _kl.kl_forward(zs, zt, w, scheme if w is None else None, tau, y, ignore_index,
+                                     with_grad=with_grad, count=count)
+        loss += part
+        if not with_grad:
+            continue
+        g = g.to(dtype)
+        if d_hs.dtype == dtype:
+            torch.mm(g, ws_c, out=d_hs[r0:r1])
+        else:
+            _product(g, ws_c, d_hs[r0:r1])
+        _product(g.t(), h, d_ws, accumulate=True)
+    if not with_grad:
+        return loss, None, None
+    del zs_buf, zt_buf, zs, zt, g
+    return loss, d_hs, d_ws.to(grad_dtype(ws.dtype))
