@@ -461,6 +461,9 @@ DEFAULT_L2 = 50 * 1024 * 1024
 # Share of L2 the rows in flight may fill (the rest: the teachers' other traffic, the gradient's
 # write-back, whatever else runs).
 L2_SHARE = 0.6
+# The fewest programs per SM, whatever L2 holds: rows of a 128k vocabulary in float32 (2 MB each with
+# two teachers and the gradient) would otherwise get 18 programs on 132 SMs.
+MIN_PROGRAMS_PER_SM = 2
 
 
 def _device_caps(device: torch.device) -> tuple[int, int]:
@@ -472,12 +475,14 @@ def _device_caps(device: torch.device) -> tuple[int, int]:
 
 def kl_programs(n: int, row_bytes: int, device: torch.device, num_warps: int = 4) -> int:
     """Programs of the persistent row kernel: as many rows in flight as fit in ``L2_SHARE`` of L2
-    (each is read once from HBM, then again from L2 by the gradient sweep), at most what the SMs hold
+    (each is read once from HBM, then again from L2 by the gradient sweep), but never fewer than
+    ``MIN_PROGRAMS_PER_SM`` per SM (one program cannot keep an SM's loads in flight: long rows, whose
+    second sweep then comes from HBM, are still read at the memory's pace), at most what the SMs hold
     at once (2048 threads each), at most one per row."""
     sms, l2 = _device_caps(device)
     by_l2 = int(L2_SHARE * l2) // max(1, row_bytes)
     resident = sms * max(1, 2048 // (32 * num_warps))
-    return max(1, min(n, by_l2, resident))
+    return max(1, min(n, max(by_l2, MIN_PROGRAMS_PER_SM * sms), resident))
 
 
 # Classification sizes go to the one-program kernel: at most 64 classes and 16k student logits

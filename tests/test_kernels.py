@@ -399,6 +399,7 @@ def test_kl_persistent_programs_take_every_row(programs, monkeypatch):
     s, tl, labels, _ = _kl_case(3, 7, 300, torch.float32, "softmax", ignore=True, seed=13)
     row_bytes = 300 * 4 * 5
     l2 = int(programs * row_bytes / kl.L2_SHARE) + 1  # room for this many rows in flight, on any device
+    monkeypatch.setattr(kl, "MIN_PROGRAMS_PER_SM", 0)  # L2 alone decides
     monkeypatch.setattr(kl, "_device_caps", lambda device: (kl.DEFAULT_SMS, l2))
     launch, _, _ = kl.kl_launch(s, tl, None, "softmax", 2.0, labels, -100, with_grad=True)
     assert launch.grid == (programs,)
@@ -412,14 +413,17 @@ def test_kl_persistent_programs_take_every_row(programs, monkeypatch):
 
 
 @pytest.mark.no_launch
-def test_kl_programs_fit_the_rows_in_flight_to_l2():
+def test_kl_programs_fit_the_rows_in_flight_to_l2_and_fill_the_sms():
     from fastmt.kernels import kl
 
     cpu = torch.device("cpu")
-    row = 30522 * 2 * 5  # bf16: the student, 3 teachers, the gradient
-    assert kl.kl_programs(8192, row, cpu, 8) == int(kl.L2_SHARE * kl.DEFAULT_L2) // row  # 103: L2 decides
+    floor = kl.MIN_PROGRAMS_PER_SM * kl.DEFAULT_SMS
+    row = 30522 * 2 * 5  # bf16: the student, 3 teachers, the gradient: 103 rows fit 60% of 50 MiB
+    assert kl.kl_programs(8192, row, cpu, 8) == max(floor, int(kl.L2_SHARE * kl.DEFAULT_L2) // row)
+    assert kl.kl_programs(8192, 128256 * 4 * 4, cpu, 8) == floor  # 2 MB float32 rows: 15 would fit L2
+    assert kl.kl_programs(8192, 60000, cpu, 8) == int(kl.L2_SHARE * kl.DEFAULT_L2) // 60000  # 524: L2 decides
     assert kl.kl_programs(8192, 200, cpu, 4) == kl.DEFAULT_SMS * 16  # short rows: as many as the SMs hold
-    assert kl.kl_programs(5, row, cpu, 8) == 5 and kl.kl_programs(3, 10**9, cpu, 8) == 1
+    assert kl.kl_programs(5, row, cpu, 8) == 5 and kl.kl_programs(3, 10**9, cpu, 8) == 3
 
 
 def test_kl_evaluation_makes_no_gradient():
