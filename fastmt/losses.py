@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["SCHEMES", "DIRECTIONS", "teacher_weights", "mt_kl_loss", "lm_kl_loss", "check_vocab", "mt_hidden_loss",
+__all__ = ["SCHEMES", "DIRECTIONS", "teacher_weights", "mt_kl_loss", "lm_kl_loss", "mt_token_kl_loss", "check_vocab",
+           "mt_hidden_loss",
            "layer_map", "check_kl_args", "check_hidden_args"]
 
 SCHEMES = ("paper", "softmax", "uniform")
@@ -334,6 +335,38 @@ def lm_kl_loss(
     # q (log q - log p) is 0 where q == 0; masked so that a -inf teacher logit there gives no NaN.
     kl = (q * torch.where(q > 0, log_q - log_p, 0.0)).sum(-1)  # [T,N]
     return _weighted_mean(kl, weights, targets, ignore_index, tau)
+
+
+def mt_token_kl_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    weighting: Tensor | str | None = "paper",
+    temperature: float = 1.0,
+    direction: str = "forward",
+    ignore_index: int = -100,
+) -> Tensor:
+    """The token-level multi-teacher KL under its fixed name and argument order (``labels``: the next
+    token of each row; ``weighting``: ``paper``, ``softmax``, ``uniform``, a ``[T,N]`` tensor or None):
+    ``lm_kl_loss(student_logits, teacher_logits, labels, weighting, temperature, ignore_index, direction)``."""
+    return lm_kl_loss(student_logits, teacher_logits, labels, weighting, temperature, ignore_index, direction)
+
+
+def check_mt_linear_args(hidden, weight, teacher_logits, labels) -> None:
+    """Validate ``fastmt.kernels.mt_linear_kl_loss``'s tensors: ``hidden [N,D]``, ``weight [V,D]``,
+    ``teacher_logits [T,N,V]`` (the student's vocabulary), ``labels [N]``."""
+    _tensor(hidden, "hidden")
+    _tensor(weight, "weight", hidden, "hidden")
+    _tensor(teacher_logits, "teacher_logits", hidden, "hidden")
+    dims: dict[str, tuple[int, str]] = {}
+    _shape(hidden, "hidden", ("N", "D"), dims)
+    _shape(weight, "weight", ("V", "D"), dims)
+    if teacher_logits.dim() == 3:
+        check_vocab(weight.shape[0], [teacher_logits.shape[-1]] * teacher_logits.shape[0])
+    _shape(teacher_logits, "teacher_logits", ("T", "N", "V"), dims)
+    if labels is None:
+        raise ValueError("labels (the next token of each row, or ignore_index) are required")
+    _labels(labels, hidden.shape[0], hidden, "hidden")
 
 
 def lm_topk_kl_loss(

@@ -22,7 +22,8 @@ import torch
 from fastmt import losses as _ref
 from fastmt.kernels import lm_tiled as _lm_tiled
 
-__all__ = ["mt_kl_loss", "mt_hidden_loss", "lm_linear_kl_loss", "hidden_products", "available", "SCHEMES"]
+__all__ = ["mt_kl_loss", "mt_hidden_loss", "lm_linear_kl_loss", "mt_linear_kl_loss", "hidden_products", "available",
+           "SCHEMES"]
 
 SCHEMES = _ref.SCHEMES
 log = logging.getLogger("fastmt")
@@ -142,6 +143,40 @@ def lm_linear_kl_loss(student_hidden, student_weight, teacher_hidden, teacher_we
 
 
 LM_BACKENDS = ("chunks", "triton", "torch")
+
+
+def mt_linear_kl_loss(hidden, weight, teacher_logits, labels, weighting="paper", temperature=1.0, direction="forward",
+                      ignore_index=-100, *, teacher_hidden=None, teacher_weight=None, chunk_bytes=None, backend=None):
+    """``fastmt.losses.mt_token_kl_loss(hidden @ weight.T, teacher_logits, labels, ...)`` without forming
+    ``hidden @ weight.T``: the student's logits exist one chunk of rows at a time (float32, 1 GiB by
+    default), with gradients for ``hidden`` and ``weight``. The teachers come as their logits ``[T, N,
+    V]``, or, with ``teacher_logits=None``, as their last hidden states and output matrices
+    (``teacher_hidden``, ``teacher_weight``: then no teacher's logits are formed either; this is
+    ``lm_linear_kl_loss``)."""
+    if teacher_logits is None:
+        if teacher_hidden is None or teacher_weight is None:
+            raise ValueError("pass the teachers' logits, or teacher_hidden and teacher_weight (their last hidden "
+                             "states and output matrices)")
+        return lm_linear_kl_loss(hidden, weight, teacher_hidden, teacher_weight, labels, weighting, temperature,
+                                 ignore_index, direction, chunk_bytes, backend)
+    if teacher_hidden is not None or teacher_weight is not None:
+        raise ValueError("pass the teachers' logits or teacher_hidden and teacher_weight, not both")
+    _ref.check_direction(direction)
+    tau = _ref._temperature(temperature)
+    _ref.check_mt_linear_args(hidden, weight, teacher_logits, labels)
+    if isinstance(weighting, torch.Tensor):
+        _ref._tensor(weighting, "weighting", hidden, "hidden")
+        _ref._shape(weighting, "weighting", ("T", "N"), {"T": (teacher_logits.shape[0], "teacher_logits"),
+                                                         "N": (hidden.shape[0], "hidden")})
+    elif weighting is not None:
+        weighting = _ref._scheme(weighting, "weighting")
+    if backend not in (None, "chunks", "torch"):
+        raise ValueError(f"backend={backend!r}: with the teachers' logits, choose from chunks, torch")
+    kernels = backend != "torch" and _use_kernels(hidden.device)
+    return _lm_tiled.lm_linear_kl(hidden, weight, teacher_logits, teacher_logits.new_empty((0,)), labels, weighting,
+                                  tau, ignore_index, direction == "reverse",
+                                  _lm_chunks_bytes() if chunk_bytes is None else int(chunk_bytes),
+                                  "logits" if kernels else "logits-torch")
 
 
 def _lm_chunks_bytes() -> int:

@@ -25,7 +25,10 @@ import logging
 
 import torch
 
-from fastmt.kernels import kl as _kl
+try:
+    from fastmt.kernels import kl as _kl
+except ImportError:  # no Triton: the torch formula serves (``kernels=False``)
+    _kl = None
 
 log = logging.getLogger("fastmt")
 
@@ -74,60 +77,75 @@ def _product(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bo
         out.copy_(a @ b)
 
 
-def _reverse_chunk(zs, zt, y, weights, tau, ignore_index, count):
-    """Reverse KL of one chunk in torch: ``(loss share, d loss / d zs)``, averaged over ``count`` rows.
-    ``d KL(q || p_i) / d (zs / tau) = q ((log q - log p_i) - KL_i)``; the weights are constants."""
+def torch_chunk(zs, zt, y, weights, tau, ignore_index, count, reverse: bool):
+    """One chunk in torch, either direction: ``(loss share, d loss / d zs)``, averaged over ``count``
+    rows. Forward: ``d KL(p_i || q) / d (zs / tau) = q - p_i``; reverse: ``q ((log q - log p_i) - KL_i)``.
+    The weights are constants (from the teachers' untempered cross-entropy on the target)."""
     from fastmt import losses
 
     valid = y != ignore_index
     if isinstance(weights, torch.Tensor):
         w = weights.float()
     elif weights in ("paper", "softmax"):
-        w = losses.teacher_weights(zt, torch.where(valid, y, 0), weights).float()
+        w = losses.teacher_weights(zt.float(), torch.where(valid, y, 0), weights).float()
     else:  # uniform, or none: every teacher 1
         w = torch.ones(zt.shape[:2], dtype=torch.float32, device=zs.device)
     w = torch.where(valid, w, 0.0)
-    lq = torch.log_softmax(zs / tau, -1)
-    lp = torch.log_softmax(zt / tau, -1)
+    lq = torch.log_softmax(zs.float() / tau, -1)
+    lp = torch.log_softmax(zt.float() / tau, -1)
     q = lq.exp()
-    diff = torch.where(q > 0, lq - lp, 0.0)  # [T,R,V]; 0 where q is, so a -inf teacher logit gives no NaN
-    kl = (q * diff).sum(-1)  # [T,R]
+    if reverse:
+        diff = torch.where(q > 0, lq - lp, 0.0)  # [T,R,V]; 0 where q is, so a -inf teacher logit gives no NaN
+        kl = (q * diff).sum(-1)  # [T,R]
+        diff.sub_(kl[..., None]).mul_(q).mul_(w[..., None])
+        grad = diff.sum(0)
+    else:
+        p = lp.exp()
+        kl = (p * torch.where(p > 0, lp - lq, 0.0)).sum(-1)
+        grad = w.sum(0)[:, None] * q - (w[..., None] * p).sum(0)
     loss = (tau * tau) * torch.where(w != 0, w * kl, 0.0).sum() / count
-    diff.sub_(kl[..., None]).mul_(q).mul_(w[..., None])
-    return loss, diff.sum(0).mul_(tau / count)
+    return loss, grad.mul_(tau / count)
 
 
 def chunked(hs, ws, ht, wt, targets, weights, tau: float, ignore_index: int, reverse: bool,
-            chunk_bytes: int, with_grad: bool):
+            chunk_bytes: int, with_grad: bool, t_logits: torch.Tensor | None = None, kernels: bool = True):
     """``(loss, d hs, d ws)`` for an upstream gradient of 1 (None without ``with_grad``), in
-    ``lm_tiled.grad_dtype`` of their inputs' dtypes (``d ws`` is summed over chunks in float32). Logits are float32 (a half GEMM
-    that writes float32), so the KL sees the products unrounded; the gradient block is rounded to the
-    inputs' dtype for its two GEMMs, as in ``fastmt.kernels.lm_kl``."""
+    ``lm_tiled.grad_dtype`` of their inputs' dtypes (``d ws`` is summed over chunks in float32). Logits
+    are float32 (a half GEMM that writes float32), so the KL sees the products unrounded; the gradient
+    block is rounded to the inputs' dtype for its two GEMMs, as in ``fastmt.kernels.lm_kl``.
+    ``t_logits`` ``[T, N, V]``: the teachers' logits as given, instead of ``ht`` and ``wt`` (None then).
+    ``kernels``: the KL row kernel for the forward KL (else the torch formula, as for the reverse)."""
     from fastmt.kernels.lm_tiled import grad_dtype
 
-    n, v, t = hs.shape[0], ws.shape[0], ht.shape[0]
+    n, v = hs.shape[0], ws.shape[0]
+    t = t_logits.shape[0] if t_logits is not None else ht.shape[0]
     dtype = hs.dtype
-    ws_c, wt_c = ws.to(dtype), wt.to(ht.dtype)
+    ws_c = ws.to(dtype)
+    wt_c = wt.to(ht.dtype) if t_logits is None else None
     count = (targets != ignore_index).sum().to(torch.float32).clamp_min(1.0)
     w_tensor = weights.detach().float() if isinstance(weights, torch.Tensor) else None
     scheme = weights if isinstance(weights, str) else None
-    rows = chunk_rows(n, v, t, dtype.itemsize, chunk_bytes)
+    rows = chunk_rows(n, v, t if t_logits is None else 0, dtype.itemsize, chunk_bytes)
     loss = torch.zeros((), dtype=torch.float32, device=hs.device)
     d_hs = torch.empty(hs.shape, dtype=grad_dtype(dtype), device=hs.device) if with_grad else None
     d_ws = torch.zeros((v, ws.shape[1]), dtype=torch.float32, device=hs.device) if with_grad else None
     zs_buf = torch.empty((rows, v), dtype=torch.float32, device=hs.device)
-    zt_buf = torch.empty((t, rows, v), dtype=torch.float32, device=hs.device)
+    zt_buf = torch.empty((t, rows, v), dtype=torch.float32, device=hs.device) if t_logits is None else None
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         h = hs[r0:r1]
-        zs, zt = zs_buf[: r1 - r0], zt_buf[:, : r1 - r0]
+        zs = zs_buf[: r1 - r0]
         _product(h, ws_c.t(), zs)
-        for i in range(t):
-            _product(ht[i, r0:r1], wt_c[i].t(), zt[i])
+        if t_logits is None:
+            zt = zt_buf[:, : r1 - r0]
+            for i in range(t):
+                _product(ht[i, r0:r1], wt_c[i].t(), zt[i])
+        else:
+            zt = t_logits[:, r0:r1]
         y = targets[r0:r1]
         w = w_tensor[:, r0:r1] if w_tensor is not None else None
-        if reverse:
-            part, g = _reverse_chunk(zs, zt, y, w if w is not None else scheme, tau, ignore_index, count)
+        if reverse or not kernels:
+            part, g = torch_chunk(zs, zt, y, w if w is not None else scheme, tau, ignore_index, count, reverse)
         else:
             part, g = _kl.kl_forward(zs, zt, w, scheme if w is None else None, tau, y, ignore_index,
                                      with_grad=with_grad, count=count)

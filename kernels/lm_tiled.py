@@ -135,9 +135,12 @@ def _forward(hs, ws, ht, wt, targets, weights, tau: float, ignore_index: int, re
     if backend == "chunks":
         from fastmt.kernels import lm_chunks
 
-        loss, d_hs, d_ws = lm_chunks.chunked(hs, ws, ht, wt, targets, weights, tau, ignore_index, reverse,
-                                             chunk_bytes, with_grad)
-        return loss, d_hs, d_ws
+        return lm_chunks.chunked(hs, ws, ht, wt, targets, weights, tau, ignore_index, reverse, chunk_bytes, with_grad)
+    if backend in ("logits", "logits-torch"):  # ht holds the teachers' logits [T, N, V]; wt is unused
+        from fastmt.kernels import lm_chunks
+
+        return lm_chunks.chunked(hs, ws, None, None, targets, weights, tau, ignore_index, reverse, chunk_bytes,
+                                 with_grad, t_logits=ht, kernels=backend == "logits")
     need_u = isinstance(weights, str) and weights != "uniform"
     if backend == "triton":
         from fastmt.kernels import lm_kl

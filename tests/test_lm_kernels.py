@@ -305,3 +305,47 @@ def test_compiles_without_a_graph_break(backend):
         out += [loss.detach(), a.grad, b.grad]
     for x, z in zip(got, want):
         assert torch.allclose(x, z, rtol=1e-5, atol=1e-7)
+
+
+# The fixed names: fastmt.losses.mt_token_kl_loss and fastmt.kernels.mt_linear_kl_loss, the teachers given
+# as logits (the student's never formed) or as hidden states and output matrices.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend,direction", [
+    pytest.param("chunks", "forward", id="kernel-forward"),
+    pytest.param("torch", "forward", id="torch-forward", marks=pytest.mark.no_launch),
+    pytest.param("torch", "reverse", id="torch-reverse", marks=pytest.mark.no_launch)])  # the reverse has no kernel
+@pytest.mark.parametrize("weighting", ["paper", "uniform", "tensor"])
+def test_linear_kl_from_teacher_logits(weighting, backend, direction, dtype):
+    n, d, v = 21, 24, 300
+    hs, ws, hts, wts, y = _case(n, d, (16, 32), v, dtype, seed=21, ignore=(2, 7))
+    tz = torch.stack([h.double() @ w.double().t() for h, w in zip(hts, wts)]).to(dtype)  # the teachers' logits
+    if weighting == "tensor":
+        weighting = torch.rand(2, n, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    a, b = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+    loss = fused.mt_linear_kl_loss(a, b, tz, y, weighting, 2.0, direction, chunk_bytes=16 * v * 4 * 3,
+                                   backend=backend)
+    loss.backward()
+    a64, b64 = hs.double().requires_grad_(), ws.double().requires_grad_()
+    w64 = weighting.double() if isinstance(weighting, torch.Tensor) else weighting
+    want = ref.mt_token_kl_loss(a64 @ b64.t(), tz.double(), y, w64, 2.0, direction)
+    want.backward()
+    assert a.grad.dtype == dtype and b.grad.dtype == dtype
+    assert abs(float(loss) - float(want)) <= LOSS_TOL[dtype] * max(1.0, abs(float(want)))
+    eye = torch.eye(v, dtype=dtype, device=DEVICE)  # teacher i's logits as "hidden states" times an identity
+    terms = _logit_terms(hs, ws, list(tz.unbind(0)), [eye, eye], y, weighting, 2.0, direction)
+    _within_bound(a.grad, a64.grad, terms @ ws.double().abs().cpu(), dtype, "d hidden")
+    _within_bound(b.grad, b64.grad, terms.t() @ hs.double().abs().cpu(), dtype, "d weight")
+
+
+def test_fixed_names_agree_with_the_lm_names():
+    hs, ws, hts, wts, y = _case(9, 16, (16, 16), 50, torch.float32, seed=22)
+    ht, wt = lm_kl.stack_teachers(hts), lm_kl.stack_teachers(wts)
+    via_hidden = fused.mt_linear_kl_loss(hs, ws, None, y, "softmax", 2.0, teacher_hidden=ht, teacher_weight=wt)
+    assert torch.equal(via_hidden, fused.lm_linear_kl_loss(hs, ws, ht, wt, y, "softmax", 2.0))
+    z, tz = hs.double() @ ws.double().t(), torch.bmm(ht.double(), wt.double().transpose(1, 2))
+    assert torch.equal(ref.mt_token_kl_loss(z, tz, y, "softmax", 2.0, "reverse"),
+                       ref.lm_kl_loss(z, tz, y, "softmax", 2.0, -100, "reverse"))
+    with pytest.raises(ValueError, match="teacher_hidden and teacher_weight"):
+        fused.mt_linear_kl_loss(hs, ws, None, y)
+    with pytest.raises(ValueError, match="vocabulary of 51 tokens and the student 50"):
+        fused.mt_linear_kl_loss(hs, ws, torch.zeros(2, 9, 51, device=DEVICE), y)
