@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_bench_serve(sub)
     _add_memory(sub)
+    _add_distill_lm(sub)
+    _add_eval_lm(sub)
     for p in sub.choices.values():
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
         p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings and errors")
@@ -197,6 +199,58 @@ def _add_distill(sub) -> None:
     p.add_argument("--cache-budget-gb", type=float, default=8.0,
                    help="most disk the teacher cache may take (default 8); --hidden-loss tokens stores every token's states")
     _add_common(p, defaults={"epochs": 3, "lr": 5e-5})
+
+
+LM_DATA_HELP = "a .txt file (one document per line), or " + DATA_HELP + " (its text column)"
+
+
+def _add_distill_lm(sub) -> None:
+    """``fastmt distill-lm``: a causal LM from several that share its tokenizer."""
+    p = sub.add_parser("distill-lm", help="distil a small causal LM from several that share its tokenizer")
+    p.add_argument("--teacher", action="append", required=True, metavar="M",
+                   help="a causal-LM dir (or a hub name already in the local cache); repeat for several")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--student", default=None, metavar="DIR", help="a causal-LM dir to start the student from")
+    who.add_argument("--student-layers", type=int, default=0, metavar="K",
+                     help="the student is teacher 0 cut to K evenly spaced layers")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the distillation loss")
+    p.add_argument("--weighting", default="paper", choices=["paper", "softmax", "uniform"],
+                   help="per-token teacher weights from each teacher's cross-entropy on the next token")
+    p.add_argument("--direction", default="forward", choices=["forward", "reverse"],
+                   help="KL(teacher || student) (forward) or KL(student || teacher) (reverse)")
+    p.add_argument("--kernels", default="auto", choices=["auto", "fused", "reference"],
+                   help="fused (auto): the loss from the output layers without tokens x vocab logits; reference: "
+                        "the float64-checkable losses that form them")
+    p.add_argument("--alpha-task", type=float, default=1.0, help="weight of the cross-entropy on the next token")
+    p.add_argument("--alpha-kd", type=float, default=1.0, help="weight of the multi-teacher distillation loss")
+    p.add_argument("--alpha-hidden", type=float, default=0.0,
+                   help="weight of the projected hidden-state loss (teachers of one width)")
+    p.add_argument("--dev-share", type=float, default=0.05,
+                   help="without --dev, this share of the training blocks is held out as the dev set")
+    _add_common(p, defaults={"epochs": 1, "lr": 1e-4})
+    for action in p._actions:
+        if action.dest == "dev":
+            action.required, action.default = False, ""
+            action.help = "dev text, evaluated after every epoch (default: a share of --train, see --dev-share)"
+        elif action.dest == "train":
+            action.help = "training text: " + LM_DATA_HELP
+        elif action.dest == "max_length":
+            action.help = "tokens per packed block"
+        elif action.dest == "metric":
+            action.help = argparse.SUPPRESS  # the best epoch: next-token accuracy on the dev text
+
+
+def _add_eval_lm(sub) -> None:
+    """``fastmt eval-lm``: perplexity of causal LMs on a text."""
+    p = sub.add_parser("eval-lm", help="perplexity and next-token accuracy of causal LMs (a student, teachers) on a text")
+    p.add_argument("--model", action="append", required=True, metavar="DIR",
+                   help="a causal-LM dir (a distill-lm output, or a teacher); repeat to compare several")
+    p.add_argument("--data", required=True, metavar="F", help="text: " + LM_DATA_HELP)
+    p.add_argument("--text-column", default=None, metavar="C", help="the text column (default: guessed from the names)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per packed block")
+    p.add_argument("--device", type=_device, default="auto", help=DEVICE_HELP)
+    p.add_argument("--batch-size", type=int, default=16, help="blocks per forward pass")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the result as JSON")
 
 
 def _add_model_on_data(p: argparse.ArgumentParser, data_help: str) -> None:
@@ -443,8 +497,35 @@ def _memory(ns: argparse.Namespace) -> None:
 
 
 # Each command and the function that runs it (its flags: the _add_<command> builders above).
+def _distill_lm(ns: argparse.Namespace) -> None:
+    from fastmt.tasks.distill_lm import DistillLMArgs, distill_lm
+
+    res = distill_lm(DistillLMArgs(**_train_kwargs(ns, DistillLMArgs)))
+    d = res.extra["dev"]
+    print(f"student saved to {res.out}: dev perplexity {d['perplexity']:.2f}, next-token accuracy {d['accuracy']:.4f} "
+          f"(best epoch {res.best_epoch}), {res.train_s:.1f}s")
+
+
+def _eval_lm(ns: argparse.Namespace) -> None:
+    from fastmt.fileio import write_json
+    from fastmt.tasks.distill_lm import eval_lm
+
+    if ns.max_length < 2:
+        raise UsageError(f"--max-length {ns.max_length}: a block needs at least 2 tokens")
+    if ns.batch_size < 1:
+        raise UsageError(f"--batch-size {ns.batch_size}: must be at least 1")
+    rows = eval_lm(ns.model, ns.data, ns.max_length, ns.batch_size, ns.device, ns.text_column)
+    width = max(len(r["model"]) for r in rows)
+    print(f"{'model':<{width}}  {'tokens':>8}  {'perplexity':>10}  {'next-token acc':>14}")
+    for r in rows:
+        print(f"{r['model']:<{width}}  {r['tokens']:>8}  {r['perplexity']:>10.2f}  {r['accuracy']:>14.4f}")
+    if ns.json:
+        write_json(ns.json, {"data": ns.data, "max_length": ns.max_length, "models": rows})
+
+
 COMMANDS = {"cofinetune": _cofinetune, "distill": _distill, "eval": _eval, "predict": _predict, "export": _export,
-            "demo": _demo, "check": _check, "bench": _bench, "bench-serve": _bench_serve, "memory": _memory}
+            "demo": _demo, "check": _check, "bench": _bench, "bench-serve": _bench_serve, "memory": _memory,
+            "distill-lm": _distill_lm, "eval-lm": _eval_lm}
 
 
 def _attach_negative_numbers(argv: list[str]) -> list[str]:

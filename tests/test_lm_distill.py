@@ -1,0 +1,196 @@
+"""``fastmt distill-lm`` and ``fastmt eval-lm`` on tiny causal LMs made here (no downloads): two Llama
+teachers of different depths sharing one word-level tokenizer, a student cut from the first."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fastmt  # noqa: F401 - first: from the checkout root, `kernels` must be Hugging Face's (fastmt/__init__.py)
+from conftest import REPO, run_cli
+
+WORDS = ("the a film movie story actor plot scene was is very quite rather good bad great dull fine funny slow "
+         "moving long short and but it this that with".split())
+
+
+def _tokenizer(path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "</s>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
+    fast.save_pretrained(path)
+    return fast
+
+
+def _llama(path, tok, layers, width=32, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
+                      tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _text(path, n, seed):
+    """Reviews from a small grammar (article noun verb adverb adjective): text a model can learn."""
+    g = torch.Generator().manual_seed(seed)
+    parts = [("the", "a"), ("film", "movie", "story", "plot"), ("was", "is"), ("very", "quite", "rather"),
+             ("good", "bad", "great", "dull", "fine", "funny", "slow")]
+    lines = [" ".join(p[int(torch.randint(0, len(p), (1,), generator=g))] for p in parts) for _ in range(n)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lm")
+    tok = _tokenizer(d / "tok")
+    _llama(d / "t0", tok, layers=3, seed=1)
+    _llama(d / "t1", tok, layers=2, seed=2)
+    _text(d / "train.txt", 120, seed=3)
+    _text(d / "dev.txt", 20, seed=4)
+    return d
+
+
+def _argv(d, out, *extra):
+    return ["distill-lm", "--teacher", d / "t0", "--teacher", d / "t1", "--student-layers", "1",
+            "--train", d / "train.txt", "--dev", d / "dev.txt", "--out", out, "--epochs", "2", "--batch-size", "4",
+            "--max-length", "16", "--device", "cpu", "--precision", "fp32", "--no-progress", "--log-every", "2",
+            "--lr", "1e-3", *extra]
+
+
+@pytest.fixture(scope="module")
+def finished(lm_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "student"
+    r = run_cli(*_argv(lm_dir, out, "--alpha-hidden", "1"))
+    assert r.returncode == 0, r.stderr
+    return out, r
+
+
+def test_distill_lm_writes_a_causal_lm_that_pipeline_loads(finished):
+    from transformers import AutoModelForCausalLM, pipeline
+
+    out, r = finished
+    assert "student saved to" in r.stdout and "dev perplexity" in r.stdout
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 1
+    gen = pipeline("text-generation", model=str(out), device="cpu")
+    text = gen("the film was", max_new_tokens=4, do_sample=False)[0]["generated_text"]
+    assert text.startswith("the film was")
+    run = json.loads((out / "fastmt_run.json").read_text())
+    assert run["command"] == "distill-lm" and run["alpha_hidden"] == 1.0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [x for x in rows if "kd" in json.dumps(x)]
+    assert train_rows, rows[:3]  # the KD term is logged beside the task's
+    assert not (out / "checkpoint").exists()
+
+
+def test_eval_lm_reports_each_model(finished, lm_dir, tmp_path):
+    out, _ = finished
+    js = tmp_path / "ppl.json"
+    r = run_cli("eval-lm", "--model", out, "--model", lm_dir / "t0", "--model", lm_dir / "t1", "--data",
+                lm_dir / "dev.txt", "--max-length", "16", "--device", "cpu", "--json", js)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(js.read_text())["models"]
+    assert [x["model"] for x in rows] == [str(out), str(lm_dir / "t0"), str(lm_dir / "t1")]
+    for x in rows:
+        assert x["tokens"] > 0 and 1.0 < x["perplexity"] < 10 * len(WORDS) and 0 <= x["accuracy"] <= 1
+    assert "perplexity" in r.stdout and str(out) in r.stdout
+
+
+def test_training_lowers_the_students_perplexity(finished, lm_dir, tmp_path):
+    """The distilled student beats the same cut of teacher 0 before training on held-out text."""
+    from fastmt.lm_data import pack, read_texts
+    from fastmt.tasks.distill_lm import cut_layers, lm_scores, load_lm, load_tokenizer
+
+    out, _ = finished
+    tok = load_tokenizer(str(out), "--model")
+    enc = pack(tok, read_texts(str(lm_dir / "dev.txt")), 16)
+    before = lm_scores(cut_layers(load_lm(str(lm_dir / "t0"), "t"), 1), enc, 8, torch.device("cpu"))
+    after = lm_scores(load_lm(str(out), "s"), enc, 8, torch.device("cpu"))
+    assert after["nll"] < before["nll"] - 0.05, (before, after)
+
+
+def test_fused_and_reference_losses_give_the_same_step(lm_dir):
+    """One step's loss terms with --kernels fused (no N x V logits) and reference (materialised)."""
+    from fastmt.data import iterate_batches
+    from fastmt.lm_data import pack, read_texts
+    from fastmt.losses import layer_map
+    from fastmt.tasks.distill_lm import KEY, DistillLMArgs, LMStep, LMStudent, cut_layers, load_lm, load_tokenizer
+    import fastmt.kernels as fused
+    from fastmt import losses as reference
+
+    teachers = [load_lm(str(lm_dir / t), "t") for t in ("t0", "t1")]
+    enc = pack(load_tokenizer(str(lm_dir / "t0"), "t"), read_texts(str(lm_dir / "train.txt")), 16)
+    batch = next(iter(iterate_batches({KEY: enc}, [0] * len(enc), 4, [16], False)))
+    got = {}
+    for name, mod in (("fused", fused), ("reference", reference)):
+        args = DistillLMArgs(train="-", dev="", out="-", teacher=["a", "b"], student_layers=1, alpha_hidden=1.0,
+                             temperature=2.0, weighting="softmax", precision="fp32", device="cpu")
+        student = LMStudent(cut_layers(teachers[0], 1), 2, 1, 32, 32, True)
+        maps = [layer_map(1, 3), layer_map(1, 2)]
+        loss, parts = LMStep(student, teachers, args, mod, torch.device("cpu"), maps)(batch.inputs, batch.labels)
+        loss.backward()
+        got[name] = (loss.detach(), {k: v for k, v in parts.items()},
+                     student.model.get_output_embeddings().weight.grad.clone())
+    (lf, pf, gf), (lr_, pr, gr) = got["fused"], got["reference"]
+    assert set(pf) == {"task", "kd", "hidden"}
+    for k in pf:
+        assert torch.allclose(pf[k], pr[k], rtol=1e-5, atol=1e-6), (k, pf[k], pr[k])
+    assert torch.allclose(gf, gr, rtol=1e-4, atol=1e-7)
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_model(finished, lm_dir, tmp_path):
+    out, _ = finished
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "fastmt", *map(str, _argv(lm_dir, run, "--alpha-hidden", "1", "--save-every", "3"))]
+    import os
+
+    env = dict(os.environ, FASTMT_FAULT_KILL_AFTER_STEP="7")
+    killed = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, env=env)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    r = run_cli(*_argv(lm_dir, run, "--alpha-hidden", "1", "--save-every", "3", "--resume"))
+    assert r.returncode == 0, r.stderr
+    a, b = load_file(out / "model.safetensors"), load_file(run / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: ["--teacher", d / "other"], "vocabulary of"),
+    (lambda d: ["--train", d / "missing.txt"], "missing.txt: no such file"),
+    (lambda d: ["--teacher", d / "train.txt"], "not a causal language model"),
+])
+def test_user_mistakes_are_one_line(change, message, lm_dir, tmp_path):
+    if not (lm_dir / "other").exists():  # a teacher with one more word in its vocabulary
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig.from_pretrained(lm_dir / "t1")
+        cfg.vocab_size += 1
+        LlamaForCausalLM(cfg).save_pretrained(lm_dir / "other")
+        _tokenizer(lm_dir / "other")
+    argv = [str(x) for x in _argv(lm_dir, tmp_path / "out")]
+    extra = [str(x) for x in change(lm_dir)]
+    flag = extra[0]
+    if flag == "--teacher":
+        argv[argv.index("--teacher") + 3] = extra[1]  # replace the second teacher
+    else:
+        argv[argv.index(flag) + 1] = extra[1]
+    r = run_cli(*argv)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) >= 1 and message in lines[-1] and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "out" / "model.safetensors").exists()
