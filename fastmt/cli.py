@@ -216,11 +216,14 @@ def _add_distill_lm(sub) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the distillation loss")
     p.add_argument("--weighting", default="paper", choices=["paper", "softmax", "uniform"],
                    help="per-token teacher weights from each teacher's cross-entropy on the next token")
+    p.add_argument("--kd-target", default="teachers", choices=["teachers", "ensemble"],
+                   help="teachers: one weighted KL per teacher (MT-BERT); ensemble: one KL to the teachers' mean "
+                        "logits (--weighting is then unused)")
     p.add_argument("--direction", default="forward", choices=["forward", "reverse"],
                    help="KL(teacher || student) (forward) or KL(student || teacher) (reverse)")
     p.add_argument("--kernels", default="auto", choices=["auto", "fused", "reference"],
-                   help="fused (auto): the loss from the output layers without tokens x vocab logits; reference: "
-                        "the float64-checkable losses that form them")
+                   help="fused: the loss from the output layers without tokens x vocab logits; reference: the "
+                        "float64-checkable losses that form them; auto (default): fused on CUDA, reference on a CPU")
     p.add_argument("--alpha-task", type=float, default=1.0, help="weight of the cross-entropy on the next token")
     p.add_argument("--alpha-kd", type=float, default=1.0, help="weight of the multi-teacher distillation loss")
     p.add_argument("--alpha-hidden", type=float, default=0.0,

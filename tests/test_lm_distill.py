@@ -194,3 +194,27 @@ def test_user_mistakes_are_one_line(change, message, lm_dir, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) >= 1 and message in lines[-1] and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_ensemble_target_is_the_kl_to_the_mean_logits(lm_dir):
+    """--kd-target ensemble: the KD term equals the reference KL to the teachers' averaged logits."""
+    from fastmt.data import iterate_batches
+    from fastmt.lm_data import next_tokens, pack, read_texts
+    from fastmt.tasks.distill_lm import KEY, DistillLMArgs, LMStep, LMStudent, cut_layers, load_lm, load_tokenizer
+    import fastmt.kernels as fused
+    from fastmt import losses
+
+    teachers = [load_lm(str(lm_dir / t), "t") for t in ("t0", "t1")]
+    enc = pack(load_tokenizer(str(lm_dir / "t0"), "t"), read_texts(str(lm_dir / "train.txt")), 16)
+    batch = next(iter(iterate_batches({KEY: enc}, [0] * len(enc), 4, [16], False)))
+    args = DistillLMArgs(train="-", dev="", out="-", teacher=["a", "b"], student_layers=1, kd_target="ensemble",
+                         temperature=2.0, precision="fp32", device="cpu")
+    student = LMStudent(cut_layers(teachers[0], 1), 2, 1, 32, 32, False)
+    _, parts = LMStep(student, teachers, args, fused, torch.device("cpu"), [[]])(batch.inputs, batch.labels)
+    ids, mask = batch.inputs[KEY]["input_ids"], batch.inputs[KEY]["attention_mask"]
+    with torch.no_grad():
+        mean = torch.stack([t(input_ids=ids, attention_mask=mask).logits for t in teachers]).mean(0)
+        s = student.model(input_ids=ids, attention_mask=mask).logits
+        want = losses.lm_kl_loss(s.reshape(-1, s.shape[-1]).double(), mean.reshape(1, -1, mean.shape[-1]).double(),
+                                 next_tokens(ids, mask).reshape(-1), "uniform", 2.0)
+    assert torch.allclose(parts["kd"].double(), want, rtol=1e-5), (parts["kd"], want)

@@ -52,7 +52,8 @@ class DistillLMArgs(TrainArgs):
     temperature: float = 1.0
     weighting: str = "paper"
     direction: str = "forward"
-    kernels: str = "auto"  # fused (fastmt.kernels), reference (fastmt.losses), auto: fused
+    kd_target: str = "teachers"  # teachers: one weighted KL per teacher (MT-BERT); ensemble: one KL to the mean logits
+    kernels: str = "auto"  # fused (fastmt.kernels), reference (fastmt.losses), auto: fused on CUDA, reference on a CPU
     alpha_task: float = 1.0
     alpha_kd: float = 1.0
     alpha_hidden: float = 0.0  # the hidden loss needs teachers of one width
@@ -71,6 +72,8 @@ class DistillLMArgs(TrainArgs):
             raise UsageError(f"--direction {self.direction}: choose forward or reverse")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise UsageError(f"--temperature {self.temperature}: must be a positive number")
+        if self.kd_target not in ("teachers", "ensemble"):
+            raise UsageError(f"--kd-target {self.kd_target}: choose teachers or ensemble")
         if self.kernels not in ("auto", "fused", "reference"):
             raise UsageError(f"--kernels {self.kernels}: choose auto, fused or reference")
         for name in ("alpha_task", "alpha_kd", "alpha_hidden"):
@@ -208,7 +211,13 @@ class LMStep:
         self.want_kd = args.alpha_kd > 0
         self.want_hidden = args.alpha_hidden > 0
         heads = [t.get_output_embeddings().weight.detach() for t in teachers]
-        self.t_heads = stack_teachers(heads) if len({h.shape[1] for h in heads}) == 1 else heads
+        self.ensemble = args.kd_target == "ensemble"
+        if self.ensemble:
+            # The teachers' mean logits sum_i (h_i / T) W_i^T are one teacher's: hidden states and output
+            # matrices side by side along the width, the states divided by T. Still no tokens x vocab.
+            self.t_heads = torch.cat(heads, dim=1)[None]
+        else:
+            self.t_heads = stack_teachers(heads) if len({h.shape[1] for h in heads}) == 1 else heads
 
     def __call__(self, inputs, labels):
         x = inputs[KEY]
@@ -229,8 +238,12 @@ class LMStep:
             parts = {"task": task.detach()}
             if self.want_kd:
                 t_h = [o.last_hidden_state.reshape(h.shape[0], -1) for o in t_out]
-                t_h = torch.stack(t_h) if isinstance(self.t_heads, torch.Tensor) else t_h
-                kd = self.losses.lm_linear_kl_loss(h, w, t_h, self.t_heads, targets, a.weighting, a.temperature,
+                if self.ensemble:
+                    t_h, weighting = (torch.cat(t_h, dim=1) / len(t_h))[None], "uniform"
+                else:
+                    t_h = torch.stack(t_h) if isinstance(self.t_heads, torch.Tensor) else t_h
+                    weighting = a.weighting
+                kd = self.losses.lm_linear_kl_loss(h, w, t_h, self.t_heads, targets, weighting, a.temperature,
                                                    direction=a.direction)
                 loss = loss + a.alpha_kd * kd
                 parts["kd"] = kd.detach()
@@ -344,8 +357,8 @@ def distill_lm(args: DistillLMArgs) -> RunResult:
     train_enc, dev_enc = _splits(args, tokenizer)
     log.info("distill-lm: %d teachers, student of %d layers; %d training blocks (%d tokens), %d dev blocks",
              len(teachers), k, len(train_enc), token_count(train_enc), len(dev_enc))
-    if args.kernels == "auto":
-        args.kernels = "fused"
+    if args.kernels == "auto":  # as for classification: fused on CUDA, the reference on a CPU (fewer products there)
+        args.kernels = "fused" if device.type == "cuda" else "reference"
     import fastmt.kernels as fused_losses
     from fastmt import losses as reference_losses
 
