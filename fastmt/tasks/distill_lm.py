@@ -218,6 +218,10 @@ class LMStep:
             self.t_heads = torch.cat(heads, dim=1)[None]
         else:
             self.t_heads = stack_teachers(heads) if len({h.shape[1] for h in heads}) == 1 else heads
+        if args.precision in ("bf16", "fp16") and isinstance(self.t_heads, torch.Tensor):
+            # Under autocast the teachers' states come in half precision; their output matrices are cast
+            # once here, not on every step inside the loss.
+            self.t_heads = self.t_heads.to(torch.bfloat16 if args.precision == "bf16" else torch.float16)
 
     def __call__(self, inputs, labels):
         x = inputs[KEY]
