@@ -78,7 +78,8 @@ def main() -> int:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--teacher-epochs", type=int, default=3)
     p.add_argument("--epochs", type=int, default=1, help="the students'")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="the students' (the teachers' is 32)")
+    p.add_argument("--lr", type=float, default=1e-3, help="the students' peak learning rate")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--train-limit", type=int, default=0, help="use the first N training reviews (0: all)")
     a = p.parse_args()
@@ -89,8 +90,8 @@ def main() -> int:
         lines = train.read_text().splitlines()
         train = work / "train.tsv"
         train.write_text("\n".join(lines[: a.train_limit + 1]) + "\n")
-    common = ["--train", train, "--dev", dev, "--max-length", a.max_length, "--batch-size", a.batch_size,
-              "--device", "cpu", "--precision", "fp32", "--no-progress", "--log-every", 50]
+    common = ["--train", train, "--dev", dev, "--max-length", a.max_length, "--device", "cpu", "--precision", "fp32",
+              "--no-progress", "--log-every", 50]
     teachers = {}
     for name, width, layers, seed in (("A", 192, 4, 11), ("B", 128, 3, 12)):
         out = work / f"teacher-{name}"
@@ -98,7 +99,8 @@ def main() -> int:
             print(f"teacher {name}: width {width}, {layers} layers", flush=True)
             init = fresh_lm(work / f"init-{name}", a.tokenizer, width, layers, seed)
             fastmt("distill-lm", "--teacher", init, "--student", init, "--alpha-kd", "0", "--out", out,
-                   "--epochs", a.teacher_epochs, "--lr", "1e-3", "--seed", seed, "--overwrite", *common,
+                   "--epochs", a.teacher_epochs, "--lr", "1e-3", "--seed", seed, "--batch-size", 32, "--overwrite",
+                   *common,
                    log=work / f"teacher-{name}.log")
         teachers[name] = out
     rows = []
@@ -110,8 +112,9 @@ def main() -> int:
             if not (out / "model.safetensors").exists():
                 print(f"{method}, seed {seed}", flush=True)
                 tflags = [x for t in use for x in ("--teacher", teachers[t])]
-                fastmt("distill-lm", *tflags, "--student", init, "--out", out, "--epochs", a.epochs, "--lr", "1e-3",
-                       "--seed", seed, "--temperature", a.temperature, "--overwrite", *METHODS[method], *common,
+                fastmt("distill-lm", *tflags, "--student", init, "--out", out, "--epochs", a.epochs, "--lr", a.lr,
+                       "--seed", seed, "--temperature", a.temperature, "--batch-size", a.batch_size, "--overwrite",
+                       *METHODS[method], *common,
                        log=work / f"{method}-{seed}.log")
             rows.append({"method": method, "seed": seed, "dir": str(out)})
     js = work / "eval.json"
