@@ -131,6 +131,7 @@ def chunked(hs, ws, ht, wt, targets, weights, tau: float, ignore_index: int, rev
     d_ws = torch.zeros((v, ws.shape[1]), dtype=torch.float32, device=hs.device) if with_grad else None
     zs_buf = torch.empty((rows, v), dtype=torch.float32, device=hs.device)
     zt_buf = torch.empty((t, rows, v), dtype=torch.float32, device=hs.device) if t_logits is None else None
+    zs = zt = g = None  # views of the buffers (or the block's gradient), dropped before d ws is rounded
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         h = hs[r0:r1]

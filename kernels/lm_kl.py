@@ -294,4 +294,6 @@ def triton_grads(hs, ws, ht, wt, stats, w, tau: float, reverse: bool, chunk_byte
         part = gc.t() @ hs[r0:r1].to(g_dtype)
         # Chunks add up in float32: a half-precision sum over many chunks would lose the small ones.
         d_ws = part.float() if d_ws is None else d_ws.add_(part)
+    if d_ws is None:  # no rows
+        d_ws = torch.zeros(ws.shape, dtype=torch.float32, device=ws.device)
     return d_hs.float(), d_ws

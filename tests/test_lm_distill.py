@@ -149,6 +149,7 @@ def test_fused_and_reference_losses_give_the_same_step(lm_dir):
                      student.model.get_output_embeddings().weight.grad.clone())
     (lf, pf, gf), (lr_, pr, gr) = got["fused"], got["reference"]
     assert set(pf) == {"task", "kd", "hidden"}
+    assert torch.allclose(lf, lr_, rtol=1e-5, atol=1e-6), (lf, lr_)
     for k in pf:
         assert torch.allclose(pf[k], pr[k], rtol=1e-5, atol=1e-6), (k, pf[k], pr[k])
     assert torch.allclose(gf, gr, rtol=1e-4, atol=1e-7)

@@ -349,3 +349,13 @@ def test_fixed_names_agree_with_the_lm_names():
         fused.mt_linear_kl_loss(hs, ws, None, y)
     with pytest.raises(ValueError, match="vocabulary of 51 tokens and the student 50"):
         fused.mt_linear_kl_loss(hs, ws, torch.zeros(2, 9, 51, device=DEVICE), y)
+
+
+@pytest.mark.no_launch  # no rows: nothing to launch
+@pytest.mark.parametrize("backend", ["chunks", "triton"])
+def test_no_rows_is_zero_with_zero_gradients(backend):
+    hs, ws, hts, wts, y = _case(3, 16, (16, 24), 50, torch.float32, seed=7)
+    a, b = hs[:0].clone().requires_grad_(), ws.clone().requires_grad_()
+    loss = fused.lm_linear_kl_loss(a, b, [h[:0] for h in hts], wts, y[:0], "paper", 2.0, backend=backend)
+    loss.backward()
+    assert float(loss) == 0.0 and a.grad.shape == (0, 16) and not b.grad.any()

@@ -333,7 +333,7 @@ def distill_lm(args: DistillLMArgs) -> RunResult:
         args.precision, _ = fastpath.choose_precision(device)
     seed_everything(args.seed)
     names = list(args.teacher)
-    teachers = [load_lm(p, f"--teacher") for p in names]
+    teachers = [load_lm(p, "--teacher") for p in names]
     tokenizers = [load_tokenizer(p, "--teacher") for p in names]
     tokenizer = tokenizers[0]
     if args.student is not None:
