@@ -132,6 +132,20 @@ def measure(provider: str, v: int, a, device: torch.device) -> dict:
         times.sort()
         row["ms_p50"] = 1e3 * times[len(times) // 2]
         row["ms_min"] = 1e3 * times[0]
+        if a.profile:  # where the pass's time goes: one more pass under torch's profiler, its top kernels
+            from torch.profiler import ProfilerActivity, profile
+
+            kinds = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with profile(activities=kinds) as prof:
+                one()
+                _sync(device)
+            key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            print(f"\n{provider}, V={v}: the pass under the profiler\n"
+                  + prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60), flush=True)
+        if provider == "fused":  # whether cuBLAS wrote the float32 logits from half inputs (else: rounded)
+            from fastmt.kernels import lm_chunks
+
+            row["fp32_out_gemm"] = lm_chunks._FP32_OUT_GEMM.get(device.type)
         if device.type == "cuda":
             row["peak_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         else:  # the process's peak resident memory over the inputs' (each provider runs in its own process)
@@ -190,6 +204,8 @@ def main(argv=None) -> int:
                    help="fused: MiB one chunk of rows may take (default: the library's, 1024)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, one pass under torch's profiler: its top kernels (on a CPU: in-process only)")
     p.add_argument("--out", default=None, help="append the rows here (JSON lines)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)

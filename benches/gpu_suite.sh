@@ -182,11 +182,19 @@ stage_kbench() {
 
 stage_lm() {
     local args=(--device "$device" --tokens 8192 --dim 4096 --teachers 2 --vocab 128256,32000
-                --providers fused,liger,compiled,eager,triton-tiles)
+                --providers "${LM_PROVIDERS:-fused,liger,compiled,eager,triton-tiles}")
     # The dry run: the interpreter's fused kernel at a size it finishes, the same providers.
     [ "$device" = cpu ] && args=(--device cpu --tokens 64 --dim 32 --teachers 2 --vocab 1000 --reps 2
                                  --providers fused,triton-tiles,eager)
+    local rc=0
     within 0 python benches/bench_lm.py "${args[@]}" --out "$out/lm.jsonl"
+    keep $?
+    if [ "$device" != cpu ] && [ $(( stage_end - $(elapsed) )) -gt 40 ]; then
+        # Where the fused pass's time goes at the largest vocabulary: its top kernels under the profiler.
+        within 0 python benches/bench_lm.py --device "$device" --tokens 8192 --dim 4096 --teachers 2 --vocab 128256 \
+            --providers fused --warmup 1 --reps 1 --profile || echo "[suite] lm: the profile was cut short (not a failure)"
+    fi
+    return $rc
 }
 
 stage_bench() {

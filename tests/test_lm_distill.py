@@ -219,3 +219,66 @@ def test_ensemble_target_is_the_kl_to_the_mean_logits(lm_dir):
         want = losses.lm_kl_loss(s.reshape(-1, s.shape[-1]).double(), mean.reshape(1, -1, mean.shape[-1]).double(),
                                  next_tokens(ids, mask).reshape(-1), "uniform", 2.0)
     assert torch.allclose(parts["kd"].double(), want, rtol=1e-5), (parts["kd"], want)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1",
+                                reason="needs a CUDA GPU and compiled Triton")
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_fused_step_matches_the_reference(lm_dir, precision):
+    """On the GPU (compiled kernels, the chunks backend): one step's terms and d W, fused vs reference.
+    fp32 with TF32 off agrees to float32 rounding; bf16 to a few of bf16's epsilons (the reference rounds
+    its materialised logits to bf16, the fused loss keeps them in float32)."""
+    from fastmt.data import iterate_batches
+    from fastmt.lm_data import pack, read_texts
+    from fastmt.losses import layer_map
+    from fastmt.tasks.distill_lm import KEY, DistillLMArgs, LMStep, LMStudent, cut_layers, load_lm, load_tokenizer
+    import fastmt.kernels as fused
+    from fastmt import losses as reference
+
+    dev = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    teachers = [load_lm(str(lm_dir / t), "t").to(dev).eval() for t in ("t0", "t1")]
+    enc = pack(load_tokenizer(str(lm_dir / "t0"), "t"), read_texts(str(lm_dir / "train.txt")), 16)
+    batch = next(iter(iterate_batches({KEY: enc}, [0] * len(enc), 8, [16], False)))
+    inputs = {KEY: {k: v.to(dev) for k, v in batch.inputs[KEY].items()}}
+    got = {}
+    for name, mod in (("fused", fused), ("reference", reference)):
+        args = DistillLMArgs(train="-", dev="", out="-", teacher=["a", "b"], student_layers=1, alpha_hidden=1.0,
+                             temperature=2.0, weighting="paper", precision=precision, device="cuda")
+        torch.manual_seed(0)
+        student = LMStudent(cut_layers(load_lm(str(lm_dir / "t0"), "t"), 1), 2, 1, 32, 32, True).to(dev)
+        maps = [layer_map(1, 3), layer_map(1, 2)]
+        loss, parts = LMStep(student, teachers, args, mod, dev, maps)(inputs, None)
+        loss.backward()
+        got[name] = (loss.detach().float(), {k: v.float() for k, v in parts.items()},
+                     student.model.get_output_embeddings().weight.grad.float().clone())
+    (lf, pf, gf), (lr_, pr, gr) = got["fused"], got["reference"]
+    # fp32: summation order only (GPU reductions), far below any fault's size; bf16: a few roundings.
+    tol = 1e-4 if precision == "fp32" else 8 * torch.finfo(torch.bfloat16).eps
+    gtol = 1e-4 if precision == "fp32" else 4 * torch.finfo(torch.bfloat16).eps
+    assert set(pf) == {"task", "kd", "hidden"}
+    assert torch.isfinite(lf) and torch.allclose(lf, lr_, rtol=tol, atol=tol), (lf, lr_)
+    for k in pf:
+        assert torch.allclose(pf[k], pr[k], rtol=tol, atol=tol), (k, pf[k], pr[k])
+    scale = gr.abs().max()
+    assert scale > 0 and (gf - gr).abs().max() <= gtol * scale, ((gf - gr).abs().max(), scale)
+
+
+@needs_cuda
+def test_distill_lm_trains_on_cuda_with_the_fused_loss(lm_dir, tmp_path):
+    """The command on the GPU: bf16, --kernels auto (the fused loss there); the output loads and scores."""
+    out = tmp_path / "student"
+    argv = [str(x) for x in _argv(lm_dir, out, "--alpha-hidden", "1")]
+    argv[argv.index("--device") + 1] = "cuda"
+    argv[argv.index("--precision") + 1] = "bf16"
+    r = run_cli(*argv)
+    assert r.returncode == 0, r.stderr
+    assert "dev perplexity" in r.stdout
+    run = json.loads((out / "fastmt_run.json").read_text())
+    assert run["kernels"] == "fused", run
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 1
