@@ -230,6 +230,13 @@ def _add_distill_lm(sub) -> None:
                    help="weight of the projected hidden-state loss (teachers of one width)")
     p.add_argument("--dev-share", type=float, default=0.05,
                    help="without --dev, this share of the training blocks is held out as the dev set")
+    p.add_argument("--cache-teachers", default="off", metavar="DIR|auto|off",
+                   help="run the teachers once: store each token's --top-k next tokens per teacher in DIR (auto: "
+                        "under ~/.cache/fastmt) on the first pass and train on them (the KL on those ids plus one "
+                        "tail bucket) in every later step and run; default off (the exact KL, teachers every step)")
+    p.add_argument("--top-k", type=int, default=128, help="next tokens stored per token and teacher (default 128)")
+    p.add_argument("--cache-budget-gb", type=float, default=8.0,
+                   help="most disk the top-k cache may take (default 8)")
     _add_common(p, defaults={"epochs": 1, "lr": 1e-4})
     for action in p._actions:
         if action.dest == "dev":

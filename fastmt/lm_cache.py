@@ -40,13 +40,15 @@ FORMAT = 1
 _FILES = ("ids.bin", "logprobs.bin", "tail.bin", "target.bin")
 
 
-def lm_fingerprint(teacher_dirs: list[str], data: str, tokenizer_dir: str, block_len: int, k: int,
-                   temperature: float) -> dict:
-    """What a top-k cache's contents depend on; it is reused only when all of it matches."""
+def lm_fingerprint(teacher_dirs: list[str], data: str | None, tokenizer_dir: str, block_len: int, k: int,
+                   temperature: float, data_digest: str | None = None) -> dict:
+    """What a top-k cache's contents depend on; it is reused only when all of it matches. The data
+    enters as its file's bytes, or as ``data_digest`` (``distill-lm``: a digest of the packed tokens,
+    which serves any data source)."""
     return {
         "format": FORMAT,
         "teacher_files": [_dir_digest(d) for d in teacher_dirs],
-        "data": _file_sha256(data),
+        "data": data_digest if data_digest is not None else _file_sha256(data),
         "tokenizer_files": _dir_digest(tokenizer_dir),
         "block_len": int(block_len),
         "k": int(k),
@@ -56,7 +58,8 @@ def lm_fingerprint(teacher_dirs: list[str], data: str, tokenizer_dir: str, block
 
 _WHAT = {"format": "the cache format", "teacher_files": "the teachers", "data": "the training data",
          "tokenizer_files": "the tokenizer", "block_len": "the block length (--max-length)", "k": "k",
-         "temperature": "the temperature", "blocks": "the number of blocks", "teachers": "the number of teachers"}
+         "temperature": "the temperature", "blocks": "the number of blocks", "teachers": "the number of teachers",
+         "precision": "the precision"}
 
 
 def topk_from_logits(logits: torch.Tensor, targets: torch.Tensor, k: int, temperature: float = 1.0):

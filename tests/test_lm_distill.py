@@ -282,3 +282,145 @@ def test_distill_lm_trains_on_cuda_with_the_fused_loss(lm_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# --cache-teachers: the teachers' top-k stored on the first pass, read back after
+
+
+def _cached_setup(lm_dir, tmp_path, top_k, **kw):
+    from fastmt.data import iterate_batches
+    from fastmt.lm_data import pack, read_texts
+    from fastmt.tasks.distill_lm import KEY, DistillLMArgs, LMStudent, cut_layers, load_lm, load_tokenizer
+    from fastmt.tasks.lm_cached import CachedLMStep, open_cache
+
+    teachers = [load_lm(str(lm_dir / t), "t").eval() for t in ("t0", "t1")]
+    enc = pack(load_tokenizer(str(lm_dir / "t0"), "t"), read_texts(str(lm_dir / "train.txt")), 16)
+    args = DistillLMArgs(train="-", dev="", out="-", teacher=["a", "b"], student_layers=1, temperature=2.0,
+                         weighting="softmax", precision="fp32", device="cpu", top_k=top_k, max_length=16,
+                         cache_teachers=str(tmp_path / "cache"), **kw)
+    cache = open_cache(args, [str(lm_dir / "t0"), str(lm_dir / "t1")], str(lm_dir / "t0"), enc.input_ids, len(WORDS) + 3)
+    torch.manual_seed(0)
+    student = LMStudent(cut_layers(teachers[0], 1), 2, 1, 32, 32, False)
+    step = CachedLMStep(student, teachers, args, torch.device("cpu"), cache)
+    batch = next(iter(iterate_batches({KEY: enc}, [0] * len(enc), 4, [16], False)))
+    return step, student, teachers, args, batch
+
+
+def _w_grad(student):
+    w = student.model.get_output_embeddings().weight
+    g = w.grad.clone()
+    w.grad = None
+    return g
+
+
+def test_cached_step_runs_the_teachers_once_then_reads_the_same_values_back(lm_dir, tmp_path):
+    step, student, _, _, batch = _cached_setup(lm_dir, tmp_path, top_k=5)
+    loss1, parts1 = step(batch.inputs, batch.labels, batch.index)
+    loss1.backward()
+    g1 = _w_grad(student)
+    assert step.teacher_runs == 1 and set(parts1) == {"task", "kd"} and parts1["kd"] > 0
+    assert all(step.cache.filled[int(i)] for i in batch.index)
+    loss2, parts2 = step(batch.inputs, batch.labels, batch.index)
+    loss2.backward()
+    assert step.teacher_runs == 1  # read back: no teacher ran
+    assert torch.equal(loss1, loss2) and torch.equal(parts1["kd"], parts2["kd"]) and torch.equal(g1, _w_grad(student))
+
+
+def test_cached_kd_with_every_token_stored_is_the_full_kl(lm_dir, tmp_path):
+    """--top-k at the vocabulary size: the cached term equals the exact loss of the run without a cache."""
+    from fastmt import losses
+    from fastmt.tasks.distill_lm import LMStep
+
+    step, student, teachers, args, batch = _cached_setup(lm_dir, tmp_path, top_k=len(WORDS) + 3)
+    _, parts = step(batch.inputs, batch.labels, batch.index)
+    full = LMStep(student, teachers, args, losses, torch.device("cpu"), [[]])
+    _, want = full(batch.inputs, batch.labels)
+    assert torch.allclose(parts["kd"], want["kd"], rtol=1e-5, atol=1e-7), (parts["kd"], want["kd"])
+    assert torch.allclose(parts["task"], want["task"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_cached_kd_in_chunks_equals_the_reference_on_materialised_logits(lm_dir, tmp_path, direction):
+    """topk_kd (rows in chunks, recomputed in backward) against fastmt.losses.lm_topk_kl_loss on the whole
+    student logits and the teachers' top-k of their full logits: value and d W, float64."""
+    from fastmt import losses
+    from fastmt.lm_cache import topk_from_logits
+    from fastmt.lm_data import next_tokens
+    from fastmt.tasks.distill_lm import KEY
+    from fastmt.tasks.lm_cached import topk_kd
+
+    _, student, teachers, args, batch = _cached_setup(lm_dir, tmp_path, top_k=4)
+    ids, mask = batch.inputs[KEY]["input_ids"], batch.inputs[KEY]["attention_mask"]
+    y = next_tokens(ids, mask).reshape(-1)
+    with torch.no_grad():
+        t_logits = torch.stack([t(input_ids=ids, attention_mask=mask).logits for t in teachers]).flatten(1, 2)
+        h = student.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state.flatten(0, 1)
+    top_ids, top_lp, tail, target = topk_from_logits(t_logits.double(), y, 4, 2.0)
+    w = student.model.get_output_embeddings().weight.detach().double().requires_grad_()
+    h = h.double()
+    got = topk_kd(h, w, top_ids, top_lp, tail, target, y, "paper", 2.0, direction, rows=7)
+    (g_got,) = torch.autograd.grad(got, w)
+    want = losses.lm_topk_kl_loss(h @ w.t(), top_ids, top_lp, y, "paper", 2.0, -100, direction,
+                                  target_logprobs=target, tail_logprobs=tail)
+    (g_want,) = torch.autograd.grad(want, w)
+    assert got.dtype == torch.float64 and torch.allclose(got, want, rtol=1e-12), (got, want)
+    assert torch.allclose(g_got, g_want, rtol=1e-10, atol=1e-15)
+    full = losses.lm_kl_loss(h @ w.t(), t_logits.double(), y, "paper", 2.0, -100, direction) if direction == "forward" else None
+    if full is not None:  # merging cells never raises the KL
+        assert float(want.detach()) <= float(full.detach()) + 1e-9
+
+
+def _cached_argv(lm_dir, out, cache, *extra):
+    return [str(x) for x in _argv(lm_dir, out, "--cache-teachers", cache, "--top-k", "8", *extra)]
+
+
+def test_distill_lm_with_the_cache_trains_the_same_model_from_stored_teachers(lm_dir, tmp_path):
+    """Run 1 fills the cache (the teachers run in epoch 1 only); run 2 reads it all (no teacher runs)
+    and trains the same weights, bit for bit; another --top-k rebuilds it, said in one line."""
+    cache = tmp_path / "cache"
+    r1 = run_cli(*_cached_argv(lm_dir, tmp_path / "a", cache))
+    assert r1.returncode == 0, r1.stderr
+    assert "the teachers ran on 12 batches" in r1.stderr, r1.stderr  # 45 blocks, batches of 4, 2 epochs
+    r2 = run_cli(*_cached_argv(lm_dir, tmp_path / "b", cache))
+    assert r2.returncode == 0, r2.stderr
+    assert "45 of 45 blocks stored" in r2.stderr and "the teachers ran on 0 batches" in r2.stderr, r2.stderr
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    run = json.loads((tmp_path / "a" / "fastmt_run.json").read_text())
+    assert run["cache_teachers"] == str(cache) and run["top_k"] == 8
+    r3 = run_cli(*[x if x != "8" else "4" for x in _cached_argv(lm_dir, tmp_path / "c", cache)])
+    assert r3.returncode == 0, r3.stderr
+    assert "made for other inputs (k differ)" in r3.stderr and "the teachers ran on 12 batches" in r3.stderr
+
+
+def test_sigkill_while_the_cache_fills_then_resume_gives_the_uninterrupted_model(lm_dir, tmp_path):
+    import os
+
+    base = tmp_path / "base"
+    assert run_cli(*_cached_argv(lm_dir, base, tmp_path / "c0")).returncode == 0
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "fastmt", *_cached_argv(lm_dir, run, tmp_path / "c1", "--save-every", "3")]
+    env = dict(os.environ, FASTMT_FAULT_KILL_AFTER_STEP="7")
+    killed = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, env=env)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    r = run_cli(*_cached_argv(lm_dir, run, tmp_path / "c1", "--save-every", "3", "--resume"))
+    assert r.returncode == 0, r.stderr
+    assert "the teachers ran on 5 batches" in r.stderr, r.stderr  # steps 8..12 of epoch 1; 1..7 were stored
+    a, b = load_file(base / "model.safetensors"), load_file(run / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--alpha-hidden", "1"], "--alpha-hidden 1.0 needs their hidden states"),
+    (["--kd-target", "ensemble"], "--kd-target teachers or --cache-teachers off"),
+    (["--top-k", "0"], "--top-k 0: must be at least 1"),
+    (["--cache-budget-gb", "0.0001", "--top-k", "8"], "lower --top-k or raise --cache-budget-gb"),
+])
+def test_cache_mistakes_are_one_line(extra, message, lm_dir, tmp_path):
+    argv = [str(x) for x in _argv(lm_dir, tmp_path / "out", "--cache-teachers", tmp_path / "cache", *extra)]
+    r = run_cli(*argv)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert message in lines[-1] and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "out" / "model.safetensors").exists()

@@ -58,6 +58,9 @@ class DistillLMArgs(TrainArgs):
     alpha_kd: float = 1.0
     alpha_hidden: float = 0.0  # the hidden loss needs teachers of one width
     dev_share: float = 0.05  # without --dev: this share of the training blocks (at least one) is held out
+    cache_teachers: str | None = None  # [--cache-teachers DIR|auto|off] the teachers' top-k stored once (fastmt.tasks.lm_cached); None: off
+    top_k: int = 128  # [--top-k] next tokens stored per token and teacher
+    cache_budget_gb: float = 8.0  # [--cache-budget-gb] the most disk the top-k cache may take
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -83,6 +86,15 @@ class DistillLMArgs(TrainArgs):
             raise UsageError(f"--metric {self.metric}: distill-lm picks the best epoch by next-token accuracy")
         if not 0 < self.dev_share < 1:
             raise UsageError(f"--dev-share {self.dev_share}: a fraction in (0, 1)")
+        if self.cache_teachers == "off":
+            self.cache_teachers = None
+        if self.cache_teachers is not None and not str(self.cache_teachers).strip():
+            raise UsageError("--cache-teachers: give a dir, auto or off")
+        if not (self.cache_budget_gb >= 0 and math.isfinite(self.cache_budget_gb)):
+            raise UsageError(f"--cache-budget-gb {self.cache_budget_gb}: must be a number >= 0")
+        from fastmt.tasks.lm_cached import check_cache_args
+
+        check_cache_args(self)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,9 +382,17 @@ def distill_lm(args: DistillLMArgs) -> RunResult:
     for t in teachers:
         t.to(device).eval().requires_grad_(False)
     student.to(device)
+    cache = None
+    if args.cache_teachers is not None:
+        from fastmt.tasks.lm_cached import CachedLMStep, open_cache
+
+        cache = open_cache(args, names, names[0], train_enc.input_ids, vocab_size(model))  # may lower --top-k to V
     run_config = {"command": "distill-lm", **asdict(args), "layer_maps": maps}
     check_resume(args, out_dir, run_config)
-    step = LMStep(student, teachers, args, losses_mod, device, maps)
+    if cache is not None:
+        step = CachedLMStep(student, teachers, args, device, cache)
+    else:
+        step = LMStep(student, teachers, args, losses_mod, device, maps)
 
     def evaluate():
         s = lm_scores(student.model, dev_enc, args.eval_batch_size, device, args.precision)
@@ -385,6 +405,11 @@ def distill_lm(args: DistillLMArgs) -> RunResult:
     result = fit(student, step, data, args, device, out_dir, "distill-lm", Hooks(evaluate, save_best), World(),
                  run_config=run_config)
     result.extra["dev"] = lm_scores(student.model, dev_enc, args.eval_batch_size, device, args.precision)
+    if cache is not None:
+        cache.flush()
+        result.extra["teacher_runs"] = step.teacher_runs
+        log.info("distill-lm: the teachers ran on %d batches; the top-k teacher cache %s served the rest",
+                 step.teacher_runs, cache.path)
     return result
 
 
