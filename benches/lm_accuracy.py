@@ -13,6 +13,9 @@ for the same steps in five ways, all through ``fastmt distill-lm``:
 - ``ensemble``: plus one KL to the two teachers' averaged logits (``--kd-target ensemble``)
 - ``mt-weighted``: plus MT-BERT's loss: one KL per teacher, each weighted per token by how well that
   teacher predicts the actual next token (``--weighting paper``)
+- ``mt-top16``, ``mt-top128``: the same loss on the teachers' top-k next tokens plus a tail bucket
+  (``--cache-teachers``; one cache per k in ``--work``: the first seed fills it, the later seeds read it
+  and run no teacher)
 
 and scored with ``fastmt eval-lm`` on the dev text (perplexity, next-token accuracy), for each of
 ``--seeds``. Runs already finished in ``--work`` are reused, so an interrupted study continues.
@@ -35,7 +38,25 @@ METHODS = {
     "kd-B": ["--alpha-kd", "1"],
     "ensemble": ["--alpha-kd", "1", "--kd-target", "ensemble"],
     "mt-weighted": ["--alpha-kd", "1", "--weighting", "paper"],
+    "mt-top16": ["--alpha-kd", "1", "--weighting", "paper", "--top-k", "16"],
+    "mt-top128": ["--alpha-kd", "1", "--weighting", "paper", "--top-k", "128"],
 }
+TOPK = {"mt-top16": 16, "mt-top128": 128}
+
+
+def run_facts(log: Path) -> dict:
+    """Training seconds and, for a cached run, the batches the teachers ran on, from a run's log."""
+    import re
+
+    text = log.read_text() if log.exists() else ""
+    facts = {}
+    m = re.search(r"student saved to .*, ([0-9.]+)s$", text, re.M)
+    if m:
+        facts["train_s"] = float(m.group(1))
+    m = re.search(r"the teachers ran on (\d+) batches", text)
+    if m:
+        facts["teacher_batches"] = int(m.group(1))
+    return facts
 
 
 def fresh_lm(path: Path, tokenizer_dir: str, width: int, layers: int, seed: int) -> Path:
@@ -112,11 +133,12 @@ def main() -> int:
             if not (out / "model.safetensors").exists():
                 print(f"{method}, seed {seed}", flush=True)
                 tflags = [x for t in use for x in ("--teacher", teachers[t])]
+                cache = ["--cache-teachers", work / f"cache-top{TOPK[method]}"] if method in TOPK else []
                 fastmt("distill-lm", *tflags, "--student", init, "--out", out, "--epochs", a.epochs, "--lr", a.lr,
                        "--seed", seed, "--temperature", a.temperature, "--batch-size", a.batch_size, "--overwrite",
-                       *METHODS[method], *common,
+                       *METHODS[method], *cache, *common,
                        log=work / f"{method}-{seed}.log")
-            rows.append({"method": method, "seed": seed, "dir": str(out)})
+            rows.append({"method": method, "seed": seed, "dir": str(out), **run_facts(work / f"{method}-{seed}.log")})
     js = work / "eval.json"
     fastmt("eval-lm", *[x for r in rows for x in ("--model", r["dir"])], "--model", teachers["A"], "--model",
            teachers["B"], "--data", dev, "--max-length", a.max_length, "--device", "cpu", "--json", js,
@@ -131,7 +153,8 @@ def main() -> int:
         acc = [r["accuracy"] for r in rows if r["method"] == method]
         sd = statistics.stdev(ppl) if len(ppl) > 1 else 0.0
         summary[method] = {"perplexity_mean": statistics.mean(ppl), "perplexity_sd": sd, "perplexities": ppl,
-                           "accuracy_mean": statistics.mean(acc)}
+                           "accuracy_mean": statistics.mean(acc),
+                           "train_s": [r.get("train_s") for r in rows if r["method"] == method]}
         print(f"{method:<12} {statistics.mean(ppl):>26.2f} ± {sd:<5.2f} {statistics.mean(acc):>15.4f}")
     for t in ("A", "B"):
         s = scores[str(teachers[t])]

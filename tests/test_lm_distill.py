@@ -4,6 +4,7 @@ teachers of different depths sharing one word-level tokenizer, a student cut fro
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -424,3 +425,20 @@ def test_cache_mistakes_are_one_line(extra, message, lm_dir, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert message in lines[-1] and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@needs_cuda
+def test_cached_teachers_on_cuda(lm_dir, tmp_path):
+    """--cache-teachers on the GPU in bf16: the first run fills the cache, the second runs no teacher."""
+    cache = tmp_path / "cache"
+    outs = []
+    for name in ("a", "b"):
+        argv = _cached_argv(lm_dir, tmp_path / name, cache)
+        argv[argv.index("--device") + 1] = "cuda"
+        argv[argv.index("--precision") + 1] = "bf16"
+        outs.append(run_cli(*argv))
+        assert outs[-1].returncode == 0, outs[-1].stderr
+    assert "the teachers ran on 12 batches" in outs[0].stderr, outs[0].stderr
+    assert "the teachers ran on 0 batches" in outs[1].stderr, outs[1].stderr
+    ppl = [float(r.stdout.split("dev perplexity ")[1].split(",")[0]) for r in outs]
+    assert all(math.isfinite(p) and p < 10 * len(WORDS) for p in ppl), ppl
