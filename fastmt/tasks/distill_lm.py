@@ -21,14 +21,14 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from fastmt import fastpath, outlock
 from fastmt.data import iterate_batches, tokenizer_key
 from fastmt.distributed import World
 from fastmt.errors import UsageError
 from fastmt.fileio import first_line, staged_set, write_json
-from fastmt.lm_data import IGNORE, next_tokens, pack, read_texts, token_count
+from fastmt.lm_data import next_tokens, pack, read_texts, token_count
+from fastmt.tasks.lm_common import KEY, _backbone, chunked_ce  # noqa: F401 - KEY: the tests' and benches' name
 from fastmt.loop import Hooks, RunResult, TrainData, fit
 from fastmt.rundir import check_out_dir, check_resume
 from fastmt.settings import TrainArgs, resolve_device
@@ -37,10 +37,8 @@ from fastmt.tasks.common import seed_everything
 
 log = logging.getLogger("fastmt")
 
-KEY = "lm"  # the one tokenizer every model shares
 DIRECTIONS = ("forward", "reverse")
 RUN_FILE = "fastmt_run.json"
-CE_ROWS = 1024  # token rows per chunk of the cross-entropy (its logits are recomputed in backward)
 
 
 @dataclass
@@ -180,34 +178,6 @@ class LMStudent(nn.Module):
                 nn.init.normal_(w, std=ds**-0.5)
         self.proj_weight = nn.Parameter(w, requires_grad=with_hidden)
         self.proj_bias = nn.Parameter(torch.zeros(shape[0], shape[1], dt), requires_grad=with_hidden)
-
-
-def _backbone(model, ids, mask, hidden: bool):
-    """The model's body: last hidden states after the final norm, and every layer's when ``hidden``."""
-    return model.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden, use_cache=False)
-
-
-def chunked_ce(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, rows: int = CE_ROWS):
-    """``(sum of -log q(next token), correct top-1 count, counted tokens)`` over ``h [N, D]`` with
-    output matrix ``w [V, D]``: logits ``rows`` at a time, recomputed in backward (checkpointed), so no
-    ``N x V`` tensor lives across the pass."""
-    from torch.utils.checkpoint import checkpoint
-
-    def part(hc, yc):
-        z = (hc @ w.t()).float()
-        return F.cross_entropy(z, yc, ignore_index=IGNORE, reduction="sum"), ((z.argmax(-1) == yc) & (yc != IGNORE)).sum()
-
-    nll = h.new_zeros((), dtype=torch.float32)
-    correct = torch.zeros((), dtype=torch.int64, device=h.device)
-    for r0 in range(0, h.shape[0], rows):
-        hc, yc = h[r0: r0 + rows], targets[r0: r0 + rows]
-        if torch.is_grad_enabled() and h.requires_grad:
-            s, c = checkpoint(part, hc, yc, use_reentrant=False)
-        else:
-            s, c = part(hc, yc)
-        nll = nll + s
-        correct += c
-    return nll, correct, (targets != IGNORE).sum()
 
 
 class LMStep:

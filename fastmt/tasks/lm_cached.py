@@ -30,7 +30,7 @@ from fastmt.errors import UsageError
 from fastmt.lm_cache import TopKCache, lm_fingerprint, topk_from_logits
 from fastmt.lm_data import IGNORE, next_tokens
 from fastmt.step import autocast
-from fastmt.tasks.distill_lm import KEY, _backbone, chunked_ce
+from fastmt.tasks.lm_common import KEY, _backbone, chunked_ce
 
 log = logging.getLogger("fastmt")
 
