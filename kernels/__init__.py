@@ -183,3 +183,15 @@ def _lm_chunks_bytes() -> int:
     from fastmt.kernels import lm_chunks
 
     return lm_chunks.CHUNK_BYTES
+
+
+def lm_topk_linear_kl_loss(hidden, weight, topk_ids, topk_logprobs, targets, weights="paper", temperature=1.0,
+                           ignore_index=-100, target_logprobs=None, tail_logprobs=None, chunk_bytes=None):
+    """``fastmt.losses.lm_topk_kl_loss(hidden @ weight.T, ...)`` (forward KL) against teachers stored as
+    their top-k (a cache), with gradients for ``hidden`` and ``weight`` made in one pass a chunk of rows
+    at a time: no ``N x V`` tensor, no autograd graph over the vocabulary (``fastmt.kernels.lm_topk``;
+    torch, any device)."""
+    from fastmt.kernels import lm_topk
+
+    return lm_topk.lm_topk_linear_kl_loss(hidden, weight, topk_ids, topk_logprobs, targets, weights, temperature,
+                                          ignore_index, target_logprobs, tail_logprobs, chunk_bytes)

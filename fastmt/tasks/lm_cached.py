@@ -11,8 +11,9 @@ The distillation term is then ``fastmt.losses.lm_topk_kl_loss``: the KL on the s
 tail bucket, the teachers weighted per token from the stored target log-probabilities (``paper``,
 ``softmax``) as the full loss weights them. It is never more than the full KL and equals it when the
 stored ids cover what the teachers put mass on (``--top-k`` at the vocabulary size: exactly). The
-student's logits are formed a few rows at a time and recomputed in backward (checkpointed), as the
-task loss's are, so no ``tokens x vocab`` tensor lives across the step.
+student's logits exist a chunk of rows at a time: the forward KL through
+``fastmt.kernels.lm_topk_linear_kl_loss`` (its gradients made in the same pass), the reverse KL through
+the reference, recomputed in backward; no ``tokens x vocab`` tensor lives across the step.
 """
 
 from __future__ import annotations
@@ -85,10 +86,19 @@ def topk_kd(h: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, logprobs: torch
             rows: int | None = None) -> torch.Tensor:
     """``lm_topk_kl_loss`` of the student's logits ``h @ w.T`` (``h [N, D]``, ``w [V, D]``) against the
     stored teachers (``ids``/``logprobs`` ``[T, N, k]``, ``tail``/``target`` ``[T, N]``), averaged over
-    every counted row of ``targets [N]``, a chunk of rows at a time (recomputed in backward)."""
+    every counted row of ``targets [N]``, a chunk of ``rows`` at a time: the forward KL through
+    ``fastmt.kernels.lm_topk_linear_kl_loss`` (gradients made in one pass), the reverse KL through the
+    reference, each chunk recomputed in backward."""
     from torch.utils.checkpoint import checkpoint
 
     t, v = ids.shape[0], w.shape[0]
+    if direction == "forward":
+        # One pass a chunk, the gradient made in the forward (fastmt.kernels.lm_topk): no graph over V.
+        from fastmt.kernels import lm_topk_linear_kl_loss
+
+        return lm_topk_linear_kl_loss(h, w, ids, logprobs, targets, weighting, temperature, IGNORE,
+                                      target_logprobs=target, tail_logprobs=tail,
+                                      chunk_bytes=None if rows is None else 12 * v * rows)
     if rows is None:
         rows = max(16, TOPK_CHUNK_BYTES // (4 * v * (t + 2)))
 
