@@ -131,3 +131,19 @@ def test_float32_keeps_its_digits_where_the_student_has_little_mass_outside_the_
     assert abs(got.item() - want.item()) <= 16 * eps * abs(want.item())
     for g, r in ((gh, wh), (gw, ww)):
         assert (g.double() - r).abs().max() <= 64 * eps * r.abs().max(), ((g.double() - r).abs().max(), r.abs().max())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_cuda_within_the_dtypes_rounding(dtype):
+    """On the GPU (float32-writing GEMMs from half inputs): the same bounds as on the CPU."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    h, w, y, ids, lp, tail, target = _case(300, 64, 1031, 3, 17, 2.0, seed=10, dtype=dtype)
+    dev = torch.device("cuda")
+    h, w, y, ids, lp, tail, target = (x.to(dev) for x in (h, w, y, ids, lp, tail, target))
+    (got, gh, gw), (want, wh, ww) = _both(h, w, y, ids, lp, tail, target, "softmax", 2.0, 12 * 1031 * 64)
+    eps = 1e-12 if dtype == torch.float64 else 4 * torch.finfo(dtype).eps * 10 * 64**0.5
+    assert abs(got.double().item() - want.item()) <= eps * max(1.0, abs(want.item())), (got, want)
+    for g, r in ((gh, wh), (gw, ww)):
+        assert g.dtype == dtype and (g.double() - r).abs().max() <= eps * r.abs().max()
