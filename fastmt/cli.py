@@ -224,6 +224,9 @@ def _add_distill_lm(sub) -> None:
     p.add_argument("--kernels", default="auto", choices=["auto", "fused", "reference"],
                    help="fused: the loss from the output layers without tokens x vocab logits; reference: the "
                         "float64-checkable losses that form them; auto (default): fused on CUDA, reference on a CPU")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the models' bodies for the training steps; default: on for jobs of 1000 "
+                        "steps or more")
     p.add_argument("--alpha-task", type=float, default=1.0, help="weight of the cross-entropy on the next token")
     p.add_argument("--alpha-kd", type=float, default=1.0, help="weight of the multi-teacher distillation loss")
     p.add_argument("--alpha-hidden", type=float, default=0.0,

@@ -442,3 +442,42 @@ def test_cached_teachers_on_cuda(lm_dir, tmp_path):
     assert "the teachers ran on 0 batches" in outs[1].stderr, outs[1].stderr
     ppl = [float(r.stdout.split("dev perplexity ")[1].split(",")[0]) for r in outs]
     assert all(math.isfinite(p) and p < 10 * len(WORDS) for p in ppl), ppl
+
+
+def test_compiled_bodies_give_the_eager_step(lm_dir):
+    """--compile: the models' bodies under torch.compile; the step's terms and d W equal the eager
+    step's, batch after batch, including a shorter last batch (one more graph per body, at most)."""
+    import torch._dynamo
+    from fastmt.data import iterate_batches
+    from fastmt.lm_data import pack, read_texts
+    from fastmt.losses import layer_map
+    from fastmt.tasks.distill_lm import KEY, DistillLMArgs, LMStep, LMStudent, cut_layers, load_lm, load_tokenizer
+    from fastmt import losses
+
+    torch._dynamo.reset()
+    teachers = [load_lm(str(lm_dir / t), "t").eval() for t in ("t0", "t1")]
+    enc = pack(load_tokenizer(str(lm_dir / "t0"), "t"), read_texts(str(lm_dir / "train.txt")), 16)
+    enc = type(enc)(enc.input_ids[:13], enc.token_type_ids[:13], enc.pad_id)
+    batches = list(iterate_batches({KEY: enc}, [0] * 13, 4, [16], False))  # 4, 4, 4 and a last one of 1
+    assert [len(b) for b in batches] == [4, 4, 4, 1]
+    student = LMStudent(cut_layers(teachers[0], 1), 2, 1, 32, 32, True)
+    steps = {}
+    for compile in (False, True):
+        args = DistillLMArgs(train="-", dev="", out="-", teacher=["a", "b"], student_layers=1, alpha_hidden=1.0,
+                             temperature=2.0, precision="fp32", device="cpu", compile=compile)
+        steps[compile] = LMStep(student, teachers, args, losses, torch.device("cpu"), [layer_map(1, 3), layer_map(1, 2)])
+    w = student.model.get_output_embeddings().weight
+    torch._dynamo.utils.counters.clear()
+    for batch in batches:
+        got = []
+        for compile in (False, True):
+            loss, parts = steps[compile](batch.inputs, batch.labels)
+            loss.backward()
+            got.append((loss.detach(), parts, w.grad.clone()))
+            w.grad = None
+        (le, pe, ge), (lc, pc, gc) = got
+        assert torch.allclose(lc, le, rtol=1e-5), (lc, le)
+        assert all(torch.allclose(pc[k], pe[k], rtol=1e-5, atol=1e-7) for k in pe)
+        assert torch.allclose(gc, ge, rtol=1e-4, atol=1e-7)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert 3 <= graphs <= 6, graphs  # three bodies, each at most once more for the last batch

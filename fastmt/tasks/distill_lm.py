@@ -28,7 +28,7 @@ from fastmt.distributed import World
 from fastmt.errors import UsageError
 from fastmt.fileio import first_line, staged_set, write_json
 from fastmt.lm_data import next_tokens, pack, read_texts, token_count
-from fastmt.tasks.lm_common import KEY, _backbone, chunked_ce  # noqa: F401 - KEY: the tests' and benches' name
+from fastmt.tasks.lm_common import KEY, _backbone, chunked_ce, compiled_bodies  # noqa: F401 - KEY: the tests' and benches' name
 from fastmt.loop import Hooks, RunResult, TrainData, fit
 from fastmt.rundir import check_out_dir, check_resume
 from fastmt.settings import TrainArgs, resolve_device
@@ -190,6 +190,7 @@ class LMStep:
 
         self.student, self.teachers, self.args, self.losses, self.device = student, teachers, args, losses, device
         self.maps = maps  # per teacher, the teacher layer each student layer learns (hidden loss)
+        self.bodies = compiled_bodies([*teachers, student.model]) if args.compile else None
         self.want_kd = args.alpha_kd > 0
         self.want_hidden = args.alpha_hidden > 0
         heads = [t.get_output_embeddings().weight.detach() for t in teachers]
@@ -214,8 +215,8 @@ class LMStep:
             t_out = []
             if self.want_kd or self.want_hidden:
                 with torch.no_grad():
-                    t_out = [_backbone(t, ids, mask, self.want_hidden) for t in self.teachers]
-            s_out = _backbone(self.student.model, ids, mask, self.want_hidden)
+                    t_out = [_backbone(t, ids, mask, self.want_hidden, self.bodies) for t in self.teachers]
+            s_out = _backbone(self.student.model, ids, mask, self.want_hidden, self.bodies)
             h = s_out.last_hidden_state.reshape(-1, s_out.last_hidden_state.shape[-1])
             w = self.student.model.get_output_embeddings().weight
             nll, _, count = chunked_ce(h, w, targets)
@@ -343,6 +344,11 @@ def distill_lm(args: DistillLMArgs) -> RunResult:
     train_enc, dev_enc = _splits(args, tokenizer)
     log.info("distill-lm: %d teachers, student of %d layers; %d training blocks (%d tokens), %d dev blocks",
              len(teachers), k, len(train_enc), token_count(train_enc), len(dev_enc))
+    if args.compile is None:  # as for classification: compiling repays itself on long jobs only
+        steps = math.ceil(len(train_enc) / args.batch_size) * args.epochs
+        args.compile = steps >= fastpath.COMPILE_MIN_STEPS
+        log.info("distill-lm: compile %s (%d steps %s %d; --compile/--no-compile to choose)",
+                 "on" if args.compile else "off", steps, ">=" if args.compile else "<", fastpath.COMPILE_MIN_STEPS)
     if args.kernels == "auto":  # as for classification: fused on CUDA, the reference on a CPU (fewer products there)
         args.kernels = "fused" if device.type == "cuda" else "reference"
     import fastmt.kernels as fused_losses

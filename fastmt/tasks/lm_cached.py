@@ -31,7 +31,7 @@ from fastmt.errors import UsageError
 from fastmt.lm_cache import TopKCache, lm_fingerprint, topk_from_logits
 from fastmt.lm_data import IGNORE, next_tokens
 from fastmt.step import autocast
-from fastmt.tasks.lm_common import KEY, _backbone, chunked_ce
+from fastmt.tasks.lm_common import KEY, _backbone, chunked_ce, compiled_bodies
 
 log = logging.getLogger("fastmt")
 
@@ -131,13 +131,14 @@ class CachedLMStep:
     def __init__(self, student, teachers: list, args, device: torch.device, cache: TopKCache):
         self.student, self.teachers, self.args, self.device, self.cache = student, teachers, args, device, cache
         self.teacher_runs = 0
+        self.bodies = compiled_bodies([*teachers, student.model]) if args.compile else None
 
     @torch.no_grad()
     def _teachers(self, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor, index: torch.Tensor):
         """Run the teachers on the batch; store and return its top-k (``[B, T, L, k]``, ``[B, T, L]``)."""
         a = self.args
         with autocast(self.device, a.precision):
-            states = [_backbone(t, ids, mask, False).last_hidden_state for t in self.teachers]
+            states = [_backbone(t, ids, mask, False, self.bodies).last_hidden_state for t in self.teachers]
         heads = [t.get_output_embeddings().weight.float() for t in self.teachers]
         blocks = []
         for b in range(ids.shape[0]):
@@ -162,7 +163,7 @@ class CachedLMStep:
         # [B, T, L, ...] -> [T, B * L, ...]: the loss's teacher-major rows.
         flat = lambda z: z.transpose(0, 1).reshape(z.shape[1], n, *z.shape[3:])  # noqa: E731
         with autocast(self.device, a.precision):
-            s_out = _backbone(self.student.model, ids, mask, False)
+            s_out = _backbone(self.student.model, ids, mask, False, self.bodies)
             h = s_out.last_hidden_state.reshape(n, -1)
             w = self.student.model.get_output_embeddings().weight
             y = targets.reshape(-1)

@@ -13,9 +13,19 @@ KEY = "lm"  # the one tokenizer every model shares
 CE_ROWS = 1024  # token rows per chunk of the cross-entropy (its logits are recomputed in backward)
 
 
-def _backbone(model, ids, mask, hidden: bool):
-    """The model's body: last hidden states after the final norm, and every layer's when ``hidden``."""
-    return model.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden, use_cache=False)
+def _backbone(model, ids, mask, hidden: bool, bodies: dict | None = None):
+    """The model's body: last hidden states after the final norm, and every layer's when ``hidden``;
+    through its compiled version where ``bodies`` (``compiled_bodies``) holds one."""
+    body = bodies.get(id(model), model.base_model) if bodies else model.base_model
+    return body(input_ids=ids, attention_mask=mask, output_hidden_states=hidden, use_cache=False)
+
+
+def compiled_bodies(models: list) -> dict:
+    """``--compile``: each model's body under ``torch.compile`` for the training steps, keyed by the
+    model. The modules themselves stay as they are (their names, ``save_pretrained``, the evaluation's
+    eager calls); blocks have one length, so a body compiles for the batch shape and, at most once
+    more, for the last, shorter batch (shapes marked dynamic then)."""
+    return {id(m): torch.compile(m.base_model) for m in models}
 
 
 def chunked_ce(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, rows: int = CE_ROWS):
