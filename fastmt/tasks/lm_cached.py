@@ -51,7 +51,7 @@ def check_cache_args(args) -> None:
                          f"{args.alpha_hidden} needs their hidden states on every step: use --alpha-hidden 0 "
                          "or --cache-teachers off")
     if args.kd_target == "ensemble":
-        raise UsageError("--cache-teachers stores each teacher's top-k, not their averaged logits': use "
+        raise UsageError("--cache-teachers stores each teacher's top-k, not their averaged logits: use "
                          "--kd-target teachers or --cache-teachers off")
     if args.alpha_kd == 0:
         raise UsageError("--cache-teachers stores what the distillation loss reads, and --alpha-kd 0 turns it "
