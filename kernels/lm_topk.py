@@ -78,8 +78,7 @@ def _chunk(z, ids, lp, lr, w, y, ignore_index, scale, tau, want_grad: bool):
     # "all of q, minus the ids again": where Q_i is small that difference loses every digit).
     a = torch.where(has_tail & ~tiny, r / q_out.clamp_min(1e-300), 0.0)
     for i in range(t):
-        if bool(a[i].any()):
-            dz.sub_(q.scatter(-1, ids[i], 0.0).mul_((c[i] * a[i]).to(dt).unsqueeze(-1)))
+        dz.sub_(q.scatter(-1, ids[i], 0.0).mul_((c[i] * a[i]).to(dt).unsqueeze(-1)))
         dz.scatter_add_(-1, ids[i], (-(c[i].unsqueeze(-1) * p[i])).to(dt))
     if bool(tiny.any()):  # q_v / Q_i as one exponential, where both are below float range
         for i, row in (tiny & has_tail).nonzero().tolist():
