@@ -99,6 +99,12 @@ def _labels_in_range(labels: Tensor, num_classes: int, ignore_index: int) -> Non
         )
 
 
+def weights_from_ce(ce: Tensor, scheme: str) -> Tensor:
+    """MT-BERT's per-example teacher weights from each teacher's cross-entropy on the gold label (or
+    the next token) ``ce [T, N]``: ``paper`` ``1 / (1 + CE)``, ``softmax`` ``softmax_i(-CE)``."""
+    return 1.0 / (1.0 + ce) if scheme == "paper" else torch.softmax(-ce, dim=0)
+
+
 def _scheme(scheme, name: str) -> str:
     if not isinstance(scheme, str) or scheme not in SCHEMES:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, SCHEMES))}; got {scheme!r}")
@@ -224,7 +230,7 @@ def teacher_weights(
         else:
             logp = F.log_softmax(teacher_logits.to(dtype), dim=-1)
             ce = -logp.gather(-1, index.view(1, n, 1).expand(num_teachers, n, 1)).squeeze(-1)
-            w = 1.0 / (1.0 + ce) if scheme == "paper" else torch.softmax(-ce, dim=0)
+            w = weights_from_ce(ce, scheme)
         return torch.where(valid, w, 0.0)
 
 
@@ -414,7 +420,7 @@ def lm_topk_kl_loss(
             _tensor(target_logprobs, "target_logprobs", student_logits, "student_logits")
             _shape(target_logprobs, "target_logprobs", ("T", "N"), dims)
             ce = -target_logprobs.detach().to(_compute_dtype(target_logprobs))
-            weights = 1.0 / (1.0 + ce) if weights == "paper" else torch.softmax(-ce, dim=0)
+            weights = weights_from_ce(ce, weights)
         else:
             weights = None
     elif weights is not None:

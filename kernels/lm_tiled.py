@@ -21,6 +21,8 @@ import math
 
 import torch
 
+from fastmt import losses as _ref
+
 # Vocabulary columns per tile of the torch path: [N, 4096] float32 per model and temporary.
 TILE = 4096
 # Bytes of the gradient block G that one chunk of rows may take (Triton path).
@@ -47,7 +49,7 @@ def teacher_weights(stats, ht, wt, targets, weights, ignore_index: int) -> torch
         idx = torch.where(valid, targets, 0).long().clamp(0, wt.shape[1] - 1)
         z_y = torch.stack([(ht[i].float() * wt[i].index_select(0, idx).float()).sum(-1) for i in range(t)])
         ce = stats[1 + t: 1 + 2 * t] - z_y
-        w = 1.0 / (1.0 + ce) if weights == "paper" else torch.softmax(-ce, dim=0)
+        w = _ref.weights_from_ce(ce, weights)
     else:  # uniform, or none: every teacher 1
         w = torch.ones_like(stats[1: 1 + t])
     return torch.where(valid, w, 0.0)

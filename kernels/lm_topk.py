@@ -40,7 +40,7 @@ def _weights(scheme, target, t: int, n: int, device) -> torch.Tensor:
     if scheme is None or scheme == "uniform":
         return torch.ones((t, n), dtype=torch.float64, device=device)
     ce = -target.detach().to(_ref._compute_dtype(target))  # the reference's precision (the stored values')
-    return (1.0 / (1.0 + ce) if scheme == "paper" else torch.softmax(-ce, dim=0)).double()
+    return _ref.weights_from_ce(ce, scheme).double()
 
 
 def _chunk(z, ids, lp, lr, w, y, ignore_index, scale, tau, want_grad: bool):
