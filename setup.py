@@ -1,11 +1,11 @@
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="fastmt",
     version="0.1.0",
-    description="Multi-teacher distillation (MT-BERT) for text classification, with fused kernels",
+    description="Multi-teacher distillation (MT-BERT) for text classification and causal LMs, with fused kernels",
     long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
@@ -18,8 +18,9 @@ setup(
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],
     python_requires=">=3.10",
-    packages=["fastmt", "fastmt.kernels"],
-    package_dir={"fastmt": "fastmt", "fastmt.kernels": "kernels"},
+    # fastmt/kernels/ holds links to the files of the top-level kernels/ folder (a wheel gets their contents):
+    # kernels/ itself has no __init__.py, so from the repo root it never shadows Hugging Face's `kernels`.
+    packages=find_packages(include=["fastmt", "fastmt.*"]),
     install_requires=[
         "torch>=2.11",
         "transformers>=5,<6",

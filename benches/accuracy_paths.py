@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer_textbrewer import add_job_args, rows_file, run_distill  # noqa: E402 - the same job and runner
-from fastmt.fileio import write_json  # noqa: E402
+from fastmt.engine.fileio import write_json  # noqa: E402
 
 REFERENCE = ["--precision", "fp32", "--no-compile", "--kernels", "reference", "--no-stack-teachers",
              "--cache-teachers", "off", "--no-group-by-length"]

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from fastmt.bench import git_sha, percentiles  # noqa: E402
+from fastmt.tools.bench import git_sha, percentiles  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -45,7 +45,7 @@ class Case:
 
 
 def device_name(device: torch.device) -> str:
-    from fastmt.machine import device_name as name
+    from fastmt.engine.machine import device_name as name
 
     return name(device) + ("" if device.type == "cuda" else " (Triton interpreter)")
 

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     import fastmt.kernels as fused
     from fastmt import losses
-    from fastmt.lm_cache import topk_from_logits
+    from fastmt.cache.topk import topk_from_logits
     from torch.utils.checkpoint import checkpoint
 
     dev = torch.device(a.device)

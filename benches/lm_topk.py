@@ -4,7 +4,7 @@
         --out benches/results/lm-topk-<machine>.json
 
 For every counted token of ``--data`` (packed as ``fastmt distill-lm`` packs it), each teacher's
-distribution at ``--temperature`` is stored as ``fastmt.lm_cache.topk_from_logits`` stores it (top-k ids,
+distribution at ``--temperature`` is stored as ``fastmt.cache.topk.topk_from_logits`` stores it (top-k ids,
 their log-probabilities, the exact log-mass of the rest), and the student's KL to it is computed on those
 ``k + 1`` cells (``fastmt.losses.lm_topk_kl_loss``) and over the whole vocabulary
 (``fastmt.losses.lm_kl_loss``), per teacher, uniform weights. Printed per k: the mean full KL, the mean
@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main() -> int:
     import fastmt  # noqa: F401 - first (the checkout's import hooks)
     from fastmt import losses
-    from fastmt.data import iterate_batches
-    from fastmt.lm_cache import topk_from_logits
-    from fastmt.lm_data import next_tokens, pack, read_texts
-    from fastmt.tasks.distill_lm import KEY, load_lm, load_tokenizer
+    from fastmt.data.dataset import iterate_batches
+    from fastmt.cache.topk import topk_from_logits
+    from fastmt.data.packed import next_tokens, pack, read_texts
+    from fastmt.tasks.lm.distill import KEY, load_lm, load_tokenizer
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", action="append", required=True)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from fastmt.fileio import write_json  # noqa: E402 - the checkout's fastmt
+from fastmt.engine.fileio import write_json  # noqa: E402 - the checkout's fastmt
 
 
 def rows_file(train: str, rows: int | None, tmp: Path) -> str:
@@ -100,9 +100,11 @@ def textbrewer_side(a, train: str, tmp: Path) -> dict:
     from textbrewer import DistillationConfig, MultiTeacherDistiller, TrainingConfig
     from transformers import get_linear_schedule_with_warmup
 
-    from fastmt.data import iterate_batches
-    from fastmt.models import StudentSpec, Teachers, build_student
-    from fastmt.train import accuracy, prepare_splits, seed_everything, student_logits
+    from fastmt.data.dataset import iterate_batches
+    from fastmt.models.classifier import StudentSpec, Teachers, build_student
+    from fastmt.models.inference import student_logits
+    from fastmt.tasks.classification.common import prepare_splits, seed_everything
+    from fastmt.tasks.classification.evaluate import accuracy
 
     torch.manual_seed(a.seed)
     teachers, tcfg = Teachers.load(a.teachers)

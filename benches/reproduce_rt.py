@@ -39,7 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fastmt.fileio import atomic_write_text  # noqa: E402
+from fastmt.engine.fileio import atomic_write_text  # noqa: E402
 
 TEACHERS = ["minilm-l6-h384", "minilm-l6-h384", "minilm-l3-h384"]
 TEACHER_NAMES = ["L6-a", "L6-b", "L3"]
@@ -87,7 +87,7 @@ def machine() -> str:
 
     import torch
 
-    from fastmt.bench import device_name
+    from fastmt.tools.bench import device_name
 
     return f"{device_name(torch.device('cpu'))}, torch {torch.__version__}, Python {platform.python_version()}"
 
@@ -138,8 +138,8 @@ def dev_correct(model_dir: Path, dev: str) -> list[str]:
     ensemble (averaged logits, as fastmt evaluates it) for a teachers dir."""
     import torch
 
-    from fastmt.data import read_dataset
-    from fastmt.predict import load_model
+    from fastmt.data.dataset import read_dataset
+    from fastmt.serve.predict import load_model
 
     torch.set_num_threads(os.cpu_count() or 1)
     model = load_model(str(model_dir), torch.device("cpu"))
@@ -193,7 +193,7 @@ def run_all(a) -> None:
     old = res.data.get("settings")
     if old and old != settings and res.data["runs"]:
         raise SystemExit(f"{a.results} holds runs made with other settings ({old}); pass another --results or the same flags")
-    from fastmt.bench import git_sha
+    from fastmt.tools.bench import git_sha
 
     res.data.update(settings=settings, machine=machine(), git_sha=git_sha())
     res.save()
@@ -424,7 +424,7 @@ def plot(data: dict, summ: dict, png: Path) -> None:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
-    from fastmt.fileio import atomic_path
+    from fastmt.engine.fileio import atomic_path
 
     with atomic_path(png) as tmp:
         fig.savefig(tmp, dpi=120, format="png")

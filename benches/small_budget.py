@@ -29,15 +29,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 from peer_textbrewer import rows_file  # noqa: E402
-from fastmt.fileio import write_json  # noqa: E402
+from fastmt.engine.fileio import write_json  # noqa: E402
 
 
 def alone(model_dir: str, train: str, dev: str, seed: int, lr: float, max_length: int, batch_size: int) -> float:
     """Dev accuracy of one encoder + masked mean pooling + a linear layer, fine-tuned for one epoch."""
     import torch
 
-    from fastmt.data import encode, encode_labels, iterate_batches, label_names_from, read_dataset
-    from fastmt.models import load_encoder, load_tokenizer
+    from fastmt.data.dataset import encode, encode_labels, iterate_batches, label_names_from, read_dataset
+    from fastmt.models.classifier import load_encoder, load_tokenizer
 
     torch.manual_seed(seed)
     enc, tok = load_encoder(model_dir), load_tokenizer(model_dir)

@@ -373,7 +373,7 @@ def _parse_subset(text: str | None) -> list[int] | None:
 
 
 def _columns(ns):
-    from fastmt.data import Columns
+    from fastmt.data.dataset import Columns
 
     return Columns(ns.text_column, ns.text_pair_column, ns.label_column)
 
@@ -393,16 +393,16 @@ def run(ns: argparse.Namespace) -> int:
 
 
 def _cofinetune(ns: argparse.Namespace) -> None:
-    from fastmt.settings import TrainArgs
-    from fastmt.tasks.cofinetune import cofinetune
+    from fastmt.config.settings import TrainArgs
+    from fastmt.tasks.classification.cofinetune import cofinetune
 
     res = cofinetune(ns.teacher, TrainArgs(**_train_kwargs(ns, TrainArgs)))
     print(f"teachers saved to {res.out}: best dev {_score(res)} (ensemble) at epoch {res.best_epoch}, {res.train_s:.1f}s")
 
 
 def _distill(ns: argparse.Namespace) -> None:
-    from fastmt.settings import DistillArgs
-    from fastmt.tasks.distill import distill
+    from fastmt.config.settings import DistillArgs
+    from fastmt.tasks.classification.distill import distill
 
     kw = _train_kwargs(ns, DistillArgs)
     kw["teacher_subset"] = _parse_subset(ns.teacher_subset)
@@ -413,7 +413,7 @@ def _distill(ns: argparse.Namespace) -> None:
 def _eval(ns: argparse.Namespace) -> None:
     if ns.batch_size < 1:
         raise UsageError(f"--batch-size {ns.batch_size}: must be at least 1")
-    from fastmt.evaluate import evaluate_dir
+    from fastmt.tasks.classification.evaluate import evaluate_dir
 
     result = evaluate_dir(ns.model, ns.data, ns.device, ns.batch_size, columns=_columns(ns))
     if result["kind"] == "teachers":
@@ -426,14 +426,14 @@ def _eval(ns: argparse.Namespace) -> None:
     for name, row in result["per_class"].items():
         print(f"  {name:<{width}}  {row['precision']:9.4f}  {row['recall']:6.4f}  {row['f1']:6.4f}  {row['support']:7d}")
     if ns.json:
-        from fastmt.fileio import write_json
+        from fastmt.engine.fileio import write_json
 
         write_json(ns.json, result)
 
 
 def _predict(ns: argparse.Namespace) -> None:
-    from fastmt.predict import predict_file
-    from fastmt.settings import resolve_device
+    from fastmt.serve.predict import predict_file
+    from fastmt.config.settings import resolve_device
 
     if ns.max_length is not None and ns.max_length < 2:
         raise UsageError(f"--max-length {ns.max_length}: must be at least 2")
@@ -444,13 +444,13 @@ def _predict(ns: argparse.Namespace) -> None:
 
 def _export(ns: argparse.Namespace) -> None:
     if ns.format == "onnx":
-        from fastmt.onnx_export import export_onnx
+        from fastmt.serve.onnx import export_onnx
 
         res = export_onnx(ns.model, ns.out)
         for f in res["files"]:
             print(f"{f['path']}: written; ONNX Runtime gives fastmt's logits to {f['max_abs_diff']:.1e}")
         return
-    from fastmt.export import export_dir
+    from fastmt.serve.export import export_dir
 
     res = export_dir(ns.model, ns.out)
     print(f"{res['kind']} dir written to {res['out']}: loads with AutoModelForSequenceClassification.from_pretrained"
@@ -458,13 +458,13 @@ def _export(ns: argparse.Namespace) -> None:
 
 
 def _demo(ns: argparse.Namespace) -> None:
-    from fastmt.demo import run_demo
+    from fastmt.tasks.demo import run_demo
 
     run_demo(out=ns.out, seed=ns.seed, fast=ns.fast, progress=not ns.quiet)
 
 
 def _check(ns: argparse.Namespace) -> None:
-    from fastmt.check import run_check
+    from fastmt.tools.check import run_check
 
     failed = run_check(ns.device, ns.quick, ns.json)
     if failed:
@@ -472,13 +472,13 @@ def _check(ns: argparse.Namespace) -> None:
 
 
 def _bench(ns: argparse.Namespace) -> None:
-    from fastmt.bench import run_bench
+    from fastmt.tools.bench import run_bench
 
     run_bench(ns.device, ns.preset, ns.json, ns.steps, ns.modes, ns.rounds, ns.profile)
 
 
 def _bench_serve(ns: argparse.Namespace) -> None:
-    from fastmt import bench_serve
+    from fastmt.serve import bench as bench_serve
 
     try:
         sizes = [int(x) for x in ns.batch_sizes.split(",") if x.strip()]
@@ -502,7 +502,7 @@ def _bench_serve(ns: argparse.Namespace) -> None:
 
 
 def _memory(ns: argparse.Namespace) -> None:
-    from fastmt.memory import run_memory
+    from fastmt.tools.memory import run_memory
 
     if ns.budget_gb is not None and not ns.budget_gb > 0:
         raise UsageError(f"--budget-gb {ns.budget_gb}: must be positive")
@@ -511,7 +511,7 @@ def _memory(ns: argparse.Namespace) -> None:
 
 # Each command and the function that runs it (its flags: the _add_<command> builders above).
 def _distill_lm(ns: argparse.Namespace) -> None:
-    from fastmt.tasks.distill_lm import DistillLMArgs, distill_lm
+    from fastmt.tasks.lm.distill import DistillLMArgs, distill_lm
 
     res = distill_lm(DistillLMArgs(**_train_kwargs(ns, DistillLMArgs)))
     d = res.extra["dev"]
@@ -520,8 +520,8 @@ def _distill_lm(ns: argparse.Namespace) -> None:
 
 
 def _eval_lm(ns: argparse.Namespace) -> None:
-    from fastmt.fileio import write_json
-    from fastmt.tasks.distill_lm import eval_lm
+    from fastmt.engine.fileio import write_json
+    from fastmt.tasks.lm.distill import eval_lm
 
     if ns.max_length < 2:
         raise UsageError(f"--max-length {ns.max_length}: a block needs at least 2 tokens")
@@ -581,10 +581,10 @@ def _replay(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
         raise UsageError("--config replays a cofinetune or distill run: put it after one of those commands")
     if not path:
         raise UsageError("--config: give a run's config.json (or its run dir)")
-    from fastmt.fileio import read_json
+    from fastmt.engine.fileio import read_json
 
     f = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
-    from fastmt.modeldir import fastmt_block
+    from fastmt.models.modeldir import fastmt_block
 
     try:
         run_cfg = (fastmt_block(read_json(f)) or {}).get("run")
@@ -624,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     parser = build_parser()
     try:
-        from fastmt import stopping
+        from fastmt.engine import stopping
 
         stopping.command_line = list(argv)  # before --config is replayed: what the user typed
         argv = _replay(parser, argv)
@@ -647,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
             msg = f"{e.filename}: {e.strerror}" if getattr(e, "filename", None) else str(e)
         else:
             msg = str(e)
-        from fastmt.faults import StoppedBySignal
+        from fastmt.engine.faults import StoppedBySignal
 
         said = "fastmt: " if isinstance(e, StoppedBySignal) else "fastmt: error: "  # asked for, not an error
         print(f"{said}{' '.join(msg.split()) or type(e).__name__}", file=sys.stderr)

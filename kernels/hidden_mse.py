@@ -254,7 +254,7 @@ def hidden_config(rows: int, ds: int, dt: int, mode: str, backward: bool) -> tup
 def _vector_rows(ds: int, dt: int) -> bool:
     # Widths that Triton specializes as multiples of 16 get vector loads. Other widths load element by
     # element, each with its own 64-bit address: at 128 x 128 tiles that spilled hundreds of bytes
-    # (``python -m fastmt.kernels.aot``, e.g. Ds=40, Dt=70), at 64 x 64 nothing.
+    # (``python -m fastmt.tools.aot``, e.g. Ds=40, Dt=70), at 64 x 64 nothing.
     return ds % 16 == 0 and dt % 16 == 0
 
 

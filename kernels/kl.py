@@ -433,7 +433,7 @@ def _options(t_pad: int, roomy: bool = False) -> dict[str, Any]:
     # at level 10 alike. An explicit cap lets it use what it needs. ``roomy``: 168 at any T, for the
     # one-program kernel (occupancy is moot) and the row kernel's unaligned rows (their head and tail
     # masks spilled 120-128 B on sm_80 at 128) and float64 inputs (twice the registers a value; Triton
-    # 3.9 spilled 4 B on sm_90 at 128). None of ``python -m fastmt.kernels.aot``'s builds spills. Options the user gives Triton through PTXAS_OPTIONS still apply.
+    # 3.9 spilled 4 B on sm_90 at 128). None of ``python -m fastmt.tools.aot``'s builds spills. Options the user gives Triton through PTXAS_OPTIONS still apply.
     from triton import knobs
 
     ptx = " ".join(filter(None, [knobs.nvidia.ptxas_options, "--register-usage-level 10"]))

@@ -1,7 +1,7 @@
 """One kernel launch, decided in full before it runs: what both kernel files' launchers return.
 
 The launchers (``fastmt.kernels.kl``, ``fastmt.kernels.hidden_mse``) compute a :class:`Launch` from
-their inputs and call it; the ahead-of-time build (``fastmt.kernels.aot``) specializes and compiles
+their inputs and call it; the ahead-of-time build (``fastmt.tools.aot``) specializes and compiles
 exactly the same arguments, so what is built and what runs cannot drift apart.
 """
 

@@ -41,7 +41,7 @@ from fastmt.kernels.lm_tiled import CHUNK_BYTES, stack_teachers  # noqa: F401 (l
 _NEG = tl.constexpr(-1.0e30)
 # One stage (no software pipelining of the width loop: the tiles' registers go to the per-row
 # statistics) and an explicit cap: at ptxas's own choice some float32 builds spilled 4-8 B at
-# ~176 registers; with 232 none of ``python -m fastmt.kernels.aot``'s builds spills.
+# ~176 registers; with 232 none of ``python -m fastmt.tools.aot``'s builds spills.
 OPTIONS = {"num_stages": 1, "maxnreg": 232}
 
 

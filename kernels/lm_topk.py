@@ -19,7 +19,7 @@ the vocabulary. Per chunk of rows (torch; any device):
 
 So the vocabulary is read a few times a chunk (``T + 3`` passes), where autograd through
 the reference formula materialises ``[T, rows, V]`` masks and log-sum-exps and, under checkpointing,
-runs the forward twice. The reverse KL keeps the reference (``fastmt.tasks.lm_cached``).
+runs the forward twice. The reverse KL keeps the reference (``fastmt.tasks.lm.cached``).
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ def kernels_ran():
 
 def easy_rows(n: int, seed: int) -> list[tuple[str, str]]:
     """A two-class task a tiny encoder learns in a few epochs: the adjective decides."""
-    from fastmt.demo import ADVERBS, NEGATIVE, POSITIVE, SUBJECTS
+    from fastmt.tasks.demo import ADVERBS, NEGATIVE, POSITIVE, SUBJECTS
 
     rng = random.Random(seed)
     rows = []
@@ -122,7 +122,7 @@ def run_args(tiny_task, out, **kw) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_task(tmp_path_factory) -> dict[str, Path]:
-    from fastmt.demo import write_tsv
+    from fastmt.tasks.demo import write_tsv
 
     d = tmp_path_factory.mktemp("task")
     write_tsv(easy_rows(256, 1), d / "train.tsv")
@@ -133,7 +133,7 @@ def tiny_task(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_encoders(tmp_path_factory) -> dict[str, Path]:
     """Two tiny teachers of different shapes (2 layers/32 hidden, 3 layers/48 hidden) sharing a tokenizer."""
-    from fastmt.demo import Shape, build_encoder, build_tokenizer
+    from fastmt.tasks.demo import Shape, build_encoder, build_tokenizer
 
     d = tmp_path_factory.mktemp("encoders")
     tok = build_tokenizer(d / "tokenizer")
@@ -146,10 +146,11 @@ def tiny_encoders(tmp_path_factory) -> dict[str, Path]:
 def teachers_dir(tiny_task, tiny_encoders, tmp_path_factory) -> Path:
     """Both tiny encoders co-finetuned once (one epoch, lr 1e-3). Shared by the whole session: read it,
     and copy it before damaging or extending it."""
-    from fastmt import train as T
+    from fastmt.config.settings import TrainArgs
+    from fastmt.tasks.classification.cofinetune import cofinetune
 
     d = tmp_path_factory.mktemp("tiny-teachers") / "teachers"
-    T.cofinetune([str(tiny_encoders["a"]), str(tiny_encoders["b"])], T.TrainArgs(**run_args(tiny_task, d)))
+    cofinetune([str(tiny_encoders["a"]), str(tiny_encoders["b"])], TrainArgs(**run_args(tiny_task, d)))
     return d
 
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastmt import train as T  # noqa: E402
+from fastmt.config.settings import DistillArgs
+from fastmt.tasks.classification.distill import distill  # noqa: E402
 
 if __name__ == "__main__":
     for kw in json.loads(Path(sys.argv[1]).read_text()):
-        T.distill(T.DistillArgs(**kw))
+        distill(DistillArgs(**kw))

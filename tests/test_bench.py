@@ -37,7 +37,7 @@ def test_bench_tiny_writes_the_schema(tmp_path):
 def test_cuda_ladder_has_every_rung():
     import torch
 
-    from fastmt.bench import modes_for
+    from fastmt.tools.bench import modes_for
 
     ladder = modes_for(torch.device("cuda"))
     assert list(ladder)[:3] == ["reference", "eager-fp16", "fast"]  # what the targets compare, first
@@ -63,8 +63,8 @@ def test_memory_phases_walk_a_whole_step(monkeypatch, tmp_path):
     """The phase bookkeeping on the CPU, with a stand-in for the CUDA allocator's counters."""
     import torch
 
-    from fastmt import memory
-    from fastmt.bench import PRESETS
+    from fastmt.tools import memory
+    from fastmt.tools.bench import PRESETS
 
     counter = {"n": 0}
 
@@ -109,7 +109,7 @@ def _linear(fixed_mb, per_row_mb, oom_above=None):
 
 
 def test_batch_search_aims_at_the_budget_in_a_few_steps():
-    from fastmt.memory import search_largest
+    from fastmt.tools.memory import search_largest
 
     peak_of, calls = _linear(2000.0, 37.5)
     s = search_largest(peak_of, 64, budget_mb=60000, cap=8192)
@@ -120,7 +120,7 @@ def test_batch_search_aims_at_the_budget_in_a_few_steps():
 
 
 def test_batch_search_survives_curvature_and_out_of_memory():
-    from fastmt.memory import search_largest
+    from fastmt.tools.memory import search_largest
 
     def peak_of(b):
         calls.append(b)
@@ -135,7 +135,7 @@ def test_batch_search_survives_curvature_and_out_of_memory():
 
 
 def test_batch_search_stops_at_the_cap_the_probe_limit_and_the_clock():
-    from fastmt.memory import search_largest
+    from fastmt.tools.memory import search_largest
 
     peak_of, calls = _linear(100.0, 1.0)
     s = search_largest(peak_of, 64, budget_mb=1e9, cap=1000)
@@ -162,7 +162,7 @@ def test_batch_search_stops_at_the_cap_the_probe_limit_and_the_clock():
 def test_snapshot_is_shrunk_to_fit():
     import pickle
 
-    from fastmt.memory import compact_snapshot
+    from fastmt.tools.memory import compact_snapshot
 
     def frames(i):
         return [{"filename": "/very/long/path/to/site-packages/torch/nn/modules/" + "x" * 40 + ".py",
@@ -183,8 +183,8 @@ def test_memory_report_is_printed_and_written_as_it_goes(monkeypatch, tmp_path, 
     """The whole report on the CPU: a stand-in allocator whose step peak is 100 MB + 2 MB per row."""
     import torch
 
-    from fastmt import memory
-    from fastmt.bench import Preset
+    from fastmt.tools import memory
+    from fastmt.tools.bench import Preset
 
     rows = {"n": 0}
     real_batch = memory._batch
@@ -228,7 +228,7 @@ def test_memory_flags_are_checked_in_one_line():
 def test_a_failing_mode_costs_only_its_own_row(monkeypatch, tmp_path, capsys):
     import pytest
 
-    from fastmt import bench
+    from fastmt.tools import bench
     from fastmt.errors import FastmtError
 
     def fake_run_mode(p, mode, device, steps, warmup, workdir, profile=False):
@@ -269,8 +269,8 @@ def test_profiled_step_is_the_training_step(tmp_path):
     start and the same random numbers leave the same student weights (fp32 reference on the CPU)."""
     import torch
 
-    from fastmt import bench
-    from fastmt.stepprofile import _Clock, profiled_step
+    from fastmt.tools import bench
+    from fastmt.tools.profile import _Clock, profiled_step
 
     dev = torch.device("cpu")
     a = bench.PreparedMode(bench.PRESETS["tiny"], bench.Mode("reference"), dev, 1, tmp_path)
@@ -290,7 +290,7 @@ def test_profiled_step_is_the_training_step(tmp_path):
 
 
 def test_percentiles_are_the_median_and_the_20th_and_80th():
-    from fastmt.bench import percentiles
+    from fastmt.tools.bench import percentiles
 
     # 11 evenly spaced samples in shuffled order: the quantiles are order statistics, exactly.
     times = [7.0, 2.0, 10.0, 0.0, 5.0, 9.0, 1.0, 4.0, 8.0, 3.0, 6.0]

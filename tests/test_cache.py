@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from conftest import run_args
-from fastmt import cache as C
-from fastmt import train as T
-from fastmt.step import DistillStep
+from fastmt.cache import teachers as C
+from fastmt.config.settings import DistillArgs
+from fastmt.tasks.classification.distill import distill
+from fastmt.tasks.classification.step import DistillStep
 
 
 def _args(tiny_task, out, **kw):
@@ -30,9 +31,9 @@ def test_cached_distillation_equals_uncached(hidden_loss, teachers_dir, tiny_tas
     """Two epochs with and without the cache: the same loss terms at every step (fp32, CPU); a third
     run on the full cache never runs a teacher and still gives the same losses."""
     common = dict(teachers=str(teachers_dir), student_layers=1, hidden_loss=hidden_loss, temperature=2.0)
-    T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "plain"), **common))
+    distill(DistillArgs(**_args(tiny_task, tmp_path / "plain"), **common))
     cache_dir = tmp_path / "cache"
-    T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "cached", cache_teachers=str(cache_dir)), **common))
+    distill(DistillArgs(**_args(tiny_task, tmp_path / "cached", cache_teachers=str(cache_dir)), **common))
     manifest = json.loads((cache_dir / "manifest.json").read_text())
     assert manifest["hidden_loss"] == hidden_loss and manifest["n"] == 256
     assert np.fromfile(cache_dir / "filled.bin", dtype=np.uint8).all()
@@ -41,7 +42,7 @@ def test_cached_distillation_equals_uncached(hidden_loss, teachers_dir, tiny_tas
         raise AssertionError("a teacher ran although every output is cached")
 
     monkeypatch.setattr(DistillStep, "teacher_outputs", no_teachers)
-    T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "reused", cache_teachers=str(cache_dir)), **common))
+    distill(DistillArgs(**_args(tiny_task, tmp_path / "reused", cache_teachers=str(cache_dir)), **common))
     plain, cached, reused = (_losses(tmp_path / k) for k in ("plain", "cached", "reused"))
     assert len(plain) == len(cached) == len(reused) == 16  # 2 epochs x 8 batches
     for a, b, c in zip(plain, cached, reused):
@@ -55,27 +56,27 @@ def test_cached_distillation_equals_uncached(hidden_loss, teachers_dir, tiny_tas
 def test_cache_made_for_other_inputs_is_rebuilt(teachers_dir, tiny_task, tmp_path, caplog):
     common = dict(teachers=str(teachers_dir), student_layers=1)
     cache = str(tmp_path / "cache")
-    T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "r1", epochs=1, cache_teachers=cache), **common))
+    distill(DistillArgs(**_args(tiny_task, tmp_path / "r1", epochs=1, cache_teachers=cache), **common))
     first = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     other = tmp_path / "train-other.tsv"
     lines = tiny_task["train"].read_text().splitlines()
     other.write_text("\n".join(lines[:1] + lines[2:] + lines[1:2]) + "\n")  # same rows, another order
     with caplog.at_level(logging.WARNING, logger="fastmt"):
-        T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "r2", train=str(other), epochs=1, cache_teachers=cache),
+        distill(DistillArgs(**_args(tiny_task, tmp_path / "r2", train=str(other), epochs=1, cache_teachers=cache),
                                 **common))
     assert "made for other inputs (the training data differ): rebuilding" in caplog.text
     second = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert second["train_data"] != first["train_data"]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="fastmt"):
-        T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "r3", train=str(other), max_length=12, epochs=1,
+        distill(DistillArgs(**_args(tiny_task, tmp_path / "r3", train=str(other), max_length=12, epochs=1,
                                       cache_teachers=cache), **common))
     assert "--max-length differ" in caplog.text
 
 
 def test_cache_over_budget_is_not_used(teachers_dir, tiny_task, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="fastmt"):
-        T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "r", epochs=1, cache_teachers=str(tmp_path / "cache")),
+        distill(DistillArgs(**_args(tiny_task, tmp_path / "r", epochs=1, cache_teachers=str(tmp_path / "cache")),
                                 teachers=str(teachers_dir), student_layers=1, cache_budget_gb=1e-6))
     assert "over --cache-budget-gb" in caplog.text and "--hidden-loss cls" in caplog.text
     assert not (tmp_path / "cache").exists()
@@ -180,10 +181,10 @@ def test_fused_kl_reads_the_cached_log_sum_exps(teachers_dir, tiny_task, tmp_pat
 
     monkeypatch.setattr(K, "mt_kl_loss", recording)
     common = dict(teachers=str(teachers_dir), student_layers=1, hidden_loss="none", temperature=2.0, kernels="fused")
-    T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "plain"), **common))
+    distill(DistillArgs(**_args(tiny_task, tmp_path / "plain"), **common))
     assert seen and all(x is None for x in seen)  # no cache: nothing given
     seen.clear()
-    T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "cached", cache_teachers=str(tmp_path / "cache")), **common))
+    distill(DistillArgs(**_args(tiny_task, tmp_path / "cached", cache_teachers=str(tmp_path / "cache")), **common))
     assert len(seen) == 16 and all(x is not None and x == 0 for x in seen)
     for a, b in zip(_losses(tmp_path / "plain"), _losses(tmp_path / "cached")):
         for key in ("loss", "loss_task", "loss_kd"):

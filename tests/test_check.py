@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from fastmt import check
+from fastmt.tools import check
 
 
 def test_a_crashing_case_is_counted_and_the_rest_still_run(monkeypatch, tmp_path, capsys):

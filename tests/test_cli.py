@@ -69,8 +69,8 @@ def test_teachers_and_student_beat_chance(pipeline, tiny_task, tmp_path):
 
 
 def test_saved_student_reloads_to_identical_predictions(pipeline, tiny_task, tmp_path):
-    from fastmt.data import encode, read_dataset
-    from fastmt.models import Student
+    from fastmt.data.dataset import encode, read_dataset
+    from fastmt.models.classifier import Student
 
     a, cfg = Student.load(pipeline / "student")
     a.save(tmp_path / "copy", cfg["run"], cfg["label_names"])
@@ -177,8 +177,8 @@ def test_predict_writes_labels_and_probabilities(pipeline, tiny_task, tmp_path):
     r = run_cli("predict", "--model", pipeline / "student", "--data", tiny_task["dev"], "--out", tmp_path / "p.jsonl")
     assert r.returncode == 0, r.stderr
     got = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
-    from fastmt.data import read_dataset
-    from fastmt.predict import load_model
+    from fastmt.data.dataset import read_dataset
+    from fastmt.serve.predict import load_model
 
     model = load_model(pipeline / "student", torch.device("cpu"))
     ds = read_dataset(tiny_task["dev"])
@@ -257,13 +257,13 @@ def test_config_replays_a_run_and_flags_override_it(pipeline, tiny_task, tmp_pat
 
 
 def test_device_auto_is_cuda_only_where_there_is_a_gpu(monkeypatch):
-    from fastmt import train as T
+    from fastmt.config.settings import TrainArgs, resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert T.TrainArgs(train="t", dev="d", out="o", device="auto").device == "cpu"
-    assert T.resolve_device("auto") == torch.device("cpu")
+    assert TrainArgs(train="t", dev="d", out="o", device="auto").device == "cpu"
+    assert resolve_device("auto") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert T.TrainArgs(train="t", dev="d", out="o", device="auto").device == "cuda"
+    assert TrainArgs(train="t", dev="d", out="o", device="auto").device == "cuda"
 
 
 def test_cli_student_loads_in_a_transformers_pipeline(pipeline, tiny_task):

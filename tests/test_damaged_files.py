@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from conftest import REPO, run_args, run_cli
-from fastmt import train as T
+from fastmt.config.settings import DistillArgs
+from fastmt.tasks.classification.distill import distill
 
 # fp32 pinned: these tests are about damaged files and resuming, the same computation on every CPU.
 FAST = ["--epochs", "1", "--batch-size", "32", "--max-length", "16", "--no-progress", "--seed", "0", "--lr", "2e-3", "-q",
@@ -37,7 +38,7 @@ def _args(tiny_task, out, **kw):
 @pytest.fixture(scope="module")
 def student_dir(tiny_task, teachers_dir, tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("damaged") / "student"
-    T.distill(T.DistillArgs(**_args(tiny_task, d), teachers=str(teachers_dir), student_layers=1))
+    distill(DistillArgs(**_args(tiny_task, d), teachers=str(teachers_dir), student_layers=1))
     return d
 
 
@@ -231,7 +232,7 @@ def test_torch_format_weights_still_load(tmp_path, tiny_task, tiny_encoders):
     refused for its damage, not its format)."""
     d = _copy(tiny_encoders["a"], tmp_path / "teacher")
     _torch_weights(d)
-    from fastmt.models import load_model_dir
+    from fastmt.models.classifier import load_model_dir
 
     encoder, _ = load_model_dir(d)
     assert encoder.config.hidden_size == 32
@@ -252,7 +253,7 @@ def interrupted_once(tiny_task, teachers_dir, tmp_path_factory) -> tuple[Path, P
     killed = _cli(*argv, env=_env(FASTMT_FAULT_KILL_AFTER_STEP=3))
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert json.loads((out / "checkpoint" / "meta.json").read_text())["step"] == 2
-    from fastmt.outlock import lock_path
+    from fastmt.engine.outlock import lock_path
 
     lock_path(out).unlink()  # the lock a kill leaves behind has its own test (test_reliability); these are about files
     return out, _copy(out, base / "as-it-was"), argv
@@ -315,7 +316,7 @@ def test_damaged_checkpoint_meta_still_guards_the_run(interrupted, tmp_path):
 
 
 def test_checkpoints_are_loaded_without_unpickling(tmp_path):
-    from fastmt.checkpoint import _read_state
+    from fastmt.engine.checkpoint import _read_state
 
     torch.save({"payload": _RunsCode(tmp_path / "ran")}, tmp_path / "state.pt")
     with pytest.raises(Exception, match="posix.mkdir|mkdir"):
@@ -376,7 +377,7 @@ def test_disk_full_keeps_the_finished_model_already_there(tmp_path, tiny_task, t
     r = _cli(*_cofinetune(tiny_task, tiny_encoders, out, "--overwrite"), env=_full_disk_env(out, "model.safetensors"))
     _one_line(r, 1, f"cannot write {out}: No space left on device", f"the model that was in {out} is still there")
     assert {k: v for k, v in _snapshot(out).items() if k != "metrics.jsonl"} == kept
-    from fastmt.models import Teachers
+    from fastmt.models.classifier import Teachers
 
     Teachers.load(out)  # still a whole teachers dir
 
@@ -386,7 +387,7 @@ def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(tmp_path, tiny_
     r = _cli(*_distill(tiny_task, teachers_dir, out, "--save-every", "2"), env=_full_disk_env(out, "state.pt", 2))
     _one_line(r, 1, f"cannot write {out / 'checkpoint' / 'state.pt'}: No space left on device (it needs about",
               "the checkpoint of step 4 could not be written", "the checkpoint of step 2", "--resume: it goes on from step 2")
-    from fastmt.checkpoint import _read_state
+    from fastmt.engine.checkpoint import _read_state
 
     assert _read_state(out / "checkpoint" / "state.pt", mmap=False)["counters"]["step"] == 2
     assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["meta.json", "state.pt"]
@@ -403,7 +404,7 @@ def test_disk_full_after_training_then_resume(tmp_path, tiny_task, teachers_dir)
     assert not (out / "config.json").exists() and (out / "checkpoint" / "state.pt").is_file()
     r = run_cli(*argv, "--resume")
     assert r.returncode == 0, r.stderr
-    from fastmt.models import Student
+    from fastmt.models.classifier import Student
 
     Student.load(out)
     assert not (out / "checkpoint").exists()
@@ -414,7 +415,7 @@ def test_disk_full_after_training_then_resume(tmp_path, tiny_task, teachers_dir)
 
 
 def test_native_writers_os_errors_are_recognised():
-    from fastmt.fileio import os_error_of
+    from fastmt.engine.fileio import os_error_of
 
     e = os_error_of(Exception("Error while serializing: I/O error: No space left on device (os error 28)"))
     assert e.errno == errno.ENOSPC
@@ -426,7 +427,7 @@ def test_a_line_that_does_not_fit_is_taken_back(tmp_path, monkeypatch):
     import builtins
 
     from fastmt.errors import WriteFailed
-    from fastmt.fileio import append_jsonl
+    from fastmt.engine.fileio import append_jsonl
 
     path = tmp_path / "metrics.jsonl"
     append_jsonl(path, {"event": "a"})
@@ -461,7 +462,7 @@ def test_a_line_that_does_not_fit_is_taken_back(tmp_path, monkeypatch):
 
 def test_staged_set_drops_the_stage_and_names_the_dir(tmp_path):
     from fastmt.errors import WriteFailed
-    from fastmt.fileio import STAGING, staged_set
+    from fastmt.engine.fileio import STAGING, staged_set
 
     out = tmp_path / "run"
     with staged_set(out) as st:
@@ -479,7 +480,7 @@ def test_truncated_teacher_cache_is_rebuilt(tmp_path, caplog):
 
     import numpy as np
 
-    from fastmt import cache as C
+    from fastmt.cache import teachers as C
 
     n, t, c = 6, 2, 3
     fp = {"format": C.FORMAT, "teacher_files": "x", "train_data": "y", "max_length": 8, "teacher_subset": None,

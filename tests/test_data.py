@@ -1,4 +1,4 @@
-"""Tests for fastmt.data: file reading, labels, tokenizing and length-bucketed batching."""
+"""Tests for fastmt.data.dataset: file reading, labels, tokenizing and length-bucketed batching."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import SHARED
-from fastmt.data import (
+from fastmt.data.dataset import (
     Batch,
     DataError,
     Encoded,
@@ -416,7 +416,7 @@ class CountingTokenizer:
 def assert_encoded_in_batches(tokenizer, ds, max_length: int):
     """``encode`` hands the fast (Rust) tokenizer thousands of texts per call, where its batch
     encoding runs fast; one call per text would make tokenizing a large file slow."""
-    from fastmt.data import _ENCODE_CHUNK
+    from fastmt.data.dataset import _ENCODE_CHUNK
 
     assert tokenizer.is_fast
     counting = CountingTokenizer(tokenizer)

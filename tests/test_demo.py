@@ -28,7 +28,7 @@ def test_demo_prints_the_table_and_repeats_exactly(tmp_path):
 
 
 def test_demo_task_is_deterministic_and_not_a_bag_of_words():
-    from fastmt.demo import label_of, make_task
+    from fastmt.tasks.demo import label_of, make_task
 
     train, dev = make_task(300, 200, seed=3)
     assert (train, dev) == make_task(300, 200, seed=3)

@@ -46,15 +46,17 @@ def _train_rows(out):
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tiny_task, tmp_path):
-    from fastmt import train as T
-    from fastmt.demo import build_tokenizer
+    from fastmt.config.settings import DistillArgs, TrainArgs
+    from fastmt.tasks.classification.cofinetune import cofinetune
+    from fastmt.tasks.classification.distill import distill
+    from fastmt.tasks.demo import build_tokenizer
 
     tok = build_tokenizer(tmp_path / "tok")
     a = _encoder_without_dropout(tok, tmp_path, "a", 2, 32, 1)
     b = _encoder_without_dropout(tok, tmp_path, "b", 1, 32, 2)
     common = dict(train=str(tiny_task["train"]), dev=str(tiny_task["dev"]), epochs=1, batch_size=32, lr=1e-3,
                   max_length=16, progress=False, precision="fp32")
-    T.cofinetune([str(a), str(b)], T.TrainArgs(out=str(tmp_path / "teachers"), **common))
+    cofinetune([str(a), str(b)], TrainArgs(out=str(tmp_path / "teachers"), **common))
     flags = ["distill", "--teachers", tmp_path / "teachers", "--student-layers", "1", "--hidden-loss", "cls",
              "--temperature", "2", "--train", tiny_task["train"], "--dev", tiny_task["dev"], "--epochs", "1",
              "--batch-size", "32", "--lr", "1e-3", "--max-length", "16", "--log-every", "1", "--no-progress",
@@ -79,7 +81,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_task, tmp_path)
 def test_shards_split_a_global_batch_into_disjoint_near_equal_parts():
     import torch
 
-    from fastmt.distributed import World, shard
+    from fastmt.engine.distributed import World, shard
 
     def split(n, size):
         ids = torch.arange(3 * n).reshape(n, 3)
@@ -121,8 +123,10 @@ UNEVEN = {"one_row": (25, "cls"), "five_rows": (29, "tokens")}
 def uneven_runs(tiny_task, tmp_path_factory):
     """Teachers without dropout (so replicas and one process draw nothing at random), the uneven
     cases' run arguments, and the single-process runs of them."""
-    from fastmt import train as T
-    from fastmt.demo import build_tokenizer, write_tsv
+    from fastmt.config.settings import DistillArgs, TrainArgs
+    from fastmt.tasks.classification.cofinetune import cofinetune
+    from fastmt.tasks.classification.distill import distill
+    from fastmt.tasks.demo import build_tokenizer, write_tsv
 
     from conftest import easy_rows
 
@@ -134,13 +138,13 @@ def uneven_runs(tiny_task, tmp_path_factory):
     common = dict(dev=str(d / "dev.tsv"), batch_size=6, lr=1e-3, max_length=16, progress=False, precision="fp32",
                   group_by_length=False)
     write_tsv(easy_rows(24, 4), d / "teach.tsv")
-    T.cofinetune([str(a), str(b)], T.TrainArgs(train=str(d / "teach.tsv"), out=str(d / "teachers"), epochs=1, **common))
+    cofinetune([str(a), str(b)], TrainArgs(train=str(d / "teach.tsv"), out=str(d / "teachers"), epochs=1, **common))
     cases = {}
     for name, (n, hidden) in UNEVEN.items():
         write_tsv(easy_rows(n, 6), d / f"{name}.tsv")
         cases[name] = dict(train=str(d / f"{name}.tsv"), teachers=str(d / "teachers"), student_layers=1, hidden_loss=hidden,
                            temperature=2.0, epochs=2, log_every=1, cache_teachers=None, **common)  # as torchrun's runs
-        T.distill(T.DistillArgs(out=str(d / "one" / name), **cases[name]))
+        distill(DistillArgs(out=str(d / "one" / name), **cases[name]))
     return d, cases
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import run_cli
-from fastmt import fastpath
-from fastmt import train as T
+from fastmt.config import auto as fastpath
+from fastmt.config.settings import DistillArgs
 from fastmt.errors import UsageError
 
 CPUINFO = "processor\t: 0\nflags\t\t: fpu sse2 avx2 {extra}\nbogomips\t: 4000\n"
@@ -28,7 +28,7 @@ def _auto(tiny_task, **kw):
                 precision="auto", kernels="auto", compile=None, cuda_graphs=None, stack_teachers=None,
                 cache_teachers=fastpath.CACHE_DEFAULT, group_by_length=None, epochs=3)
     base.update(kw)
-    return T.DistillArgs(**base)
+    return DistillArgs(**base)
 
 
 def test_native_bf16_can_be_forced_either_way(monkeypatch):

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from fastmt import losses
-from fastmt.data import DataError, read_dataset
+from fastmt.data.dataset import DataError, read_dataset
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 EXTS = [".tsv", ".csv", ".jsonl"]

@@ -3,7 +3,7 @@
 A backward replayed as a CUDA graph returns its gradients in the graph's private memory pool, which
 the next replay overwrites. Autograd keeps the tensor a backward returns as ``param.grad`` when the
 parameter has no gradient yet, so without care every ``.grad`` would point into the pool after the
-first step. ``fastmt.optim.GradBuffers`` moves them out right after that backward; from then on
+first step. ``fastmt.engine.optim.GradBuffers`` moves them out right after that backward; from then on
 autograd adds into the same buffers in place.
 
 The invariant is checked here on the CPU, through the real training loop: after every backward,
@@ -22,8 +22,10 @@ import pytest
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from fastmt import loop, optim
-from fastmt import train as T
+from fastmt.engine import loop, optim
+from fastmt.config.settings import DistillArgs, TrainArgs
+from fastmt.tasks.classification.cofinetune import cofinetune
+from fastmt.tasks.classification.distill import distill
 from test_train import _args  # the tiny task's training flags, shared
 
 
@@ -76,7 +78,7 @@ def _train_watched(monkeypatch, tiny_task, teachers_dir, out, fixed: bool, **kw)
 
     monkeypatch.setattr(loop, "GradBuffers", WatchedBuffers)
     monkeypatch.setattr(loop, "optimizer_step", checked_step)
-    T.distill(T.DistillArgs(**_args(tiny_task, out, **kw), teachers=str(teachers_dir), student_layers=1))
+    distill(DistillArgs(**_args(tiny_task, out, **kw), teachers=str(teachers_dir), student_layers=1))
     return watch
 
 
@@ -141,10 +143,10 @@ class _OverwrittenByNextStep:
 
 
 def test_overwriting_a_step_s_outputs_at_the_next_step_changes_nothing(monkeypatch, tiny_task, teachers_dir, tmp_path):
-    from fastmt.step import DistillStep
+    from fastmt.tasks.classification.step import DistillStep
 
     def run(out):
-        T.distill(T.DistillArgs(**_args(tiny_task, out, epochs=2, log_every=3), teachers=str(teachers_dir),
+        distill(DistillArgs(**_args(tiny_task, out, epochs=2, log_every=3), teachers=str(teachers_dir),
                                 student_layers=1, temperature=2.0))
         return _train_rows(out)
 
@@ -184,13 +186,13 @@ def test_distill_under_cuda_graphs_trains_like_eager(tiny_task, tiny_encoders, t
     import torch._inductor.config
 
     teachers = tmp_path / "teachers"
-    T.cofinetune([str(tiny_encoders["a"]), str(tiny_encoders["a"])],
-                 T.TrainArgs(**_args(tiny_task, teachers, device="cuda")))
+    cofinetune([str(tiny_encoders["a"]), str(tiny_encoders["a"])],
+                 TrainArgs(**_args(tiny_task, teachers, device="cuda")))
     runs = {}
     with torch._inductor.config.patch(fallback_random=True):  # the same dropout masks as eager
         for name, kw in {"eager": {}, "graphs": dict(compile=True, cuda_graphs=True)}.items():
             out = tmp_path / name
-            T.distill(T.DistillArgs(**_args(tiny_task, out, device="cuda", precision="fp16", kernels="fused", epochs=4,
+            distill(DistillArgs(**_args(tiny_task, out, device="cuda", precision="fp16", kernels="fused", epochs=4,
                                             log_every=1, **kw), teachers=str(teachers), student_layers=1,
                                     stack_teachers=True, temperature=2.0))
             runs[name] = _train_rows(out)
@@ -212,14 +214,14 @@ def test_every_step_under_cuda_graphs_matches_eager_on_the_same_weights_and_batc
     """Each step under CUDA graphs (the first records, every later one replays) against the eager
     functions on the same weights and batch, read before the next replay. Dropout-free models: the
     eager shadow must not draw other random numbers than the graphs do."""
-    from fastmt.demo import build_tokenizer
-    from fastmt.step import DistillStep
+    from fastmt.tasks.demo import build_tokenizer
+    from fastmt.tasks.classification.step import DistillStep
     from test_distributed import _encoder_without_dropout
 
     tok = build_tokenizer(tmp_path / "tok")
     enc = _encoder_without_dropout(tok, tmp_path, "a", 2, 32, 1)
     teachers = tmp_path / "teachers"
-    T.cofinetune([str(enc), str(enc)], T.TrainArgs(**_args(tiny_task, teachers, device="cuda")))
+    cofinetune([str(enc), str(enc)], TrainArgs(**_args(tiny_task, teachers, device="cuda")))
     pairs = []
     real = DistillStep.__call__
 
@@ -233,7 +235,7 @@ def test_every_step_under_cuda_graphs_matches_eager_on_the_same_weights_and_batc
         return loss, parts
 
     monkeypatch.setattr(DistillStep, "__call__", shadowed)
-    T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "s", device="cuda", precision="fp16", kernels="fused",
+    distill(DistillArgs(**_args(tiny_task, tmp_path / "s", device="cuda", precision="fp16", kernels="fused",
                                     epochs=4, log_every=1, compile=True), teachers=str(teachers), student_layers=1,
                             stack_teachers=True, temperature=2.0, cuda_graphs=True))
     assert len(pairs) == 32
@@ -249,7 +251,7 @@ def test_every_step_under_cuda_graphs_matches_eager_on_the_same_weights_and_batc
 def test_bench_fast_mode_runs_under_cuda_graphs(tmp_path):
     import torch._inductor.config
 
-    from fastmt.bench import run_bench
+    from fastmt.tools.bench import run_bench
 
     with torch._inductor.config.patch(fallback_random=True):  # the same dropout masks as eager
         result = run_bench("cuda", "tiny", json_out=str(tmp_path / "b.json"), steps=20, modes="eager-fp16,fast")

@@ -8,8 +8,12 @@ import pytest
 import torch
 
 from conftest import run_args, run_cli
-from fastmt import train as T
-from fastmt.data import read_dataset
+from fastmt.config.settings import DistillArgs, TrainArgs
+from fastmt.models.inference import teacher_logits
+from fastmt.tasks.classification.cofinetune import cofinetune
+from fastmt.tasks.classification.distill import distill
+from fastmt.tasks.classification.evaluate import accuracy
+from fastmt.data.dataset import read_dataset
 
 
 _args = run_args
@@ -19,11 +23,11 @@ _args = run_args
 def runs(tiny_task, tiny_encoders, tmp_path_factory):
     d = tmp_path_factory.mktemp("hf")
     a, b = str(tiny_encoders["a"]), str(tiny_encoders["b"])
-    T.cofinetune([a, b], T.TrainArgs(**_args(tiny_task, d / "teachers")))  # shared size 32: b's head folds in
-    T.cofinetune([b, a], T.TrainArgs(**_args(tiny_task, d / "wide")))  # shared size 48: a's head cannot
-    T.distill(T.DistillArgs(**_args(tiny_task, d / "student"), teachers=str(d / "teachers"), student_layers=1))
-    T.cofinetune([a, b], T.TrainArgs(**_args(tiny_task, d / "mean", pooling="mean")))  # no stock head reads a mean
-    T.distill(T.DistillArgs(**_args(tiny_task, d / "mean-student"), teachers=str(d / "mean"), student_layers=1))
+    cofinetune([a, b], TrainArgs(**_args(tiny_task, d / "teachers")))  # shared size 32: b's head folds in
+    cofinetune([b, a], TrainArgs(**_args(tiny_task, d / "wide")))  # shared size 48: a's head cannot
+    distill(DistillArgs(**_args(tiny_task, d / "student"), teachers=str(d / "teachers"), student_layers=1))
+    cofinetune([a, b], TrainArgs(**_args(tiny_task, d / "mean", pooling="mean")))  # no stock head reads a mean
+    distill(DistillArgs(**_args(tiny_task, d / "mean-student"), teachers=str(d / "mean"), student_layers=1))
     return d
 
 
@@ -49,7 +53,7 @@ def _fastmt_inputs(tokenizer, texts):
 def test_student_dir_is_a_stock_classifier(runs, tiny_task):
     from transformers import pipeline
 
-    from fastmt.models import Student
+    from fastmt.models.classifier import Student
 
     texts = _texts(tiny_task)
     hf, model = _hf_logits(runs / "student", texts)
@@ -71,7 +75,7 @@ def test_student_dir_is_a_stock_classifier(runs, tiny_task):
 
 
 def test_each_teacher_dir_carries_the_shared_head(runs, tiny_task):
-    from fastmt.models import Teachers
+    from fastmt.models.classifier import Teachers
 
     texts = _texts(tiny_task)
     teachers, cfg = Teachers.load(runs / "teachers")
@@ -149,8 +153,8 @@ def test_heads_without_stock_form_load_with_remote_code_and_no_fastmt(runs, tiny
     teacher: each dir loads with the Auto class and pipeline (trust_remote_code) in a process where
     fastmt cannot be imported, with fastmt's logits on a ragged batch and its label names; without
     trust_remote_code it is refused. The stock dirs (first-token pooling) load there too, without it."""
-    from fastmt.hf import CODE_TYPE
-    from fastmt.models import Student, Teachers
+    from fastmt.models.hf import CODE_TYPE
+    from fastmt.models.classifier import Student, Teachers
 
     texts = _texts(tiny_task, 6)
     wide, wcfg = Teachers.load(runs / "wide")
@@ -183,8 +187,8 @@ def test_an_architecture_without_a_stock_head_loads_with_remote_code(tiny_encode
     written in the remote-code form, it loads without fastmt with fastmt's pooling and head."""
     from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel
 
-    from fastmt.hf import CodeHead, load_seq_cls, save_seq_cls
-    from fastmt.models import SharedHead, pool
+    from fastmt.models.hf import CodeHead, load_seq_cls, save_seq_cls
+    from fastmt.models.classifier import SharedHead, pool
 
     torch.manual_seed(3)
     tok = AutoTokenizer.from_pretrained(str(tiny_encoders["tokenizer"]))
@@ -213,9 +217,9 @@ def test_dirs_in_the_older_encoder_only_form_still_load_and_export(runs, tiny_ta
     model type NOT_STOCK) is still read by fastmt, and `fastmt export` rewrites it in the remote-code form."""
     import shutil
 
-    from fastmt.hf import CODE_TYPE, ENCODER_WEIGHTS, NOT_STOCK
-    from fastmt.fileio import save_tensors
-    from fastmt.models import Teachers
+    from fastmt.models.hf import CODE_TYPE, ENCODER_WEIGHTS, NOT_STOCK
+    from fastmt.engine.fileio import save_tensors
+    from fastmt.models.classifier import Teachers
 
     old = tmp_path / "old"
     shutil.copytree(runs / "wide", old)
@@ -248,17 +252,17 @@ def test_dirs_in_the_older_encoder_only_form_still_load_and_export(runs, tiny_ta
 def test_fastmt_loads_a_remote_code_dir_with_its_head(runs, tiny_task):
     """fastmt reads the remote-code form itself (no code from the dir runs): the wide ensemble scores
     exactly what training logged for it."""
-    from fastmt.models import Teachers
+    from fastmt.models.classifier import Teachers
 
     teachers, _ = Teachers.load(runs / "wide")
-    logits = T.teacher_logits(teachers, _enc(teachers, tiny_task), 96, 128, [16], torch.device("cpu"))
+    logits = teacher_logits(teachers, _enc(teachers, tiny_task), 96, 128, [16], torch.device("cpu"))
     labels = [["bad", "good"].index(x) for x in read_dataset(tiny_task["dev"]).labels]
     done = [json.loads(x) for x in (runs / "wide" / "metrics.jsonl").read_text().splitlines()][-1]
-    assert T.accuracy(logits.mean(0), labels) == pytest.approx(done["best_dev_accuracy"], abs=1e-6)
+    assert accuracy(logits.mean(0), labels) == pytest.approx(done["best_dev_accuracy"], abs=1e-6)
 
 
 def _enc(teachers, tiny_task):
-    from fastmt.data import encode, tokenizer_key
+    from fastmt.data.dataset import encode, tokenizer_key
 
     ds = read_dataset(tiny_task["dev"])
     return {tokenizer_key(t): encode(t, ds, 16) for t in teachers.tokenizers}
@@ -267,8 +271,8 @@ def _enc(teachers, tiny_task):
 def test_older_student_dirs_load_and_export(runs, tiny_task, tmp_path):
     """A student dir in the earlier layout (fastmt config at the top, one model.safetensors with
     encoder.*/head.*/proj_*) still loads in fastmt, and `fastmt export` makes it loadable by HF."""
-    from fastmt.fileio import save_tensors, write_json
-    from fastmt.models import STUDENT_KIND, Student, encoder_config_dict
+    from fastmt.engine.fileio import save_tensors, write_json
+    from fastmt.models.classifier import STUDENT_KIND, Student, encoder_config_dict
 
     student, cfg = Student.load(runs / "student")
     old = tmp_path / "old"
@@ -299,6 +303,6 @@ def test_older_student_dirs_load_and_export(runs, tiny_task, tmp_path):
 
 
 def test_a_student_dir_starts_another_student(runs, tiny_task, tmp_path):
-    res = T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "next"), teachers=str(runs / "teachers"),
+    res = distill(DistillArgs(**_args(tiny_task, tmp_path / "next"), teachers=str(runs / "teachers"),
                                   student_layers=1, student_init=str(runs / "student")))
     assert res.steps > 0

@@ -1,4 +1,4 @@
-"""``fastmt.lm_cache``: the top-k teacher cache for causal LMs, and the loss read from it."""
+"""``fastmt.cache.topk``: the top-k teacher cache for causal LMs, and the loss read from it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastmt import lm_cache
+from fastmt.cache import topk as lm_cache
 from fastmt.losses import lm_kl_loss, lm_topk_kl_loss
 
 

@@ -115,8 +115,8 @@ def test_eval_lm_reports_each_model(finished, lm_dir, tmp_path):
 
 def test_training_lowers_the_students_perplexity(finished, lm_dir, tmp_path):
     """The distilled student beats the same cut of teacher 0 before training on held-out text."""
-    from fastmt.lm_data import pack, read_texts
-    from fastmt.tasks.distill_lm import cut_layers, lm_scores, load_lm, load_tokenizer
+    from fastmt.data.packed import pack, read_texts
+    from fastmt.tasks.lm.distill import cut_layers, lm_scores, load_lm, load_tokenizer
 
     out, _ = finished
     tok = load_tokenizer(str(out), "--model")
@@ -128,10 +128,10 @@ def test_training_lowers_the_students_perplexity(finished, lm_dir, tmp_path):
 
 def test_fused_and_reference_losses_give_the_same_step(lm_dir):
     """One step's loss terms with --kernels fused (no N x V logits) and reference (materialised)."""
-    from fastmt.data import iterate_batches
-    from fastmt.lm_data import pack, read_texts
+    from fastmt.data.dataset import iterate_batches
+    from fastmt.data.packed import pack, read_texts
     from fastmt.losses import layer_map
-    from fastmt.tasks.distill_lm import KEY, DistillLMArgs, LMStep, LMStudent, cut_layers, load_lm, load_tokenizer
+    from fastmt.tasks.lm.distill import KEY, DistillLMArgs, LMStep, LMStudent, cut_layers, load_lm, load_tokenizer
     import fastmt.kernels as fused
     from fastmt import losses as reference
 
@@ -200,9 +200,9 @@ def test_user_mistakes_are_one_line(change, message, lm_dir, tmp_path):
 
 def test_ensemble_target_is_the_kl_to_the_mean_logits(lm_dir):
     """--kd-target ensemble: the KD term equals the reference KL to the teachers' averaged logits."""
-    from fastmt.data import iterate_batches
-    from fastmt.lm_data import next_tokens, pack, read_texts
-    from fastmt.tasks.distill_lm import KEY, DistillLMArgs, LMStep, LMStudent, cut_layers, load_lm, load_tokenizer
+    from fastmt.data.dataset import iterate_batches
+    from fastmt.data.packed import next_tokens, pack, read_texts
+    from fastmt.tasks.lm.distill import KEY, DistillLMArgs, LMStep, LMStudent, cut_layers, load_lm, load_tokenizer
     import fastmt.kernels as fused
     from fastmt import losses
 
@@ -232,10 +232,10 @@ def test_cuda_fused_step_matches_the_reference(lm_dir, precision):
     """On the GPU (compiled kernels, the chunks backend): one step's terms and d W, fused vs reference.
     fp32 with TF32 off agrees to float32 rounding; bf16 to a few of bf16's epsilons (the reference rounds
     its materialised logits to bf16, the fused loss keeps them in float32)."""
-    from fastmt.data import iterate_batches
-    from fastmt.lm_data import pack, read_texts
+    from fastmt.data.dataset import iterate_batches
+    from fastmt.data.packed import pack, read_texts
     from fastmt.losses import layer_map
-    from fastmt.tasks.distill_lm import KEY, DistillLMArgs, LMStep, LMStudent, cut_layers, load_lm, load_tokenizer
+    from fastmt.tasks.lm.distill import KEY, DistillLMArgs, LMStep, LMStudent, cut_layers, load_lm, load_tokenizer
     import fastmt.kernels as fused
     from fastmt import losses as reference
 
@@ -290,10 +290,10 @@ def test_distill_lm_trains_on_cuda_with_the_fused_loss(lm_dir, tmp_path):
 
 
 def _cached_setup(lm_dir, tmp_path, top_k, **kw):
-    from fastmt.data import iterate_batches
-    from fastmt.lm_data import pack, read_texts
-    from fastmt.tasks.distill_lm import KEY, DistillLMArgs, LMStudent, cut_layers, load_lm, load_tokenizer
-    from fastmt.tasks.lm_cached import CachedLMStep, open_cache
+    from fastmt.data.dataset import iterate_batches
+    from fastmt.data.packed import pack, read_texts
+    from fastmt.tasks.lm.distill import KEY, DistillLMArgs, LMStudent, cut_layers, load_lm, load_tokenizer
+    from fastmt.tasks.lm.cached import CachedLMStep, open_cache
 
     teachers = [load_lm(str(lm_dir / t), "t").eval() for t in ("t0", "t1")]
     enc = pack(load_tokenizer(str(lm_dir / "t0"), "t"), read_texts(str(lm_dir / "train.txt")), 16)
@@ -331,7 +331,7 @@ def test_cached_step_runs_the_teachers_once_then_reads_the_same_values_back(lm_d
 def test_cached_kd_with_every_token_stored_is_the_full_kl(lm_dir, tmp_path):
     """--top-k at the vocabulary size: the cached term equals the exact loss of the run without a cache."""
     from fastmt import losses
-    from fastmt.tasks.distill_lm import LMStep
+    from fastmt.tasks.lm.distill import LMStep
 
     step, student, teachers, args, batch = _cached_setup(lm_dir, tmp_path, top_k=len(WORDS) + 3)
     _, parts = step(batch.inputs, batch.labels, batch.index)
@@ -346,10 +346,10 @@ def test_cached_kd_in_chunks_equals_the_reference_on_materialised_logits(lm_dir,
     """topk_kd (rows in chunks, recomputed in backward) against fastmt.losses.lm_topk_kl_loss on the whole
     student logits and the teachers' top-k of their full logits: value and d W, float64."""
     from fastmt import losses
-    from fastmt.lm_cache import topk_from_logits
-    from fastmt.lm_data import next_tokens
-    from fastmt.tasks.distill_lm import KEY
-    from fastmt.tasks.lm_cached import topk_kd
+    from fastmt.cache.topk import topk_from_logits
+    from fastmt.data.packed import next_tokens
+    from fastmt.tasks.lm.distill import KEY
+    from fastmt.tasks.lm.cached import topk_kd
 
     _, student, teachers, args, batch = _cached_setup(lm_dir, tmp_path, top_k=4)
     ids, mask = batch.inputs[KEY]["input_ids"], batch.inputs[KEY]["attention_mask"]
@@ -448,10 +448,10 @@ def test_compiled_bodies_give_the_eager_step(lm_dir):
     """--compile: the models' bodies under torch.compile; the step's terms and d W equal the eager
     step's, batch after batch, including a shorter last batch (one more graph per body, at most)."""
     import torch._dynamo
-    from fastmt.data import iterate_batches
-    from fastmt.lm_data import pack, read_texts
+    from fastmt.data.dataset import iterate_batches
+    from fastmt.data.packed import pack, read_texts
     from fastmt.losses import layer_map
-    from fastmt.tasks.distill_lm import KEY, DistillLMArgs, LMStep, LMStudent, cut_layers, load_lm, load_tokenizer
+    from fastmt.tasks.lm.distill import KEY, DistillLMArgs, LMStep, LMStudent, cut_layers, load_lm, load_tokenizer
     from fastmt import losses
 
     torch._dynamo.reset()

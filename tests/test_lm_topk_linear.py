@@ -9,7 +9,7 @@ import torch
 
 import fastmt.kernels as fused
 from fastmt import losses
-from fastmt.lm_cache import topk_from_logits
+from fastmt.cache.topk import topk_from_logits
 
 
 def _case(n, d, v, t, k, tau, seed, dtype=torch.float64, ignored=(1,)):

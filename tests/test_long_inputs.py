@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from conftest import easy_rows, run_cli
-from fastmt.demo import write_tsv
+from fastmt.tasks.demo import write_tsv
 
 
 def test_max_length_past_the_position_table_is_clamped(tiny_task, tiny_encoders, tmp_path):

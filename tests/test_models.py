@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastmt.errors import UsageError
-from fastmt.models import Student, StudentSpec, Teachers, build_student, layer_maps
+from fastmt.models.classifier import Student, StudentSpec, Teachers, build_student, layer_maps
 
 
 def _batch(n=5, s=7, vocab=40, seed=0):

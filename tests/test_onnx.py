@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from conftest import REPO, run_args, run_cli
-from fastmt import train as T
-from fastmt.data import read_dataset
+from fastmt.config.settings import DistillArgs, TrainArgs
+from fastmt.tasks.classification.cofinetune import cofinetune
+from fastmt.tasks.classification.distill import distill
+from fastmt.data.dataset import read_dataset
 
 ort = pytest.importorskip("onnxruntime", reason="the onnx extras are not installed (pip install \"fastmt[onnx]\")")
 pytest.importorskip("onnxscript", reason="the onnx extras are not installed (pip install \"fastmt[onnx]\")")
@@ -21,8 +23,8 @@ def runs(tiny_task, tiny_encoders, tmp_path_factory):
     d = tmp_path_factory.mktemp("onnx")
     a, b = str(tiny_encoders["a"]), str(tiny_encoders["b"])
     # Mean pooling, and teacher b (48 wide) reaching the shared head (32) through an adapter.
-    T.cofinetune([a, b], T.TrainArgs(**run_args(tiny_task, d / "teachers", pooling="mean", precision="fp32")))
-    T.distill(T.DistillArgs(**run_args(tiny_task, d / "student", precision="fp32"), teachers=str(d / "teachers"),
+    cofinetune([a, b], TrainArgs(**run_args(tiny_task, d / "teachers", pooling="mean", precision="fp32")))
+    distill(DistillArgs(**run_args(tiny_task, d / "student", precision="fp32"), teachers=str(d / "teachers"),
                             student_layers=1))
     return d
 
@@ -40,7 +42,7 @@ def _run(path, feeds):
 def test_student_and_each_teacher_run_in_onnx_runtime_with_fastmts_logits(runs, tiny_task, tmp_path):
     """Dynamic batch and length, the attention mask, mean pooling, the adapter and the head inside the
     graph: ragged batches of real rows (one of 9 rows, one of 1) give fastmt's logits to 1e-4."""
-    from fastmt.models import Student, Teachers
+    from fastmt.models.classifier import Student, Teachers
 
     r = run_cli("export", "--model", runs / "student", "--format", "onnx", "--out", tmp_path / "s")
     assert r.returncode == 0, r.stderr
@@ -81,9 +83,9 @@ def test_missing_onnx_extras_are_one_line(runs, tmp_path):
 
 def test_a_model_onnx_runtime_does_not_reproduce_is_not_written(runs, tmp_path, monkeypatch):
     """The check guards the file: when ONNX Runtime's logits are off, nothing is left behind."""
-    from fastmt import onnx_export as X
+    from fastmt.serve import onnx as X
     from fastmt.errors import UsageError
-    from fastmt.models import Student
+    from fastmt.models.classifier import Student
 
     class Off:  # a runtime whose logits are off by one
         def __init__(self, *a, **kw):

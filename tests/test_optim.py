@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastmt import optim as T
-from fastmt.settings import TrainArgs
+from fastmt.engine import optim as T
+from fastmt.config.settings import TrainArgs
 
 
 def test_fp16_overflow_step_is_skipped_and_counted():

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import run_cli
-from fastmt import train as T
-from fastmt.models import choose_pooling, pool, sentence_transformers_pooling
-from fastmt.optim import make_optimizer
+from fastmt.config.settings import TrainArgs
+from fastmt.models.classifier import choose_pooling, pool, sentence_transformers_pooling
+from fastmt.engine.optim import make_optimizer
 
 
 def test_pool_reads_the_first_token_or_the_mean_of_real_tokens():
@@ -43,8 +43,8 @@ def test_auto_pooling_follows_sentence_transformers_folders(tmp_path):
 def test_mean_pooled_teachers_and_student_end_to_end(tiny_task, tiny_encoders, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from fastmt.data import encode, read_dataset, tokenizer_key
-    from fastmt.models import Student, Teachers
+    from fastmt.data.dataset import encode, read_dataset, tokenizer_key
+    from fastmt.models.classifier import Student, Teachers
 
     r = run_cli("cofinetune", "--teacher", tiny_encoders["a"], "--teacher", tiny_encoders["b"], "--train", tiny_task["train"],
                 "--dev", tiny_task["dev"], "--out", tmp_path / "t", "--epochs", "2", "--max-length", "16", "--no-progress",
@@ -65,11 +65,11 @@ def test_mean_pooled_teachers_and_student_end_to_end(tiny_task, tiny_encoders, t
     same = Teachers([teachers.encoders[0], teachers.encoders[0]], [teachers.tokenizers[0]] * 2, ["x", "y"], 2, "mean")
     same.head.load_state_dict(teachers.head.state_dict())
     same.eval()
-    from fastmt.stacked import make_stacked
+    from fastmt.models.stacked import make_stacked
 
     ds = read_dataset(tiny_task["dev"])
     enc = encode(teachers.tokenizers[0], ds, 16)
-    from fastmt.data import iterate_batches
+    from fastmt.data.dataset import iterate_batches
 
     batch = next(iter(iterate_batches({"k": enc}, [0] * len(ds), 8, [16], False)))
     inputs = batch.inputs["k"]
@@ -88,10 +88,10 @@ def test_mean_pooled_teachers_and_student_end_to_end(tiny_task, tiny_encoders, t
 
 
 def test_head_lr_gives_the_head_its_own_scheduled_rate(tiny_encoders, tiny_task):
-    from fastmt.models import Teachers
+    from fastmt.models.classifier import Teachers
 
     teachers = Teachers.from_pretrained_encoders([str(tiny_encoders["a"]), str(tiny_encoders["b"])], 2)
-    args = T.TrainArgs(train="t", dev="d", out="o", lr=1e-4, head_lr="auto", warmup=0.5)
+    args = TrainArgs(train="t", dev="d", out="o", lr=1e-4, head_lr="auto", warmup=0.5)
     assert args.head_lr == pytest.approx(1e-3)
     opt, sched = make_optimizer(teachers, args, total_steps=10, device=torch.device("cpu"))
     head_ids = {id(p) for n, p in teachers.named_parameters() if n.startswith(("head.", "adapters."))}
@@ -104,8 +104,8 @@ def test_head_lr_gives_the_head_its_own_scheduled_rate(tiny_encoders, tiny_task)
             sched.last_epoch = step
             sched.attach()
             assert float(g["lr"]) == pytest.approx(want * sched.factor(step))
-    plain = T.TrainArgs(train="t", dev="d", out="o", lr=1e-4, head_lr=None)  # None: the head at --lr
+    plain = TrainArgs(train="t", dev="d", out="o", lr=1e-4, head_lr=None)  # None: the head at --lr
     opt, _ = make_optimizer(teachers, plain, total_steps=10, device=torch.device("cpu"))
     assert len(opt.param_groups) == 2 and all("base_lr" not in g for g in opt.param_groups)  # the reference path
     with pytest.raises(Exception, match="--head-lr"):
-        T.TrainArgs(train="t", dev="d", out="o", head_lr=-1.0)
+        TrainArgs(train="t", dev="d", out="o", head_lr=-1.0)

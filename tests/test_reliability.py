@@ -21,7 +21,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, run_args, run_cli
-from fastmt import train as T
+from fastmt.config.settings import DistillArgs, TrainArgs
+from fastmt.engine.faults import TrainingStopped
+from fastmt.engine.optim import optimizer_step
+from fastmt.tasks.classification.cofinetune import cofinetune
+from fastmt.tasks.classification.distill import distill
 
 # fp32 pinned: these tests are about failures and resuming, the same computation on every CPU (and eval,
 # which runs in fp32, must reproduce the accuracy a run logged).
@@ -36,12 +40,12 @@ def _args(tiny_task, out, **kw):
 
 @pytest.fixture(scope="module")
 def other_tokenizer_teachers(tiny_task, tiny_encoders, tmp_path_factory) -> Path:
-    from fastmt.demo import Shape, build_encoder, build_tokenizer
+    from fastmt.tasks.demo import Shape, build_encoder, build_tokenizer
 
     d = tmp_path_factory.mktemp("rel-other")
     tok = build_tokenizer(d / "other-tokenizer", reverse=True, extra_words=("extra",))
     other = build_encoder(Shape("other", 2, 32, 2), tok, d, seed=5)
-    T.cofinetune([str(tiny_encoders["a"]), str(other)], T.TrainArgs(**_args(tiny_task, d / "teachers")))
+    cofinetune([str(tiny_encoders["a"]), str(other)], TrainArgs(**_args(tiny_task, d / "teachers")))
     return d / "teachers"
 
 
@@ -304,7 +308,7 @@ def test_sigterm_checkpoints_after_the_step_and_resume_is_bit_identical(sig, tin
 def test_a_run_owns_its_out_while_it_lives(tiny_task, teachers_dir, tmp_path):
     """A second run into the same --out, or a --resume of it, is refused in one line naming the live
     process; once that process is gone (SIGKILL: no clean-up), its lock is taken over, said so."""
-    from fastmt.outlock import lock_path
+    from fastmt.engine.outlock import lock_path
 
     out = tmp_path / "run"
     with _paused_run(_distill_argv(tiny_task, teachers_dir, out), 2) as first:
@@ -339,7 +343,7 @@ def test_resume_refuses_changed_settings(tiny_task, teachers_dir, tmp_path):
 def test_nan_teacher_is_reported_and_the_run_stops(tiny_task, teachers_dir, tmp_path):
     broken = tmp_path / "teachers"
     shutil.copytree(teachers_dir, broken)
-    from fastmt.fileio import load_tensors, save_tensors
+    from fastmt.engine.fileio import load_tensors, save_tensors
 
     head = load_tensors(broken / "model.safetensors")
     key = next(k for k in head if k.endswith("weight") and "classifier" in k)
@@ -362,7 +366,7 @@ def test_nan_teacher_is_reported_and_the_run_stops(tiny_task, teachers_dir, tmp_
 def test_bad_steps_keep_the_last_good_checkpoint(tiny_task, teachers_dir, tmp_path, monkeypatch):
     """The loss turns NaN after step 4: steps 5.. change nothing, the step-4 checkpoint stays, and
     --resume (once the cause is gone) goes on from it."""
-    from fastmt import step as S
+    from fastmt.tasks.classification import step as S
 
     calls = {"n": 0}
     real = S.DistillStep.__call__
@@ -374,13 +378,13 @@ def test_bad_steps_keep_the_last_good_checkpoint(tiny_task, teachers_dir, tmp_pa
 
     monkeypatch.setattr(S.DistillStep, "__call__", flaky)
     kw = _args(tiny_task, tmp_path / "run", teachers=str(teachers_dir), student_layers=1, epochs=2, save_every=2, max_bad_steps=3)
-    with pytest.raises(T.TrainingStopped, match=r"3 steps in a row .*step 4\)"):
-        T.distill(T.DistillArgs(**kw))
+    with pytest.raises(TrainingStopped, match=r"3 steps in a row .*step 4\)"):
+        distill(DistillArgs(**kw))
     state = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=False)
     assert state["counters"]["step"] == 4
     monkeypatch.setattr(S.DistillStep, "__call__", real)
-    T.distill(T.DistillArgs(**{**kw, "resume": True}))
-    ref = T.distill(T.DistillArgs(**{**kw, "out": str(tmp_path / "straight"), "save_every": 0}))
+    distill(DistillArgs(**{**kw, "resume": True}))
+    ref = distill(DistillArgs(**{**kw, "out": str(tmp_path / "straight"), "save_every": 0}))
     a, b = load_file(tmp_path / "run" / "model.safetensors"), load_file(tmp_path / "straight" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert ref.steps == 16
@@ -394,12 +398,12 @@ def test_non_finite_step_changes_nothing(fused):
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     loss = (p * 2).sum()
     loss.backward()
-    assert int(T.optimizer_step(opt, scaler, [p], 1.0, loss)) == 0
+    assert int(optimizer_step(opt, scaler, [p], 1.0, loss)) == 0
     before, state = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
     opt.zero_grad()
     loss = (p * float("nan")).sum()
     loss.backward()
-    assert int(T.optimizer_step(opt, scaler, [p], 1.0, loss)) == 1
+    assert int(optimizer_step(opt, scaler, [p], 1.0, loss)) == 1
     assert torch.equal(p.detach(), before)
     for k, v in opt.state[p].items():
         assert torch.equal(v, state[k]), k
@@ -410,7 +414,7 @@ def test_non_finite_step_changes_nothing(fused):
 
 
 def test_staged_set_rolls_forward_or_back(tmp_path):
-    from fastmt.fileio import STAGING, recover, staged_set
+    from fastmt.engine.fileio import STAGING, recover, staged_set
 
     out = tmp_path / "run"
     with staged_set(out) as st:
@@ -485,7 +489,7 @@ def test_fp16_overflow_is_absorbed_and_logged(tiny_task, teachers_dir, tmp_path,
         return real(device, init_scale=2.0**24, enabled=enabled)
 
     monkeypatch.setattr(torch.amp, "GradScaler", huge_scale)
-    T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "run", log_every=2, epochs=3, precision="fp16"),
+    distill(DistillArgs(**_args(tiny_task, tmp_path / "run", log_every=2, epochs=3, precision="fp16"),
                             teachers=str(teachers_dir), student_layers=1))
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["event"] == "train"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import run_args
-from fastmt import settings as T
+from fastmt.config import settings as T
 from fastmt.errors import UsageError
 
 _args = run_args
@@ -60,12 +60,14 @@ def test_kd_target_is_validated(tiny_task, tmp_path):
 @pytest.mark.parametrize("native_bf16", [False, True])
 def test_python_api_and_cli_resolve_the_same_defaults(command, native_bf16, tmp_path):
     """Built from nothing (the required settings only), the Python API's settings equal the CLI's,
-    field by field, before and after the one resolver (``fastmt.fastpath.resolve``), on either CPU plan;
+    field by field, before and after the one resolver (``fastmt.config.auto.resolve``), on either CPU plan;
     the lr differs by command and is the CLI's for each."""
     import dataclasses
 
-    from fastmt import cli, fastpath
-    from fastmt.settings import DistillArgs, TrainArgs
+    from fastmt import cli
+
+    from fastmt.config import auto as fastpath
+    from fastmt.config.settings import DistillArgs, TrainArgs
 
     need = dict(train="t.tsv", dev="d.tsv", out=str(tmp_path / "o"))
     flags = ["--train", "t.tsv", "--dev", "d.tsv", "--out", str(tmp_path / "o")]

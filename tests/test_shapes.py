@@ -1,4 +1,4 @@
-"""A compiled run knows before step 1 how many input shapes it can meet (``fastmt.shapes``), and
+"""A compiled run knows before step 1 how many input shapes it can meet (``fastmt.engine.shapes``), and
 runs to the end however many there are: Dynamo's per-function limit (8 graphs) is fitted to them."""
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastmt import fastpath, shapes
-from fastmt.distributed import World
+from fastmt.config import auto as fastpath
+
+from fastmt.engine import shapes
+from fastmt.engine.distributed import World
 
 
 def test_step_rows_cover_the_last_batch_and_every_process():
@@ -50,7 +52,7 @@ def _long_rows(n: int, seed: int) -> list[tuple[str, str]]:
     """Reviews of 6 to ~440 words, spread over every length bucket up to 512; in every other group
     of seven each word carries a comma, which one of the two tokenizers splits off (so there the two
     tokenizers' lengths differ, often by a bucket)."""
-    from fastmt.demo import NEGATIVE, POSITIVE, SUBJECTS
+    from fastmt.tasks.demo import NEGATIVE, POSITIVE, SUBJECTS
 
     rng = random.Random(seed)
     rows = []
@@ -67,7 +69,7 @@ def _long_rows(n: int, seed: int) -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def long_task(tmp_path_factory):
-    from fastmt.demo import Shape, build_encoder, build_tokenizer, write_tsv
+    from fastmt.tasks.demo import Shape, build_encoder, build_tokenizer, write_tsv
 
     d = tmp_path_factory.mktemp("long")
     write_tsv(_long_rows(70, 1), d / "train.tsv")  # batches of 4: the last one has 2 rows
@@ -86,7 +88,7 @@ def eager_backend(monkeypatch):
     are put back afterwards."""
     import torch._dynamo.config as cfg
 
-    from fastmt.step import COMPILE_BACKEND_ENV
+    from fastmt.engine.precision import COMPILE_BACKEND_ENV
 
     monkeypatch.setenv(COMPILE_BACKEND_ENV, "eager")
     torch._dynamo.reset()
@@ -97,7 +99,7 @@ def eager_backend(monkeypatch):
 
 def _record_shapes(monkeypatch):
     """The shape of every training batch: (rows, padded width per tokenizer)."""
-    from fastmt import loop
+    from fastmt.engine import loop
 
     seen = set()
     real = loop.iterate_batches
@@ -121,9 +123,11 @@ def _path_line(caplog, command):
 
 def test_compiled_cofinetune_and_distill_meet_many_shapes_and_finish(long_task, tmp_path, eager_backend,
                                                                       monkeypatch, caplog):
-    from fastmt import train as T
+    from fastmt.config.settings import DistillArgs, TrainArgs
+    from fastmt.tasks.classification.cofinetune import cofinetune
+    from fastmt.tasks.classification.distill import distill
 
-    from fastmt import data
+    from fastmt.data import dataset as data
 
     caplog.set_level("INFO", logger="fastmt")
     common = dict(train=str(long_task["train"]), dev=str(long_task["dev"]), batch_size=4, lr=1e-3, max_length=512,
@@ -136,7 +140,7 @@ def test_compiled_cofinetune_and_distill_meet_many_shapes_and_finish(long_task, 
 
     torch._dynamo.utils.counters.clear()
     seen = _record_shapes(monkeypatch)
-    T.cofinetune([str(long_task["a"]), str(long_task["b"])], T.TrainArgs(out=str(tmp_path / "t"), epochs=3, **common))
+    cofinetune([str(long_task["a"]), str(long_task["b"])], TrainArgs(out=str(tmp_path / "t"), epochs=3, **common))
     line = _path_line(caplog, "cofinetune")
     assert "compile on" in line
     bound = int(line.split("compiled shapes: up to ")[1].split()[0])
@@ -149,7 +153,7 @@ def test_compiled_cofinetune_and_distill_meet_many_shapes_and_finish(long_task, 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     seen.clear()
-    T.distill(T.DistillArgs(out=str(tmp_path / "s"), teachers=str(tmp_path / "t"), student_layers=1, hidden_loss="cls",
+    distill(DistillArgs(out=str(tmp_path / "s"), teachers=str(tmp_path / "t"), student_layers=1, hidden_loss="cls",
                             epochs=3, cache_teachers=None, **common))  # the teachers run every epoch: every shape
     line = _path_line(caplog, "distill")
     bound = int(line.split("compiled shapes: up to ")[1].split()[0])
@@ -159,7 +163,7 @@ def test_compiled_cofinetune_and_distill_meet_many_shapes_and_finish(long_task, 
     # on what a function reads).
     from transformers import AutoTokenizer
 
-    from fastmt.data import tokenizer_key
+    from fastmt.data.dataset import tokenizer_key
 
     mine = tokenizer_key(AutoTokenizer.from_pretrained(str(long_task["a"])))
     student_shapes = {(rows, dict(widths)[mine]) for rows, widths in seen}
@@ -170,7 +174,9 @@ def test_compiled_cofinetune_and_distill_meet_many_shapes_and_finish(long_task, 
 
 def test_too_many_shapes_turn_auto_compile_off_and_refuse_an_explicit_one(long_task, tmp_path, eager_backend,
                                                                           monkeypatch, caplog):
-    from fastmt import train as T
+    from fastmt.config.settings import DistillArgs, TrainArgs
+    from fastmt.tasks.classification.cofinetune import cofinetune
+    from fastmt.tasks.classification.distill import distill
     from fastmt.errors import UsageError
 
     caplog.set_level("INFO", logger="fastmt")
@@ -179,11 +185,11 @@ def test_too_many_shapes_turn_auto_compile_off_and_refuse_an_explicit_one(long_t
     common = dict(train=str(long_task["train"]), dev=str(long_task["dev"]), batch_size=4, lr=1e-3, max_length=512,
                   progress=False, epochs=1, precision="fp32")
     torch._dynamo.utils.counters.clear()
-    T.cofinetune([str(long_task["a"])], T.TrainArgs(out=str(tmp_path / "auto"), compile=None, **common))
+    cofinetune([str(long_task["a"])], TrainArgs(out=str(tmp_path / "auto"), compile=None, **common))
     line = _path_line(caplog, "cofinetune")
     assert "compile off (up to " in line and "more than 4" in line
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
     assert json.loads((tmp_path / "auto" / "config.json").read_text())["run"]["compile"] is False
     with pytest.raises(UsageError, match=r"--compile: up to \d+ input shapes .* --no-compile"):
-        T.cofinetune([str(long_task["a"])], T.TrainArgs(out=str(tmp_path / "explicit"), compile=True, **common))
+        cofinetune([str(long_task["a"])], TrainArgs(out=str(tmp_path / "explicit"), compile=True, **common))
     assert not (tmp_path / "explicit" / "metrics.jsonl").exists()  # refused before step 1

@@ -18,7 +18,10 @@ def _slice(src, dst, n):
 
 
 def test_two_minilm_teachers_on_reviews(tmp_path):
-    from fastmt import train as T
+    from fastmt.config.settings import DistillArgs, TrainArgs
+    from fastmt.tasks.classification.cofinetune import cofinetune
+    from fastmt.tasks.classification.distill import distill
+    from fastmt.tasks.classification.evaluate import evaluate_dir
 
     data = SHARED / "data" / "rotten_tomatoes"
     _slice(data / "train.tsv", tmp_path / "train.tsv", 160)
@@ -26,9 +29,9 @@ def test_two_minilm_teachers_on_reviews(tmp_path):
     l6, l3 = str(SHARED / "models" / "minilm-l6-h384"), str(SHARED / "models" / "minilm-l3-h384")
     common = dict(train=str(tmp_path / "train.tsv"), dev=str(tmp_path / "dev.tsv"), epochs=1, batch_size=16,
                   max_length=48, progress=False, log_every=5, precision="fp32")
-    co = T.cofinetune([l6, l3], T.TrainArgs(out=str(tmp_path / "teachers"), lr=5e-5, **common))
+    co = cofinetune([l6, l3], TrainArgs(out=str(tmp_path / "teachers"), lr=5e-5, **common))
     assert co.steps == 10
-    st = T.distill(T.DistillArgs(out=str(tmp_path / "student"), teachers=str(tmp_path / "teachers"), student_layers=3,
+    st = distill(DistillArgs(out=str(tmp_path / "student"), teachers=str(tmp_path / "teachers"), student_layers=3,
                                  student_init="teacher:0", lr=1e-4, **common))
     hf = json.loads((tmp_path / "student" / "config.json").read_text())
     cfg = hf["fastmt"]
@@ -40,8 +43,8 @@ def test_two_minilm_teachers_on_reviews(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["event"] == "train"]
     assert train_rows and all(math.isfinite(r["loss_hidden"]) and r["loss_hidden"] > 0 for r in train_rows)
-    t = T.evaluate_dir(str(tmp_path / "teachers"), str(tmp_path / "dev.tsv"))
-    s = T.evaluate_dir(str(tmp_path / "student"), str(tmp_path / "dev.tsv"))
+    t = evaluate_dir(str(tmp_path / "teachers"), str(tmp_path / "dev.tsv"))
+    s = evaluate_dir(str(tmp_path / "student"), str(tmp_path / "dev.tsv"))
     assert len(t["teachers"]) == 2 and t["n"] == 64 and s["n"] == 64
     assert s["accuracy"] == pytest.approx(st.best_dev_accuracy)
 

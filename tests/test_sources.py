@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from conftest import easy_rows, run_cli
-from fastmt.data import Columns, DataError, read_dataset
-from fastmt.sources import hub_name
+from fastmt.data.dataset import Columns, DataError, read_dataset
+from fastmt.data.sources import hub_name
 
 datasets = pytest.importorskip("datasets")
 

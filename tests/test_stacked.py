@@ -1,12 +1,12 @@
-"""Stacked teachers (fastmt.stacked) give what the teachers give one after another."""
+"""Stacked teachers (fastmt.models.stacked) give what the teachers give one after another."""
 
 import pytest
 import torch
 from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 
-import fastmt.data
-from fastmt.models import Teachers
-from fastmt.stacked import StackedBert, VmapTeachers, make_stacked, teacher_groups
+import fastmt.data.dataset
+from fastmt.models.classifier import Teachers
+from fastmt.models.stacked import StackedBert, VmapTeachers, make_stacked, teacher_groups
 
 
 def _bert(hidden=48, layers=3, heads=4, act="gelu", types=2, seed=0):
@@ -19,7 +19,7 @@ def _bert(hidden=48, layers=3, heads=4, act="gelu", types=2, seed=0):
 @pytest.fixture
 def one_tokenizer(monkeypatch):
     """Every teacher counts as sharing one tokenizer (the encoders here are built from configs)."""
-    monkeypatch.setattr(fastmt.data, "tokenizer_key", lambda tok: "shared")
+    monkeypatch.setattr(fastmt.data.dataset, "tokenizer_key", lambda tok: "shared")
 
 
 def _inputs(n=5, s=13, vocab=61, seed=1):
@@ -172,14 +172,15 @@ def _placeholders(fn, *args):
 
 def test_stacked_teachers_weights_are_static_inputs_of_the_compiled_forward(tiny_encoders, monkeypatch):
     from fastmt import losses
-    from fastmt import train as T
-    from fastmt.models import StudentSpec, Teachers, build_student, layer_maps
-    from fastmt.step import COMPILE_BACKEND_ENV, DistillStep
+    from fastmt.config.settings import DistillArgs
+    from fastmt.models.classifier import StudentSpec, Teachers, build_student, layer_maps
+    from fastmt.engine.precision import COMPILE_BACKEND_ENV
+    from fastmt.tasks.classification.step import DistillStep
 
     teachers = Teachers.from_pretrained_encoders([str(tiny_encoders["a"])] * 3, 2)
     teachers.eval().requires_grad_(False)
     student, _ = build_student(StudentSpec(1, "teacher:0"), teachers)
-    args = T.DistillArgs(train="-", dev="-", out="-", teachers="-", student_layers=1, stack_teachers=True, precision="fp32")
+    args = DistillArgs(train="-", dev="-", out="-", teachers="-", student_layers=1, stack_teachers=True, precision="fp32")
     monkeypatch.setenv(COMPILE_BACKEND_ENV, "eager")
     step = DistillStep(student, teachers, layer_maps(1, teachers), args, losses, torch.device("cpu"), compile=True)
     assert isinstance(step.stacked[(0, 1, 2)], StackedBert)

@@ -8,16 +8,19 @@ import pytest
 import torch
 
 from conftest import run_args
-from fastmt import train as T
-from fastmt.settings import loss_module
-from fastmt.tasks.distill import subset_teachers
+from fastmt.config.settings import DistillArgs, TrainArgs
+from fastmt.tasks.classification.cofinetune import cofinetune
+from fastmt.tasks.classification.distill import distill
+from fastmt.tasks.classification.evaluate import evaluate_dir
+from fastmt.config.settings import loss_module
+from fastmt.tasks.classification.distill import subset_teachers
 from fastmt.errors import UsageError
 from test_optim import _HostReads  # counts host reads, shared
 
 
 def _other_tokenizer_teacher(tiny_encoders, tmp_path):
     """A teacher whose tokenizer maps the same words to other ids (so token positions agree but ids do not)."""
-    from fastmt.demo import Shape, build_encoder, build_tokenizer
+    from fastmt.tasks.demo import Shape, build_encoder, build_tokenizer
 
     tok = build_tokenizer(tmp_path / "other-tokenizer", reverse=True, extra_words=("extra",))
     return build_encoder(Shape("other", 2, 32, 2), tok, tmp_path, seed=5)
@@ -30,7 +33,7 @@ _args = run_args
 def mixed_teachers(tiny_task, tiny_encoders, tmp_path_factory):
     d = tmp_path_factory.mktemp("mixed")
     other = _other_tokenizer_teacher(tiny_encoders, d)
-    T.cofinetune([str(tiny_encoders["a"]), str(other)], T.TrainArgs(**_args(tiny_task, d / "teachers")))
+    cofinetune([str(tiny_encoders["a"]), str(other)], TrainArgs(**_args(tiny_task, d / "teachers")))
     return d / "teachers"
 
 
@@ -38,24 +41,24 @@ def test_teachers_with_different_tokenizers(mixed_teachers, tiny_task, tmp_path)
     cfg = json.loads((mixed_teachers / "config.json").read_text())
     assert len(cfg["teachers"]) == 2
     with pytest.raises(UsageError, match="--hidden-loss cls"):
-        T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "s1"), teachers=str(mixed_teachers), student_layers=1))
+        distill(DistillArgs(**_args(tiny_task, tmp_path / "s1"), teachers=str(mixed_teachers), student_layers=1))
     assert not (tmp_path / "s1").exists()
-    res = T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "s2"), teachers=str(mixed_teachers), student_layers=1,
+    res = distill(DistillArgs(**_args(tiny_task, tmp_path / "s2"), teachers=str(mixed_teachers), student_layers=1,
                                   hidden_loss="cls"))
     rows = [json.loads(x) for x in (tmp_path / "s2" / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["event"] == "train"]
     assert train_rows and all(r["loss_hidden"] > 0 for r in train_rows)
     logged = [r for r in rows if r["event"] == "eval" and r["epoch"] == res.best_epoch]
     assert res.best_dev_accuracy == logged[-1]["dev_accuracy"]
-    assert T.evaluate_dir(str(tmp_path / "s2"), str(tiny_task["dev"]))["accuracy"] == pytest.approx(res.best_dev_accuracy)
+    assert evaluate_dir(str(tmp_path / "s2"), str(tiny_task["dev"]))["accuracy"] == pytest.approx(res.best_dev_accuracy)
 
 
 def test_teacher_subset_and_student_alone(mixed_teachers, tiny_task, tmp_path):
-    res = T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "one"), teachers=str(mixed_teachers), student_layers=1,
+    res = distill(DistillArgs(**_args(tiny_task, tmp_path / "one"), teachers=str(mixed_teachers), student_layers=1,
                                   teacher_subset=[0]))
     cfg = json.loads((tmp_path / "one" / "config.json").read_text())["fastmt"]
     assert cfg["num_teachers"] == 1 and len(cfg["teachers"]) == 1
-    alone = T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "alone"), teachers=str(mixed_teachers), student_layers=1,
+    alone = distill(DistillArgs(**_args(tiny_task, tmp_path / "alone"), teachers=str(mixed_teachers), student_layers=1,
                                     alpha_kd=0.0, hidden_loss="none"))
     rows = [json.loads(x) for x in (tmp_path / "alone" / "metrics.jsonl").read_text().splitlines()]
     assert all("loss_kd" not in r for r in rows if r["event"] == "train")
@@ -63,8 +66,8 @@ def test_teacher_subset_and_student_alone(mixed_teachers, tiny_task, tmp_path):
 
 
 def test_same_seed_same_run(tiny_task, tiny_encoders, tmp_path):
-    r1 = T.cofinetune([str(tiny_encoders["a"])], T.TrainArgs(**_args(tiny_task, tmp_path / "r1"), seed=3))
-    r2 = T.cofinetune([str(tiny_encoders["a"])], T.TrainArgs(**_args(tiny_task, tmp_path / "r2"), seed=3))
+    r1 = cofinetune([str(tiny_encoders["a"])], TrainArgs(**_args(tiny_task, tmp_path / "r1"), seed=3))
+    r2 = cofinetune([str(tiny_encoders["a"])], TrainArgs(**_args(tiny_task, tmp_path / "r2"), seed=3))
     from safetensors.torch import load_file
 
     a, b = load_file(tmp_path / "r1" / "model.safetensors"), load_file(tmp_path / "r2" / "model.safetensors")
@@ -73,10 +76,10 @@ def test_same_seed_same_run(tiny_task, tiny_encoders, tmp_path):
 
 
 def test_out_dir_with_a_run_is_refused(tiny_task, tiny_encoders, tmp_path):
-    T.cofinetune([str(tiny_encoders["a"])], T.TrainArgs(**_args(tiny_task, tmp_path / "r")))
+    cofinetune([str(tiny_encoders["a"])], TrainArgs(**_args(tiny_task, tmp_path / "r")))
     with pytest.raises(UsageError, match="--overwrite"):
-        T.cofinetune([str(tiny_encoders["a"])], T.TrainArgs(**_args(tiny_task, tmp_path / "r")))
-    T.cofinetune([str(tiny_encoders["a"])], T.TrainArgs(**_args(tiny_task, tmp_path / "r"), overwrite=True))
+        cofinetune([str(tiny_encoders["a"])], TrainArgs(**_args(tiny_task, tmp_path / "r")))
+    cofinetune([str(tiny_encoders["a"])], TrainArgs(**_args(tiny_task, tmp_path / "r"), overwrite=True))
 
 
 def test_fused_and_reference_kernels_train_alike(teachers_dir, tiny_task, tmp_path, kernels_ran):
@@ -86,7 +89,7 @@ def test_fused_and_reference_kernels_train_alike(teachers_dir, tiny_task, tmp_pa
 
     runs = {}
     for kind in ("reference", "fused"):
-        T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / kind, log_every=1, epochs=2), teachers=str(teachers_dir),
+        distill(DistillArgs(**_args(tiny_task, tmp_path / kind, log_every=1, epochs=2), teachers=str(teachers_dir),
                                 student_layers=2, hidden_loss="tokens", kernels=kind, temperature=2.0))
         rows = [json.loads(x) for x in (tmp_path / kind / "metrics.jsonl").read_text().splitlines()]
         runs[kind] = [r for r in rows if r["event"] == "train"]
@@ -108,14 +111,14 @@ def test_compiled_step_equals_eager_step(stack, tiny_task, tiny_encoders, tmp_pa
 
     teachers_dir = tmp_path / "teachers"
     pair = ["a", "a"] if stack else ["a", "b"]  # stacking needs teachers of one architecture
-    T.cofinetune([str(tiny_encoders[k]) for k in pair], T.TrainArgs(**_args(tiny_task, teachers_dir)))
+    cofinetune([str(tiny_encoders[k]) for k in pair], TrainArgs(**_args(tiny_task, teachers_dir)))
     runs = {}
     # Dropout draws from Inductor's own generator unless told to use eager's: same seed, same masks.
     # (config.patch, not monkeypatch: undoing a monkeypatch deletes the config entry.)
     with torch._inductor.config.patch(fallback_random=True):
         for compiled in (False, True):
             out = tmp_path / f"compiled-{compiled}"
-            T.distill(T.DistillArgs(**_args(tiny_task, out, log_every=1, batch_size=64, compile=compiled),
+            distill(DistillArgs(**_args(tiny_task, out, log_every=1, batch_size=64, compile=compiled),
                                     teachers=str(teachers_dir), student_layers=1, temperature=2.0, stack_teachers=stack))
             rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
             runs[compiled] = [r for r in rows if r["event"] == "train"]
@@ -133,8 +136,8 @@ def test_compiled_cofinetune_equals_eager(tiny_task, tiny_encoders, tmp_path):
         for compiled in (False, True):
             out = tmp_path / f"cofinetune-compiled-{compiled}"
             torch._dynamo.utils.counters.clear()
-            T.cofinetune([str(tiny_encoders["a"]), str(tiny_encoders["b"])],
-                         T.TrainArgs(**_args(tiny_task, out, log_every=1, batch_size=64, compile=compiled)))
+            cofinetune([str(tiny_encoders["a"]), str(tiny_encoders["b"])],
+                         TrainArgs(**_args(tiny_task, out, log_every=1, batch_size=64, compile=compiled)))
             rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
             runs[compiled] = [r for r in rows if r["event"] == "train"]
             assert json.loads((out / "config.json").read_text())["run"]["compile"] is compiled
@@ -147,15 +150,15 @@ def test_compiled_cofinetune_equals_eager(tiny_task, tiny_encoders, tmp_path):
 
 def test_stacked_teachers_equal_sequential(tiny_encoders):
     from fastmt import losses
-    from fastmt.models import Teachers, layer_maps
-    from fastmt.step import DistillStep
+    from fastmt.models.classifier import Teachers, layer_maps
+    from fastmt.tasks.classification.step import DistillStep
 
     teachers = Teachers.from_pretrained_encoders([str(tiny_encoders["a"]), str(tiny_encoders["b"]), str(tiny_encoders["a"])], 2)
     teachers.eval()
     with torch.no_grad():  # make the two copies of teacher a differ
         for p in teachers.encoders[2].parameters():
             p.add_(0.01 * torch.randn_like(p))
-    from fastmt.models import StudentSpec, build_student
+    from fastmt.models.classifier import StudentSpec, build_student
 
     student, _ = build_student(StudentSpec(2, "teacher:0"), teachers)
     ids = torch.randint(4, 40, (5, 9))
@@ -164,7 +167,7 @@ def test_stacked_teachers_equal_sequential(tiny_encoders):
     inputs = {teachers.keys[0]: {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}}
     out = {}
     for stack in (False, True):
-        args = T.DistillArgs(train="-", dev="-", out="-", teachers="-", student_layers=2, stack_teachers=stack,
+        args = DistillArgs(train="-", dev="-", out="-", teachers="-", student_layers=2, stack_teachers=stack,
                              precision="fp32")
         step = DistillStep(student, teachers, layer_maps(2, teachers), args, losses, torch.device("cpu"))
         with torch.no_grad():
@@ -179,15 +182,15 @@ def test_stacked_teachers_equal_sequential(tiny_encoders):
 @pytest.mark.parametrize("kernels", ["reference", "fused"])
 def test_bucket_padding_gives_the_same_loss(kernels, tiny_task, tiny_encoders):
     """Padding a batch to its length bucket (extra masked positions) leaves every loss term unchanged."""
-    from fastmt.data import encode, read_dataset
-    from fastmt.models import StudentSpec, Teachers, build_student, layer_maps
-    from fastmt.step import DistillStep
+    from fastmt.data.dataset import encode, read_dataset
+    from fastmt.models.classifier import StudentSpec, Teachers, build_student, layer_maps
+    from fastmt.tasks.classification.step import DistillStep
 
     teachers = Teachers.from_pretrained_encoders([str(tiny_encoders["a"]), str(tiny_encoders["b"])], 2)
     student, _ = build_student(StudentSpec(1, "teacher:1"), teachers)
     teachers.eval().requires_grad_(False)
     student.eval()
-    args = T.DistillArgs(**_args(tiny_task, "unused"), teachers="x", student_layers=1, kernels=kernels, temperature=2.0)
+    args = DistillArgs(**_args(tiny_task, "unused"), teachers="x", student_layers=1, kernels=kernels, temperature=2.0)
     step = DistillStep(student, teachers, layer_maps(1, teachers), args, loss_module(kernels), torch.device("cpu"))
     enc = encode(student.tokenizer, read_dataset(tiny_task["train"]), 16)
     rows = enc.input_ids[:12]
@@ -210,7 +213,7 @@ def test_bucket_padding_gives_the_same_loss(kernels, tiny_task, tiny_encoders):
 
 def test_student_init_indexes_the_teachers_dir_under_a_subset(tiny_encoders):
     """teacher:0 with --teacher-subset 1 still copies teacher 0: every variant starts from the same weights."""
-    from fastmt.models import StudentSpec, Teachers, build_student
+    from fastmt.models.classifier import StudentSpec, Teachers, build_student
 
     teachers = Teachers.from_pretrained_encoders([str(tiny_encoders["a"]), str(tiny_encoders["b"])], 2)
     full, _ = build_student(StudentSpec(1, "teacher:0"), teachers)
@@ -224,12 +227,12 @@ def test_student_init_indexes_the_teachers_dir_under_a_subset(tiny_encoders):
 
 def test_stacked_teachers_forward_reads_nothing_back(tiny_encoders):
     from fastmt import losses
-    from fastmt.models import StudentSpec, Teachers, build_student, layer_maps
-    from fastmt.step import DistillStep
+    from fastmt.models.classifier import StudentSpec, Teachers, build_student, layer_maps
+    from fastmt.tasks.classification.step import DistillStep
 
     teachers = Teachers.from_pretrained_encoders([str(tiny_encoders["a"])] * 3, 2).eval()
     student, _ = build_student(StudentSpec(1, "teacher:0"), teachers)
-    args = T.DistillArgs(train="-", dev="-", out="-", teachers="-", student_layers=1, stack_teachers=True, precision="fp32")
+    args = DistillArgs(train="-", dev="-", out="-", teachers="-", student_layers=1, stack_teachers=True, precision="fp32")
     step = DistillStep(student, teachers, layer_maps(1, teachers), args, losses, torch.device("cpu"))
     ids = torch.randint(4, 40, (3, 7))
     mask = torch.ones_like(ids)
@@ -245,9 +248,9 @@ def test_kd_target_ensemble_is_one_kl_to_the_averaged_logits(tiny_task, tiny_enc
     """--kd-target ensemble: tau^2 KL(softmax(mean_i t_i / tau) || softmax(s / tau)), averaged over rows."""
     import torch.nn.functional as F
 
-    from fastmt.data import encode, read_dataset
-    from fastmt.models import StudentSpec, Teachers, build_student, layer_maps
-    from fastmt.step import DistillStep
+    from fastmt.data.dataset import encode, read_dataset
+    from fastmt.models.classifier import StudentSpec, Teachers, build_student, layer_maps
+    from fastmt.tasks.classification.step import DistillStep
 
     teachers = Teachers.from_pretrained_encoders([str(tiny_encoders["a"]), str(tiny_encoders["b"])], 2)
     student, _ = build_student(StudentSpec(1, "teacher:1"), teachers)
@@ -262,7 +265,7 @@ def test_kd_target_ensemble_is_one_kl_to_the_averaged_logits(tiny_task, tiny_enc
     labels = torch.tensor([0, 1] * 5)
     parts = {}
     for target in ("teachers", "ensemble"):
-        args = T.DistillArgs(**_args(tiny_task, "unused"), teachers="x", student_layers=1, temperature=2.0,
+        args = DistillArgs(**_args(tiny_task, "unused"), teachers="x", student_layers=1, temperature=2.0,
                              hidden_loss="none", kd_target=target)
         step = DistillStep(student, teachers, layer_maps(1, teachers), args, loss_module("reference"), torch.device("cpu"))
         with torch.no_grad():
@@ -288,11 +291,11 @@ def test_student_init_from_a_config_only_dir(teachers_dir, tiny_task, tmp_path):
     BertConfig(vocab_size=teacher_cfg["vocab_size"], hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
                intermediate_size=48, max_position_embeddings=64).save_pretrained(cfg_dir)
     assert sorted(p.name for p in cfg_dir.iterdir()) == ["config.json"]
-    res = T.distill(T.DistillArgs(**_args(tiny_task, tmp_path / "s"), teachers=str(teachers_dir),
+    res = distill(DistillArgs(**_args(tiny_task, tmp_path / "s"), teachers=str(teachers_dir),
                                   student_layers=2, student_init=str(cfg_dir)))
     saved = json.loads((tmp_path / "s" / "config.json").read_text())
     assert saved["hidden_size"] == 24 and saved["num_hidden_layers"] == 2
     weights = load_file(str(tmp_path / "s" / "model.safetensors"))
     emb = [v for k, v in weights.items() if k.endswith("word_embeddings.weight")][0]
     assert emb.shape == (teacher_cfg["vocab_size"], 24)
-    assert T.evaluate_dir(str(tmp_path / "s"), str(tiny_task["dev"]))["accuracy"] == pytest.approx(res.best_dev_accuracy)
+    assert evaluate_dir(str(tmp_path / "s"), str(tiny_task["dev"]))["accuracy"] == pytest.approx(res.best_dev_accuracy)

@@ -1,0 +1,1 @@
+../../kernels/hidden_mse.py

@@ -1,0 +1,1 @@
+../../kernels/lm_tiled.py

@@ -1,0 +1,1 @@
+"""Models: teachers with the shared head, the student, model dirs on disk, batched teachers."""

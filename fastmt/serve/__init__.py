@@ -1,0 +1,1 @@
+"""Serving what a run made: Hugging Face dirs, ONNX, predictions, serving speed."""

@@ -1,0 +1,1 @@
+"""Text classification, MT-BERT: co-finetuning the teachers, distilling the student, evaluating."""

@@ -1,0 +1,1 @@
+"""Causal language models: a small LM distilled from several that share its tokenizer."""
