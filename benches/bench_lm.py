@@ -68,10 +68,10 @@ def make(provider: str, a, device: torch.device):
         return lambda hs, ws, ht, wt, y: fused.lm_linear_kl_loss(hs, ws, ht, wt, y, a.weights, a.temperature,
                                                                  chunk_bytes=chunk, backend=backend)
     if provider == "tiled":
-        from fastmt.kernels import lm_tiled
+        from fastmt.kernels import lm_common, lm_tiled
 
         return lambda hs, ws, ht, wt, y: lm_tiled.lm_linear_kl(hs, ws, ht, wt, y, a.weights, a.temperature, -100,
-                                                               False, lm_tiled.CHUNK_BYTES, "torch")
+                                                               False, lm_common.CHUNK_BYTES, "torch")
     from fastmt import losses
 
     def eager(hs, ws, ht, wt, y):
@@ -143,9 +143,9 @@ def measure(provider: str, v: int, a, device: torch.device) -> dict:
             print(f"\n{provider}, V={v}: the pass under the profiler\n"
                   + prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60), flush=True)
         if provider == "fused":  # whether cuBLAS wrote the float32 logits from half inputs (else: rounded)
-            from fastmt.kernels import lm_chunks
+            from fastmt.kernels import lm_common
 
-            row["fp32_out_gemm"] = lm_chunks._FP32_OUT_GEMM.get(device.type)
+            row["fp32_out_gemm"] = lm_common.fp32_out_gemm(device.type)
         if device.type == "cuda":
             row["peak_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         else:  # the process's peak resident memory over the inputs' (each provider runs in its own process)

@@ -30,7 +30,8 @@ def main() -> int:
     from fastmt.data.dataset import iterate_batches
     from fastmt.cache.topk import topk_from_logits
     from fastmt.data.packed import next_tokens, pack, read_texts
-    from fastmt.tasks.lm.distill import KEY, load_lm, load_tokenizer
+    from fastmt.models.causal_lm import load_lm, load_tokenizer
+    from fastmt.tasks.lm.common import KEY
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", action="append", required=True)

@@ -103,7 +103,8 @@ def textbrewer_side(a, train: str, tmp: Path) -> dict:
     from fastmt.data.dataset import iterate_batches
     from fastmt.models.classifier import StudentSpec, Teachers, build_student
     from fastmt.models.inference import student_logits
-    from fastmt.tasks.classification.common import prepare_splits, seed_everything
+    from fastmt.engine.checkpoint import seed_everything
+    from fastmt.tasks.classification.common import prepare_splits
     from fastmt.tasks.classification.evaluate import accuracy
 
     torch.manual_seed(a.seed)

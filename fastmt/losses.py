@@ -35,24 +35,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastmt.choices import DIRECTIONS, SCHEMES
+
 __all__ = ["SCHEMES", "DIRECTIONS", "teacher_weights", "mt_kl_loss", "lm_kl_loss", "mt_token_kl_loss", "check_vocab",
            "mt_hidden_loss",
-           "layer_map", "check_kl_args", "check_hidden_args"]
-
-SCHEMES = ("paper", "softmax", "uniform")
+           "layer_map", "check_kl_args", "check_hidden_args",
+           "check_tensor", "check_shape", "check_labels", "check_scheme", "check_temperature", "compute_dtype"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # --------------------------------------------------------------------------------------------------
-# Argument checks. Each raises ValueError naming the argument at fault.
+# Argument checks. Each raises ValueError naming the argument at fault; the public ones check the fused
+# kernels' (``fastmt.kernels``) arguments too.
 
 
 def _fmt(shape) -> str:
     return "[" + ",".join(str(n) for n in shape) + "]"
 
 
-def _tensor(x, name: str, ref: Tensor | None = None, ref_name: str = "", floating: bool = True) -> None:
+def check_tensor(x, name: str, ref: Tensor | None = None, ref_name: str = "", floating: bool = True) -> None:
+    """Check that argument ``name`` is a tensor: of a floating dtype (float16, bfloat16, float32, float64)
+    unless ``floating`` is False, and on the device of ``ref`` (argument ``ref_name``) when one is given."""
     if not isinstance(x, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
     if floating and x.dtype not in _FLOAT_DTYPES:
@@ -61,7 +65,7 @@ def _tensor(x, name: str, ref: Tensor | None = None, ref_name: str = "", floatin
         raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
 
 
-def _shape(x: Tensor, name: str, axes: tuple[str, ...], dims: dict[str, tuple[int, str]]) -> None:
+def check_shape(x: Tensor, name: str, axes: tuple[str, ...], dims: dict[str, tuple[int, str]]) -> None:
     """Check ``x`` has one axis per name in ``axes``.
 
     Sizes of axes already in ``dims`` (name -> (size, argument it came from)) must agree; new ones are
@@ -80,11 +84,13 @@ def _shape(x: Tensor, name: str, axes: tuple[str, ...], dims: dict[str, tuple[in
         dims.setdefault(a, (n, name))
 
 
-def _labels(labels, n: int, ref: Tensor, ref_name: str) -> None:
-    _tensor(labels, "labels", ref, ref_name, floating=False)
+def check_labels(labels, n: int, ref: Tensor, ref_name: str) -> None:
+    """Check that ``labels`` is an integer ``[N]`` tensor on ``ref``'s device, with ``N = n`` rows as in
+    argument ``ref_name``. Their values are not read here (that would be a host sync)."""
+    check_tensor(labels, "labels", ref, ref_name, floating=False)
     if labels.dtype == torch.bool or labels.dtype.is_floating_point or labels.dtype.is_complex:
         raise ValueError(f"labels must have an integer dtype; got {labels.dtype}")
-    _shape(labels, "labels", ("N",), {"N": (n, ref_name)})
+    check_shape(labels, "labels", ("N",), {"N": (n, ref_name)})
 
 
 def _labels_in_range(labels: Tensor, num_classes: int, ignore_index: int) -> None:
@@ -105,20 +111,23 @@ def weights_from_ce(ce: Tensor, scheme: str) -> Tensor:
     return 1.0 / (1.0 + ce) if scheme == "paper" else torch.softmax(-ce, dim=0)
 
 
-def _scheme(scheme, name: str) -> str:
+def check_scheme(scheme, name: str) -> str:
+    """``scheme``, when it is one of the teacher-weighting schemes in ``SCHEMES``; anything else is a
+    ValueError naming argument ``name`` and listing them."""
     if not isinstance(scheme, str) or scheme not in SCHEMES:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, SCHEMES))}; got {scheme!r}")
     return scheme
 
 
 def _teacher_logits(x, dims: dict[str, tuple[int, str]], ref: Tensor | None = None, ref_name: str = "") -> None:
-    _tensor(x, "teacher_logits", ref, ref_name)
-    _shape(x, "teacher_logits", ("T", "N", "C"), dims)
+    check_tensor(x, "teacher_logits", ref, ref_name)
+    check_shape(x, "teacher_logits", ("T", "N", "C"), dims)
     if x.shape[0] < 1 or x.shape[2] < 1:
         raise ValueError(f"teacher_logits needs at least one teacher and one class; got {_fmt(x.shape)}")
 
 
-def _temperature(temperature) -> float:
+def check_temperature(temperature) -> float:
+    """The temperature as a float, when it is a finite positive number (else a ValueError)."""
     try:
         tau = float(temperature)
     except (TypeError, ValueError):
@@ -128,7 +137,9 @@ def _temperature(temperature) -> float:
     return tau
 
 
-def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
+def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """The dtype the reference computes in for these inputs (None ones skipped): float64 when any is
+    float64, else float32."""
     # Half-precision inputs are upcast so that the reference is the accurate side of any comparison.
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
@@ -139,45 +150,45 @@ def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
 
 def check_kl_args(student_logits, teacher_logits, weights, temperature, labels, ignore_index) -> tuple[float, Tensor | str | None]:
     """Validate ``mt_kl_loss`` arguments; returns (temperature, weights: tensor, scheme name or None)."""
-    _tensor(student_logits, "student_logits")
+    check_tensor(student_logits, "student_logits")
     dims: dict[str, tuple[int, str]] = {}
-    _shape(student_logits, "student_logits", ("N", "C"), dims)
+    check_shape(student_logits, "student_logits", ("N", "C"), dims)
     _teacher_logits(teacher_logits, dims, student_logits, "student_logits")
     n = teacher_logits.shape[1]
-    tau = _temperature(temperature)
+    tau = check_temperature(temperature)
     if labels is not None:
-        _labels(labels, n, student_logits, "student_logits")
+        check_labels(labels, n, student_logits, "student_logits")
     if isinstance(weights, str) or not (weights is None or isinstance(weights, Tensor)):
-        weights = _scheme(weights, "weights")
+        weights = check_scheme(weights, "weights")
         if labels is None:
             raise ValueError(f"weights={weights!r} computes teacher weights from labels; pass labels")
     elif weights is not None:
-        _tensor(weights, "weights", student_logits, "student_logits")
-        _shape(weights, "weights", ("T", "N"), dims)
+        check_tensor(weights, "weights", student_logits, "student_logits")
+        check_shape(weights, "weights", ("T", "N"), dims)
 
     return tau, weights
 
 
 def check_hidden_args(student_hidden, teacher_hidden, proj_weight, proj_bias, mask, weights) -> None:
     """Validate ``mt_hidden_loss`` arguments."""
-    _tensor(student_hidden, "student_hidden")
+    check_tensor(student_hidden, "student_hidden")
     ref = (student_hidden, "student_hidden")
-    _tensor(teacher_hidden, "teacher_hidden", *ref)
-    _tensor(proj_weight, "proj_weight", *ref)
-    _tensor(proj_bias, "proj_bias", *ref)
+    check_tensor(teacher_hidden, "teacher_hidden", *ref)
+    check_tensor(proj_weight, "proj_weight", *ref)
+    check_tensor(proj_bias, "proj_bias", *ref)
     dims: dict[str, tuple[int, str]] = {}
-    _shape(student_hidden, "student_hidden", ("K", "N", "S", "Ds"), dims)
-    _shape(teacher_hidden, "teacher_hidden", ("T", "K", "N", "S", "Dt"), dims)
-    _shape(proj_weight, "proj_weight", ("T", "K", "Ds", "Dt"), dims)
-    _shape(proj_bias, "proj_bias", ("T", "K", "Dt"), dims)
+    check_shape(student_hidden, "student_hidden", ("K", "N", "S", "Ds"), dims)
+    check_shape(teacher_hidden, "teacher_hidden", ("T", "K", "N", "S", "Dt"), dims)
+    check_shape(proj_weight, "proj_weight", ("T", "K", "Ds", "Dt"), dims)
+    check_shape(proj_bias, "proj_bias", ("T", "K", "Dt"), dims)
     if mask is not None:
-        _tensor(mask, "mask", *ref, floating=False)
+        check_tensor(mask, "mask", *ref, floating=False)
         if mask.dtype.is_complex:
             raise ValueError(f"mask must be a real or bool tensor of 0/1; got {mask.dtype}")
-        _shape(mask, "mask", ("N", "S"), dims)
+        check_shape(mask, "mask", ("N", "S"), dims)
     if weights is not None:
-        _tensor(weights, "weights", *ref)
-        _shape(weights, "weights", ("T", "N"), dims)
+        check_tensor(weights, "weights", *ref)
+        check_shape(weights, "weights", ("T", "N"), dims)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -190,15 +201,15 @@ def teacher_lse(teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     ``fastmt.kernels.mt_kl_loss(..., teacher_lse=...)`` takes them instead of computing them; a teacher
     cache computes them once per example."""
     _teacher_logits(teacher_logits, {})
-    tau = _temperature(temperature)
+    tau = check_temperature(temperature)
     with torch.no_grad():
-        t = teacher_logits.detach().to(_compute_dtype(teacher_logits))
+        t = teacher_logits.detach().to(compute_dtype(teacher_logits))
         return torch.stack([torch.logsumexp(t / tau, dim=-1), torch.logsumexp(t, dim=-1)]).to(torch.float32)
 
 
 def check_teacher_lse(lse, teacher_logits: Tensor) -> None:
     """Validate a ``teacher_lse`` argument against the teacher logits it describes."""
-    _tensor(lse, "teacher_lse", teacher_logits, "teacher_logits", floating=True)
+    check_tensor(lse, "teacher_lse", teacher_logits, "teacher_logits", floating=True)
     t, n = teacher_logits.shape[:2]
     if lse.dtype != torch.float32 or tuple(lse.shape) != (2, t, n):
         raise ValueError(f"teacher_lse must be float32 [2, T, N] = [2, {t}, {n}] (fastmt.losses.teacher_lse); "
@@ -216,11 +227,11 @@ def teacher_weights(
     """
     _teacher_logits(teacher_logits, {})
     num_teachers, n, num_classes = teacher_logits.shape
-    _labels(labels, n, teacher_logits, "teacher_logits")
-    scheme = _scheme(scheme, "scheme")
+    check_labels(labels, n, teacher_logits, "teacher_logits")
+    scheme = check_scheme(scheme, "scheme")
     _labels_in_range(labels, num_classes, ignore_index)
 
-    dtype = _compute_dtype(teacher_logits)
+    dtype = compute_dtype(teacher_logits)
     with torch.no_grad():
         valid = labels != ignore_index
         # Ignored rows may hold any value (-100 by default); gather a harmless class 0 for them.
@@ -266,7 +277,7 @@ def _tempered_log_probs(student_logits, teacher_logits, weights, temperature, la
     tau, weights = check_kl_args(student_logits, teacher_logits, weights, temperature, labels, ignore_index)
     if isinstance(weights, str):
         weights = teacher_weights(teacher_logits, labels, weights, ignore_index)
-    dtype = _compute_dtype(student_logits, teacher_logits, weights)
+    dtype = compute_dtype(student_logits, teacher_logits, weights)
     log_q = F.log_softmax(student_logits.to(dtype) / tau, dim=-1)
     log_p = F.log_softmax(teacher_logits.detach().to(dtype) / tau, dim=-1)
     return tau, weights, log_q, log_p
@@ -288,7 +299,6 @@ def _weighted_mean(kl: Tensor, weights: Tensor | None, labels: Tensor | None, ig
     return (tau * tau) * row.sum() / n_valid.clamp_min(1.0)
 
 
-DIRECTIONS = ("forward", "reverse")
 
 
 def check_direction(direction) -> None:
@@ -361,18 +371,18 @@ def mt_token_kl_loss(
 def check_mt_linear_args(hidden, weight, teacher_logits, labels) -> None:
     """Validate ``fastmt.kernels.mt_linear_kl_loss``'s tensors: ``hidden [N,D]``, ``weight [V,D]``,
     ``teacher_logits [T,N,V]`` (the student's vocabulary), ``labels [N]``."""
-    _tensor(hidden, "hidden")
-    _tensor(weight, "weight", hidden, "hidden")
-    _tensor(teacher_logits, "teacher_logits", hidden, "hidden")
+    check_tensor(hidden, "hidden")
+    check_tensor(weight, "weight", hidden, "hidden")
+    check_tensor(teacher_logits, "teacher_logits", hidden, "hidden")
     dims: dict[str, tuple[int, str]] = {}
-    _shape(hidden, "hidden", ("N", "D"), dims)
-    _shape(weight, "weight", ("V", "D"), dims)
+    check_shape(hidden, "hidden", ("N", "D"), dims)
+    check_shape(weight, "weight", ("V", "D"), dims)
     if teacher_logits.dim() == 3:
         check_vocab(weight.shape[0], [teacher_logits.shape[-1]] * teacher_logits.shape[0])
-    _shape(teacher_logits, "teacher_logits", ("T", "N", "V"), dims)
+    check_shape(teacher_logits, "teacher_logits", ("T", "N", "V"), dims)
     if labels is None:
         raise ValueError("labels (the next token of each row, or ignore_index) are required")
-    _labels(labels, hidden.shape[0], hidden, "hidden")
+    check_labels(labels, hidden.shape[0], hidden, "hidden")
 
 
 def lm_topk_kl_loss(
@@ -400,34 +410,34 @@ def lm_topk_kl_loss(
     [T,N]``: the log of each teacher's mass outside its ids, from its full distribution (a cache stores
     it); without it the tail is ``1 - sum p`` of the stored log-probabilities."""
     check_direction(direction)
-    _tensor(student_logits, "student_logits")
+    check_tensor(student_logits, "student_logits")
     dims: dict[str, tuple[int, str]] = {}
-    _shape(student_logits, "student_logits", ("N", "V"), dims)
-    _tensor(topk_logprobs, "topk_logprobs", student_logits, "student_logits")
-    _shape(topk_logprobs, "topk_logprobs", ("T", "N", "K"), dims)
-    _tensor(topk_ids, "topk_ids", student_logits, "student_logits", floating=False)
-    _shape(topk_ids, "topk_ids", ("T", "N", "K"), dims)
+    check_shape(student_logits, "student_logits", ("N", "V"), dims)
+    check_tensor(topk_logprobs, "topk_logprobs", student_logits, "student_logits")
+    check_shape(topk_logprobs, "topk_logprobs", ("T", "N", "K"), dims)
+    check_tensor(topk_ids, "topk_ids", student_logits, "student_logits", floating=False)
+    check_shape(topk_ids, "topk_ids", ("T", "N", "K"), dims)
     if targets is None:
         raise ValueError("targets (the next token of each row, or ignore_index) are required")
-    _labels(targets, dims["N"][0], student_logits, "student_logits")
-    tau = _temperature(temperature)
+    check_labels(targets, dims["N"][0], student_logits, "student_logits")
+    tau = check_temperature(temperature)
     if isinstance(weights, str) or not (weights is None or isinstance(weights, Tensor)):
-        weights = _scheme(weights, "weights")
+        weights = check_scheme(weights, "weights")
         if weights != "uniform":
             if target_logprobs is None:
                 raise ValueError(f"weights={weights!r} needs target_logprobs: each teacher's log-probability "
                                  "of the next token")
-            _tensor(target_logprobs, "target_logprobs", student_logits, "student_logits")
-            _shape(target_logprobs, "target_logprobs", ("T", "N"), dims)
-            ce = -target_logprobs.detach().to(_compute_dtype(target_logprobs))
+            check_tensor(target_logprobs, "target_logprobs", student_logits, "student_logits")
+            check_shape(target_logprobs, "target_logprobs", ("T", "N"), dims)
+            ce = -target_logprobs.detach().to(compute_dtype(target_logprobs))
             weights = weights_from_ce(ce, weights)
         else:
             weights = None
     elif weights is not None:
-        _tensor(weights, "weights", student_logits, "student_logits")
-        _shape(weights, "weights", ("T", "N"), dims)
+        check_tensor(weights, "weights", student_logits, "student_logits")
+        check_shape(weights, "weights", ("T", "N"), dims)
 
-    dtype = _compute_dtype(student_logits, topk_logprobs)
+    dtype = compute_dtype(student_logits, topk_logprobs)
     t = topk_ids.shape[0]
     log_q = F.log_softmax(student_logits.to(dtype) / tau, dim=-1)  # [N,V]
     ids = topk_ids.long()
@@ -438,8 +448,8 @@ def lm_topk_kl_loss(
     lp_k = topk_logprobs.detach().to(dtype)
     p_k = lp_k.exp()
     if tail_logprobs is not None:
-        _tensor(tail_logprobs, "tail_logprobs", student_logits, "student_logits")
-        _shape(tail_logprobs, "tail_logprobs", ("T", "N"), dims)
+        check_tensor(tail_logprobs, "tail_logprobs", student_logits, "student_logits")
+        check_shape(tail_logprobs, "tail_logprobs", ("T", "N"), dims)
         lr = tail_logprobs.detach().to(dtype)
         r = lr.exp()
     else:
@@ -468,24 +478,24 @@ def _teacher_list(x, name: str) -> list[Tensor]:
 def check_lm_linear_args(student_hidden, student_weight, teacher_hidden, teacher_weight, targets):
     """Validate ``lm_linear_kl_loss`` arguments; returns the teachers' hidden states and output matrices
     as lists (teachers may differ in width)."""
-    _tensor(student_hidden, "student_hidden")
-    _tensor(student_weight, "student_weight", student_hidden, "student_hidden")
+    check_tensor(student_hidden, "student_hidden")
+    check_tensor(student_weight, "student_weight", student_hidden, "student_hidden")
     dims: dict[str, tuple[int, str]] = {}
-    _shape(student_hidden, "student_hidden", ("N", "D"), dims)
-    _shape(student_weight, "student_weight", ("V", "D"), dims)
+    check_shape(student_hidden, "student_hidden", ("N", "D"), dims)
+    check_shape(student_weight, "student_weight", ("V", "D"), dims)
     hts, wts = _teacher_list(teacher_hidden, "teacher_hidden"), _teacher_list(teacher_weight, "teacher_weight")
     if len(hts) != len(wts):
         raise ValueError(f"{len(hts)} teachers' hidden states but {len(wts)} output matrices")
     for i, (h, w) in enumerate(zip(hts, wts)):
-        _tensor(h, f"teacher_hidden[{i}]", student_hidden, "student_hidden")
-        _tensor(w, f"teacher_weight[{i}]", student_hidden, "student_hidden")
+        check_tensor(h, f"teacher_hidden[{i}]", student_hidden, "student_hidden")
+        check_tensor(w, f"teacher_weight[{i}]", student_hidden, "student_hidden")
         tdims = {"N": dims["N"]}
-        _shape(h, f"teacher_hidden[{i}]", ("N", "Dt"), tdims)
-        _shape(w, f"teacher_weight[{i}]", ("V", "Dt"), tdims)
+        check_shape(h, f"teacher_hidden[{i}]", ("N", "Dt"), tdims)
+        check_shape(w, f"teacher_weight[{i}]", ("V", "Dt"), tdims)
     check_vocab(student_weight.shape[0], [w.shape[0] for w in wts])
     if targets is None:
         raise ValueError("targets (the next token of each row, or ignore_index) are required")
-    _labels(targets, student_hidden.shape[0], student_hidden, "student_hidden")
+    check_labels(targets, student_hidden.shape[0], student_hidden, "student_hidden")
     return hts, wts
 
 
@@ -528,7 +538,7 @@ def mt_hidden_loss(
     """
     check_hidden_args(student_hidden, teacher_hidden, proj_weight, proj_bias, mask, weights)
 
-    dtype = _compute_dtype(student_hidden, teacher_hidden, proj_weight, proj_bias, weights)
+    dtype = compute_dtype(student_hidden, teacher_hidden, proj_weight, proj_bias, weights)
     _, _, n, s, _ = teacher_hidden.shape
     dt = teacher_hidden.shape[-1]
     device = student_hidden.device

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-METRICS = ("accuracy", "f1", "mcc")
+from fastmt.choices import METRICS
 
 
 def confusion(pred: torch.Tensor, gold: torch.Tensor, num_labels: int) -> torch.Tensor:

@@ -19,21 +19,24 @@ import os
 
 import torch
 
+import fastmt.kernels.lm_chunks as _lm_chunks
+import fastmt.kernels.lm_common as _lm_common
+import fastmt.kernels.lm_tiled as _lm_tiled
 from fastmt import losses as _ref
-from fastmt.kernels import lm_tiled as _lm_tiled
+from fastmt.kernels.lm_topk import lm_topk_linear_kl_loss
 
-__all__ = ["mt_kl_loss", "mt_hidden_loss", "lm_linear_kl_loss", "mt_linear_kl_loss", "hidden_products", "available",
-           "SCHEMES"]
+__all__ = ["mt_kl_loss", "mt_hidden_loss", "lm_linear_kl_loss", "mt_linear_kl_loss", "lm_topk_linear_kl_loss",
+           "hidden_products", "available", "SCHEMES"]
 
 SCHEMES = _ref.SCHEMES
 log = logging.getLogger("fastmt")
 
-try:
-    from fastmt.kernels import hidden_mse as _hidden
-    from fastmt.kernels import kl as _kl
+try:  # Triton is optional: without it the reference serves
+    import fastmt.kernels.hidden_mse as _hidden
+    import fastmt.kernels.kl as _kl
 
     _IMPORT_ERROR: str | None = None
-except ImportError as e:  # no triton: the reference serves
+except ImportError as e:
     _kl = _hidden = None
     _IMPORT_ERROR = str(e)
 
@@ -111,7 +114,7 @@ def lm_linear_kl_loss(student_hidden, student_weight, teacher_hidden, teacher_we
                       temperature=1.0, ignore_index=-100, direction="forward", chunk_bytes=None, backend=None):
     """Fused ``fastmt.losses.lm_linear_kl_loss``: same arguments and value (float32), without forming
     the student's or any teacher's ``N x V`` logits. The teachers come stacked (``[T,N,Dt]``,
-    ``[T,V,Dt]``; ``lm_tiled.stack_teachers`` pads different widths) or as lists.
+    ``[T,V,Dt]``; ``lm_common.stack_teachers`` pads different widths) or as lists.
 
     ``backend``: ``chunks`` (the default where the Triton kernels run: chunks of rows, cuBLAS GEMMs
     and the KL row kernel, ``fastmt.kernels.lm_chunks``), ``triton`` (vocabulary tiles in Triton,
@@ -120,13 +123,13 @@ def lm_linear_kl_loss(student_hidden, student_weight, teacher_hidden, teacher_we
     chunk's blocks may take (default 1 GiB for ``chunks``, 256 MiB for the gradient block of ``triton``)."""
     _ref.check_direction(direction)
     hts, _ = _ref.check_lm_linear_args(student_hidden, student_weight, teacher_hidden, teacher_weight, targets)
-    tau = _ref._temperature(temperature)
+    tau = _ref.check_temperature(temperature)
     if isinstance(weights, torch.Tensor):
-        _ref._tensor(weights, "weights", student_hidden, "student_hidden")
-        _ref._shape(weights, "weights", ("T", "N"), {"T": (len(hts), "teacher_hidden"),
-                                                      "N": (student_hidden.shape[0], "student_hidden")})
+        _ref.check_tensor(weights, "weights", student_hidden, "student_hidden")
+        _ref.check_shape(weights, "weights", ("T", "N"), {"T": (len(hts), "teacher_hidden"),
+                                                          "N": (student_hidden.shape[0], "student_hidden")})
     elif weights is not None:
-        weights = _ref._scheme(weights, "weights")
+        weights = _ref.check_scheme(weights, "weights")
     if backend is None:
         # Where the Triton kernels cannot run, the same algorithm in torch over vocabulary tiles (still no
         # [N, V] logits), said once like the other losses' fallback.
@@ -137,7 +140,7 @@ def lm_linear_kl_loss(student_hidden, student_weight, teacher_hidden, teacher_we
         raise ValueError(f"backend={backend!r} needs the Triton kernels, which do not run on "
                          f"{student_hidden.device} here (CUDA, or TRITON_INTERPRET=1); use backend='torch'")
     if chunk_bytes is None:
-        chunk_bytes = _lm_chunks_bytes() if backend == "chunks" else _lm_tiled.CHUNK_BYTES
+        chunk_bytes = _lm_chunks.CHUNK_BYTES if backend == "chunks" else _lm_common.CHUNK_BYTES
     return _lm_tiled.lm_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, targets, weights,
                                   tau, ignore_index, direction == "reverse", int(chunk_bytes), backend)
 
@@ -162,36 +165,19 @@ def mt_linear_kl_loss(hidden, weight, teacher_logits, labels, weighting="paper",
     if teacher_hidden is not None or teacher_weight is not None:
         raise ValueError("pass the teachers' logits or teacher_hidden and teacher_weight, not both")
     _ref.check_direction(direction)
-    tau = _ref._temperature(temperature)
+    tau = _ref.check_temperature(temperature)
     _ref.check_mt_linear_args(hidden, weight, teacher_logits, labels)
     if isinstance(weighting, torch.Tensor):
-        _ref._tensor(weighting, "weighting", hidden, "hidden")
-        _ref._shape(weighting, "weighting", ("T", "N"), {"T": (teacher_logits.shape[0], "teacher_logits"),
-                                                         "N": (hidden.shape[0], "hidden")})
+        _ref.check_tensor(weighting, "weighting", hidden, "hidden")
+        dims = {"T": (teacher_logits.shape[0], "teacher_logits"), "N": (hidden.shape[0], "hidden")}
+        _ref.check_shape(weighting, "weighting", ("T", "N"), dims)
     elif weighting is not None:
-        weighting = _ref._scheme(weighting, "weighting")
+        weighting = _ref.check_scheme(weighting, "weighting")
     if backend not in (None, "chunks", "torch"):
         raise ValueError(f"backend={backend!r}: with the teachers' logits, choose from chunks, torch")
     kernels = backend != "torch" and _use_kernels(hidden.device)
     return _lm_tiled.lm_linear_kl(hidden, weight, teacher_logits, teacher_logits.new_empty((0,)), labels, weighting,
                                   tau, ignore_index, direction == "reverse",
-                                  _lm_chunks_bytes() if chunk_bytes is None else int(chunk_bytes),
+                                  _lm_chunks.CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes),
                                   "logits" if kernels else "logits-torch")
 
-
-def _lm_chunks_bytes() -> int:
-    from fastmt.kernels import lm_chunks
-
-    return lm_chunks.CHUNK_BYTES
-
-
-def lm_topk_linear_kl_loss(hidden, weight, topk_ids, topk_logprobs, targets, weights="paper", temperature=1.0,
-                           ignore_index=-100, target_logprobs=None, tail_logprobs=None, chunk_bytes=None):
-    """``fastmt.losses.lm_topk_kl_loss(hidden @ weight.T, ...)`` (forward KL) against teachers stored as
-    their top-k (a cache), with gradients for ``hidden`` and ``weight`` made in one pass a chunk of rows
-    at a time: no ``N x V`` tensor, no autograd graph over the vocabulary (``fastmt.kernels.lm_topk``;
-    torch, any device)."""
-    from fastmt.kernels import lm_topk
-
-    return lm_topk.lm_topk_linear_kl_loss(hidden, weight, topk_ids, topk_logprobs, targets, weights, temperature,
-                                          ignore_index, target_logprobs, tail_logprobs, chunk_bytes)

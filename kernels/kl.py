@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
 
 from fastmt.kernels.launch import Launch  # noqa: F401 (kl.Launch: the launchers' return type)
 from fastmt.losses import SCHEMES
@@ -434,8 +435,6 @@ def _options(t_pad: int, roomy: bool = False) -> dict[str, Any]:
     # one-program kernel (occupancy is moot) and the row kernel's unaligned rows (their head and tail
     # masks spilled 120-128 B on sm_80 at 128) and float64 inputs (twice the registers a value; Triton
     # 3.9 spilled 4 B on sm_90 at 128). None of ``python -m fastmt.tools.aot``'s builds spills. Options the user gives Triton through PTXAS_OPTIONS still apply.
-    from triton import knobs
-
     ptx = " ".join(filter(None, [knobs.nvidia.ptxas_options, "--register-usage-level 10"]))
     return {"ptx_options": ptx, "maxnreg": 128 if t_pad <= 4 and not roomy else 168}
 

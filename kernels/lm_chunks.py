@@ -21,20 +21,18 @@ and ``4 T`` for a single-teacher chunked loss run once per teacher. The price: t
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-try:
-    from fastmt.kernels import kl as _kl
-except ImportError:  # no Triton: the torch formula serves (``kernels=False``)
-    _kl = None
+from fastmt import losses as _ref
+from fastmt.kernels.lm_common import grad_dtype, product
 
-log = logging.getLogger("fastmt")
+try:  # Triton is optional: without it the torch formula serves (``kernels=False``)
+    import fastmt.kernels.kl as _kl
+except ImportError:
+    _kl = None
 
 # Bytes the chunk's float32 logits and gradient (T + 2 blocks of [R, V]) may take.
 CHUNK_BYTES = 1024 * 1024 * 1024
-_FP32_OUT_GEMM: dict[str, bool] = {}  # device type -> whether torch's GEMMs write float32 from half inputs
 
 
 def chunk_rows(n: int, v: int, t: int, itemsize: int, budget: int = CHUNK_BYTES) -> int:
@@ -43,51 +41,15 @@ def chunk_rows(n: int, v: int, t: int, itemsize: int, budget: int = CHUNK_BYTES)
     return max(16, min(n, budget // max(1, ((t + 2) * 4 + itemsize) * v)))
 
 
-def _product(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> None:
-    """``out = a @ b`` (``out += a @ b`` with ``accumulate``), ``out`` float32, ``a`` and ``b`` maybe half.
-    On a GPU: one cuBLAS GEMM that writes float32 from half inputs (products exact in float32, summed
-    in float32, never rounded to half); where torch lacks it, the half product (said once). On a CPU
-    (tests; the tiled torch path is the CPU's): float32 inputs."""
-    if a.dtype == out.dtype:
-        if accumulate:
-            out.addmm_(a, b)
-        else:
-            torch.mm(a, b, out=out)
-        return
-    kind = out.device.type
-    if kind != "cpu" and _FP32_OUT_GEMM.get(kind, True):
-        try:
-            if accumulate:
-                torch.ops.aten.addmm.dtype_out(out, a, b, torch.float32, out=out)
-            else:
-                torch.ops.aten.mm.dtype_out(a, b, torch.float32, out=out)
-            _FP32_OUT_GEMM[kind] = True
-            return
-        except torch.OutOfMemoryError:
-            raise
-        except (RuntimeError, NotImplementedError) as e:
-            _FP32_OUT_GEMM[kind] = False
-            log.warning("fastmt.kernels.lm_chunks: this torch has no %s GEMM writing float32 from %s (%s); "
-                        "the logits are rounded to %s", kind, a.dtype, str(e).splitlines()[0][:120], a.dtype)
-    if kind == "cpu":
-        a, b = a.float(), b.float()
-    if accumulate:
-        out.add_(a @ b)
-    else:
-        out.copy_(a @ b)
-
-
 def torch_chunk(zs, zt, y, weights, tau, ignore_index, count, reverse: bool):
     """One chunk in torch, either direction: ``(loss share, d loss / d zs)``, averaged over ``count``
     rows. Forward: ``d KL(p_i || q) / d (zs / tau) = q - p_i``; reverse: ``q ((log q - log p_i) - KL_i)``.
     The weights are constants (from the teachers' untempered cross-entropy on the target)."""
-    from fastmt import losses
-
     valid = y != ignore_index
     if isinstance(weights, torch.Tensor):
         w = weights.float()
     elif weights in ("paper", "softmax"):
-        w = losses.teacher_weights(zt.float(), torch.where(valid, y, 0), weights).float()
+        w = _ref.teacher_weights(zt.float(), torch.where(valid, y, 0), weights).float()
     else:  # uniform, or none: every teacher 1
         w = torch.ones(zt.shape[:2], dtype=torch.float32, device=zs.device)
     w = torch.where(valid, w, 0.0)
@@ -110,13 +72,11 @@ def torch_chunk(zs, zt, y, weights, tau, ignore_index, count, reverse: bool):
 def chunked(hs, ws, ht, wt, targets, weights, tau: float, ignore_index: int, reverse: bool,
             chunk_bytes: int, with_grad: bool, t_logits: torch.Tensor | None = None, kernels: bool = True):
     """``(loss, d hs, d ws)`` for an upstream gradient of 1 (None without ``with_grad``), in
-    ``lm_tiled.grad_dtype`` of their inputs' dtypes (``d ws`` is summed over chunks in float32). Logits
+    ``lm_common.grad_dtype`` of their inputs' dtypes (``d ws`` is summed over chunks in float32). Logits
     are float32 (a half GEMM that writes float32), so the KL sees the products unrounded; the gradient
     block is rounded to the inputs' dtype for its two GEMMs, as in ``fastmt.kernels.lm_kl``.
     ``t_logits`` ``[T, N, V]``: the teachers' logits as given, instead of ``ht`` and ``wt`` (None then).
     ``kernels``: the KL row kernel for the forward KL (else the torch formula, as for the reverse)."""
-    from fastmt.kernels.lm_tiled import grad_dtype
-
     n, v = hs.shape[0], ws.shape[0]
     t = t_logits.shape[0] if t_logits is not None else ht.shape[0]
     dtype = hs.dtype
@@ -136,11 +96,11 @@ def chunked(hs, ws, ht, wt, targets, weights, tau: float, ignore_index: int, rev
         r1 = min(n, r0 + rows)
         h = hs[r0:r1]
         zs = zs_buf[: r1 - r0]
-        _product(h, ws_c.t(), zs)
+        product(h, ws_c.t(), zs)
         if t_logits is None:
             zt = zt_buf[:, : r1 - r0]
             for i in range(t):
-                _product(ht[i, r0:r1], wt_c[i].t(), zt[i])
+                product(ht[i, r0:r1], wt_c[i].t(), zt[i])
         else:
             zt = t_logits[:, r0:r1]
         y = targets[r0:r1]
@@ -157,8 +117,8 @@ def chunked(hs, ws, ht, wt, targets, weights, tau: float, ignore_index: int, rev
         if d_hs.dtype == dtype:
             torch.mm(g, ws_c, out=d_hs[r0:r1])
         else:
-            _product(g, ws_c, d_hs[r0:r1])
-        _product(g.t(), h, d_ws, accumulate=True)
+            product(g, ws_c, d_hs[r0:r1])
+        product(g.t(), h, d_ws, accumulate=True)
     if not with_grad:
         return loss, None, None
     del zs_buf, zt_buf, zs, zt, g

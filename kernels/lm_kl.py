@@ -34,7 +34,7 @@ import triton.language as tl
 
 from fastmt.kernels.hidden_mse import dot_plan
 from fastmt.kernels.launch import Launch
-from fastmt.kernels.lm_tiled import CHUNK_BYTES, stack_teachers  # noqa: F401 (lm_kl.stack_teachers)
+from fastmt.kernels.lm_common import CHUNK_BYTES, stack_teachers  # noqa: F401 (lm_kl.stack_teachers)
 
 # Floor for running maxima (see kl.py): rescales are always 2^(m_old - m_new) of two stored maxima,
 # never a product minus a maximum, which a GPU build contracts into an FMA that keeps a rounding error.

@@ -21,21 +21,20 @@ import math
 
 import torch
 
+import fastmt.kernels.lm_chunks as lm_chunks
 from fastmt import losses as _ref
+from fastmt.kernels.lm_common import grad_dtype, stack_teachers
+
+try:  # Triton is optional: without it the vocabulary tiles run in torch (backend "torch")
+    import fastmt.kernels.lm_kl as lm_kl
+    from fastmt.kernels.hidden_mse import dot_plan
+except ImportError:
+    lm_kl = dot_plan = None
 
 # Vocabulary columns per tile of the torch path: [N, 4096] float32 per model and temporary.
 TILE = 4096
-# Bytes of the gradient block G that one chunk of rows may take (Triton path).
-CHUNK_BYTES = 256 * 1024 * 1024
 LN2 = math.log(2.0)
 _NEG = -1.0e30  # finite floor for running maxima (no inf - inf)
-
-
-def grad_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the op returns ``d hs`` in: the hidden states' own, but float32 for float16 (made for an
-    upstream gradient of 1, small entries would underflow float16 before a loss scaler's factor reaches
-    them). The same for ``d ws``, summed in float32 over chunks of rows and rounded once at the end."""
-    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def teacher_weights(stats, ht, wt, targets, weights, ignore_index: int) -> torch.Tensor:
@@ -135,19 +134,12 @@ def _forward(hs, ws, ht, wt, targets, weights, tau: float, ignore_index: int, re
     ``triton`` (``fastmt.kernels.lm_kl``) or ``torch`` (the vocabulary tiles here)."""
     t = ht.shape[0]
     if backend == "chunks":
-        from fastmt.kernels import lm_chunks
-
         return lm_chunks.chunked(hs, ws, ht, wt, targets, weights, tau, ignore_index, reverse, chunk_bytes, with_grad)
     if backend in ("logits", "logits-torch"):  # ht holds the teachers' logits [T, N, V]; wt is unused
-        from fastmt.kernels import lm_chunks
-
         return lm_chunks.chunked(hs, ws, None, None, targets, weights, tau, ignore_index, reverse, chunk_bytes,
                                  with_grad, t_logits=ht, kernels=backend == "logits")
     need_u = isinstance(weights, str) and weights != "uniform"
     if backend == "triton":
-        from fastmt.kernels import lm_kl
-        from fastmt.kernels.hidden_mse import dot_plan
-
         # Half-precision inputs multiply on tensor cores: each output matrix joins its hidden states' dtype.
         ws_c = ws.to(hs.dtype).contiguous() if dot_plan(hs.dtype, hs.device.type).half else ws.contiguous()
         wt_c = wt.to(ht.dtype) if dot_plan(ht.dtype, ht.device.type).half else wt
@@ -207,19 +199,6 @@ def _backward(ctx, grad_loss, grad_hs, grad_ws):
 
 
 lm_linear_kl_op.register_autograd(_backward, setup_context=_setup)
-
-
-def stack_teachers(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Teachers' ``[N, Dt_i]`` hidden states or ``[V, Dt_i]`` output matrices as one ``[T, *, max Dt]``
-    tensor, narrower ones padded with zero columns (their logits are unchanged). Stack output matrices
-    once, not every step: they are the largest tensors here."""
-    width = max(t.shape[-1] for t in tensors)
-    if all(t.shape[-1] == width for t in tensors):
-        return torch.stack(tensors)
-    out = tensors[0].new_zeros((len(tensors), tensors[0].shape[0], width))
-    for i, t in enumerate(tensors):
-        out[i, :, : t.shape[-1]] = t
-    return out
 
 
 def lm_linear_kl(hs, ws, ht, wt, targets, weights, temperature: float, ignore_index: int, reverse: bool,

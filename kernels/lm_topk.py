@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from fastmt import losses as _ref
-from fastmt.kernels.lm_chunks import _product
+from fastmt.kernels.lm_common import product
 
 CHUNK_BYTES = 256 * 1024 * 1024  # float32 [rows, V] blocks a chunk may hold (z, q, the gradient)
 _TINY_TAIL = 1e-30  # below it, the student's outside mass is recomputed as a log-sum-exp
@@ -39,7 +39,7 @@ def _weights(scheme, target, t: int, n: int, device) -> torch.Tensor:
         return scheme.detach().double()
     if scheme is None or scheme == "uniform":
         return torch.ones((t, n), dtype=torch.float64, device=device)
-    ce = -target.detach().to(_ref._compute_dtype(target))  # the reference's precision (the stored values')
+    ce = -target.detach().to(_ref.compute_dtype(target))  # the reference's precision (the stored values')
     return _ref.weights_from_ce(ce, scheme).double()
 
 
@@ -109,10 +109,10 @@ class _TopKLinearKL(torch.autograd.Function):
                                   want)
                 loss += part
                 if want:
-                    # Half inputs: GEMMs on tensor cores that write float32 (lm_chunks._product), d w summed in place.
+                    # Half inputs: GEMMs on tensor cores that write float32 (lm_common.product), d w summed in place.
                     g = dz.to(hc.dtype)
-                    _product(g, wc, d_h[sl])
-                    _product(g.t(), hc, d_w, accumulate=True)
+                    product(g, wc, d_h[sl])
+                    product(g.t(), hc, d_w, accumulate=True)
         if want:
             ctx.save_for_backward(d_h, d_w)
         ctx.want = want
@@ -133,28 +133,28 @@ def lm_topk_linear_kl_loss(hidden, weight, topk_ids, topk_logprobs, targets, wei
     temperature, ignore_index, "forward", target_logprobs, tail_logprobs)`` with gradients for
     ``hidden [N, D]`` and ``weight [V, D]``, a chunk of rows at a time (see the module docstring).
     ``tail_logprobs`` is required here (a cache stores it): the tail is exact, not ``1 - sum p``."""
-    _ref._tensor(hidden, "hidden")
+    _ref.check_tensor(hidden, "hidden")
     dims: dict = {}
-    _ref._shape(hidden, "hidden", ("N", "D"), dims)
-    _ref._shape(weight, "weight", ("V", "D"), dims)
-    _ref._shape(topk_ids, "topk_ids", ("T", "N", "K"), dims)
-    _ref._shape(topk_logprobs, "topk_logprobs", ("T", "N", "K"), dims)
+    _ref.check_shape(hidden, "hidden", ("N", "D"), dims)
+    _ref.check_shape(weight, "weight", ("V", "D"), dims)
+    _ref.check_shape(topk_ids, "topk_ids", ("T", "N", "K"), dims)
+    _ref.check_shape(topk_logprobs, "topk_logprobs", ("T", "N", "K"), dims)
     if tail_logprobs is None:
         raise ValueError("tail_logprobs [T, N] is required (the log of each teacher's mass outside its ids)")
-    _ref._shape(tail_logprobs, "tail_logprobs", ("T", "N"), dims)
-    _ref._labels(targets, dims["N"][0], hidden, "hidden")
-    tau = _ref._temperature(temperature)
+    _ref.check_shape(tail_logprobs, "tail_logprobs", ("T", "N"), dims)
+    _ref.check_labels(targets, dims["N"][0], hidden, "hidden")
+    tau = _ref.check_temperature(temperature)
     t, n = topk_ids.shape[0], hidden.shape[0]
     if isinstance(weights, str) or weights is None:
-        scheme = "uniform" if weights is None else _ref._scheme(weights, "weights")
+        scheme = "uniform" if weights is None else _ref.check_scheme(weights, "weights")
         if scheme != "uniform":
             if target_logprobs is None:
                 raise ValueError(f"weights={scheme!r} needs target_logprobs: each teacher's log-probability of "
                                  "the next token")
-            _ref._shape(target_logprobs, "target_logprobs", ("T", "N"), dims)
+            _ref.check_shape(target_logprobs, "target_logprobs", ("T", "N"), dims)
         w = _weights(scheme, target_logprobs, t, n, hidden.device)
     else:
-        _ref._shape(weights, "weights", ("T", "N"), dims)
+        _ref.check_shape(weights, "weights", ("T", "N"), dims)
         w = _weights(weights, None, t, n, hidden.device)
     return _TopKLinearKL.apply(hidden, weight, topk_ids.long(), topk_logprobs.detach(), tail_logprobs.detach(), w,
                                targets, tau, ignore_index, int(chunk_bytes or CHUNK_BYTES))

@@ -56,10 +56,10 @@ def test_auto_on_a_cpu(bf16, how, tiny_task, monkeypatch):
     args = _auto(tiny_task)
     if how == "environment":
         monkeypatch.setenv(fastpath.NATIVE_BF16_ENV, str(int(bf16)))
-        line = fastpath.resolve(args, cpu, steps=24, stackable=True)
+        line = fastpath.resolve("distill", args, cpu, steps=24, stackable=True)
     else:
         monkeypatch.setenv(fastpath.NATIVE_BF16_ENV, str(int(not bf16)))  # the parameter wins
-        line = fastpath.resolve(args, cpu, steps=24, stackable=True, native_bf16=bf16)
+        line = fastpath.resolve("distill", args, cpu, steps=24, stackable=True, native_bf16=bf16)
     assert args.precision == ("bf16" if bf16 else "fp32") and args.kernels == "reference"
     assert args.compile is False and args.cuda_graphs is False
     assert args.stack_teachers is bf16  # fp32 stacking did not pay on a CPU
@@ -68,7 +68,7 @@ def test_auto_on_a_cpu(bf16, how, tiny_task, monkeypatch):
     assert args.group_by_length is True and "length-grouped batches" in line
     assert fastpath.widths(args, [16, 32, 48]) == list(range(1, 49))  # eager: each batch its own width
     long = _auto(tiny_task, epochs=1)
-    fastpath.resolve(long, cpu, steps=5000, data_parallel=False)
+    fastpath.resolve("distill", long, cpu, steps=5000, data_parallel=False)
     assert long.compile is True and long.cache_teachers is None
     assert fastpath.widths(long, [16, 32, 48]) == [16, 32, 48]  # compiled: one graph per bucket
 
@@ -77,12 +77,12 @@ def test_explicit_flags_win_and_off_turns_the_cache_off(tiny_task, monkeypatch):
     monkeypatch.setenv(fastpath.NATIVE_BF16_ENV, "1")
     args = _auto(tiny_task, precision="fp32", kernels="reference", compile=False, stack_teachers=False,
                  cache_teachers="off", group_by_length=False)
-    assert fastpath.resolve(args, torch.device("cpu"), steps=10**6, stackable=True) == ""
+    assert fastpath.resolve("distill", args, torch.device("cpu"), steps=10**6, stackable=True) == ""
     assert (args.precision, args.kernels, args.compile, args.stack_teachers, args.cache_teachers) == (
         "fp32", "reference", False, False, None)
     assert args.group_by_length is False and fastpath.widths(args, [16, 32]) == [16, 32]
     dp = _auto(tiny_task)
-    fastpath.resolve(dp, torch.device("cpu"), steps=10, data_parallel=True)
+    fastpath.resolve("distill", dp, torch.device("cpu"), steps=10, data_parallel=True)
     assert dp.cache_teachers is None
 
 

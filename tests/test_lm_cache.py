@@ -70,7 +70,7 @@ def test_fixed_bytes_per_token(inputs, tmp_path):
     dirs, data, tok = inputs
     fp = lm_cache.lm_fingerprint(dirs, data, tok, 16, 8, 1.0)
     cache = lm_cache.TopKCache.open(tmp_path / "c", fp, 10, 2)
-    sizes = sum((tmp_path / "c" / name).stat().st_size for name in lm_cache._FILES)
+    sizes = sum((tmp_path / "c" / name).stat().st_size for name in lm_cache.TopKCache.SUMMED)
     assert sizes == 10 * 16 * lm_cache.TopKCache.bytes_per_token(2, 8) == 10 * 16 * 2 * (8 * 8 + 8)
     assert cache.get([0]) is None  # nothing stored yet
 

@@ -116,7 +116,8 @@ def test_eval_lm_reports_each_model(finished, lm_dir, tmp_path):
 def test_training_lowers_the_students_perplexity(finished, lm_dir, tmp_path):
     """The distilled student beats the same cut of teacher 0 before training on held-out text."""
     from fastmt.data.packed import pack, read_texts
-    from fastmt.tasks.lm.distill import cut_layers, lm_scores, load_lm, load_tokenizer
+    from fastmt.models.causal_lm import cut_layers, load_lm, load_tokenizer
+    from fastmt.tasks.lm.evaluate import lm_scores
 
     out, _ = finished
     tok = load_tokenizer(str(out), "--model")
@@ -131,7 +132,10 @@ def test_fused_and_reference_losses_give_the_same_step(lm_dir):
     from fastmt.data.dataset import iterate_batches
     from fastmt.data.packed import pack, read_texts
     from fastmt.losses import layer_map
-    from fastmt.tasks.lm.distill import KEY, DistillLMArgs, LMStep, LMStudent, cut_layers, load_lm, load_tokenizer
+    from fastmt.models.causal_lm import LMStudent, cut_layers, load_lm, load_tokenizer
+    from fastmt.tasks.lm.common import KEY
+    from fastmt.config.settings import DistillLMArgs
+    from fastmt.tasks.lm.step import LMStep
     import fastmt.kernels as fused
     from fastmt import losses as reference
 
@@ -202,7 +206,10 @@ def test_ensemble_target_is_the_kl_to_the_mean_logits(lm_dir):
     """--kd-target ensemble: the KD term equals the reference KL to the teachers' averaged logits."""
     from fastmt.data.dataset import iterate_batches
     from fastmt.data.packed import next_tokens, pack, read_texts
-    from fastmt.tasks.lm.distill import KEY, DistillLMArgs, LMStep, LMStudent, cut_layers, load_lm, load_tokenizer
+    from fastmt.models.causal_lm import LMStudent, cut_layers, load_lm, load_tokenizer
+    from fastmt.tasks.lm.common import KEY
+    from fastmt.config.settings import DistillLMArgs
+    from fastmt.tasks.lm.step import LMStep
     import fastmt.kernels as fused
     from fastmt import losses
 
@@ -235,7 +242,10 @@ def test_cuda_fused_step_matches_the_reference(lm_dir, precision):
     from fastmt.data.dataset import iterate_batches
     from fastmt.data.packed import pack, read_texts
     from fastmt.losses import layer_map
-    from fastmt.tasks.lm.distill import KEY, DistillLMArgs, LMStep, LMStudent, cut_layers, load_lm, load_tokenizer
+    from fastmt.models.causal_lm import LMStudent, cut_layers, load_lm, load_tokenizer
+    from fastmt.tasks.lm.common import KEY
+    from fastmt.config.settings import DistillLMArgs
+    from fastmt.tasks.lm.step import LMStep
     import fastmt.kernels as fused
     from fastmt import losses as reference
 
@@ -292,7 +302,9 @@ def test_distill_lm_trains_on_cuda_with_the_fused_loss(lm_dir, tmp_path):
 def _cached_setup(lm_dir, tmp_path, top_k, **kw):
     from fastmt.data.dataset import iterate_batches
     from fastmt.data.packed import pack, read_texts
-    from fastmt.tasks.lm.distill import KEY, DistillLMArgs, LMStudent, cut_layers, load_lm, load_tokenizer
+    from fastmt.models.causal_lm import LMStudent, cut_layers, load_lm, load_tokenizer
+    from fastmt.tasks.lm.common import KEY
+    from fastmt.config.settings import DistillLMArgs
     from fastmt.tasks.lm.cached import CachedLMStep, open_cache
 
     teachers = [load_lm(str(lm_dir / t), "t").eval() for t in ("t0", "t1")]
@@ -331,7 +343,7 @@ def test_cached_step_runs_the_teachers_once_then_reads_the_same_values_back(lm_d
 def test_cached_kd_with_every_token_stored_is_the_full_kl(lm_dir, tmp_path):
     """--top-k at the vocabulary size: the cached term equals the exact loss of the run without a cache."""
     from fastmt import losses
-    from fastmt.tasks.lm.distill import LMStep
+    from fastmt.tasks.lm.step import LMStep
 
     step, student, teachers, args, batch = _cached_setup(lm_dir, tmp_path, top_k=len(WORDS) + 3)
     _, parts = step(batch.inputs, batch.labels, batch.index)
@@ -348,7 +360,7 @@ def test_cached_kd_in_chunks_equals_the_reference_on_materialised_logits(lm_dir,
     from fastmt import losses
     from fastmt.cache.topk import topk_from_logits
     from fastmt.data.packed import next_tokens
-    from fastmt.tasks.lm.distill import KEY
+    from fastmt.tasks.lm.common import KEY
     from fastmt.tasks.lm.cached import topk_kd
 
     _, student, teachers, args, batch = _cached_setup(lm_dir, tmp_path, top_k=4)
@@ -451,7 +463,10 @@ def test_compiled_bodies_give_the_eager_step(lm_dir):
     from fastmt.data.dataset import iterate_batches
     from fastmt.data.packed import pack, read_texts
     from fastmt.losses import layer_map
-    from fastmt.tasks.lm.distill import KEY, DistillLMArgs, LMStep, LMStudent, cut_layers, load_lm, load_tokenizer
+    from fastmt.models.causal_lm import LMStudent, cut_layers, load_lm, load_tokenizer
+    from fastmt.tasks.lm.common import KEY
+    from fastmt.config.settings import DistillLMArgs
+    from fastmt.tasks.lm.step import LMStep
     from fastmt import losses
 
     torch._dynamo.reset()

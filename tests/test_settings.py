@@ -74,16 +74,14 @@ def test_python_api_and_cli_resolve_the_same_defaults(command, native_bf16, tmp_
     if command == "distill":
         api = DistillArgs(**need, teachers="T", student_layers=2)
         ns = cli.build_parser().parse_args(["distill", *flags, "--teachers", "T", "--student-layers", "2"])
-        kw = cli._train_kwargs(ns, DistillArgs)
-        kw["teacher_subset"] = cli._parse_subset(ns.teacher_subset)
-        from_cli = DistillArgs(**kw)
+        from_cli = cli.settings_from(ns, DistillArgs)
     else:
         api = TrainArgs(**need)
         ns = cli.build_parser().parse_args(["cofinetune", "--teacher", "a", "--teacher", "b", *flags])
-        from_cli = TrainArgs(**cli._train_kwargs(ns, TrainArgs))
+        from_cli = cli.settings_from(ns, TrainArgs)
     assert dataclasses.asdict(api) == dataclasses.asdict(from_cli)
     assert api.lr == (5e-5 if command == "distill" else 3e-5)
-    lines = [fastpath.resolve(a, torch.device("cpu"), steps=5000, stackable=True, native_bf16=native_bf16)
+    lines = [fastpath.resolve(command, a, torch.device("cpu"), steps=5000, stackable=True, native_bf16=native_bf16)
              for a in (api, from_cli)]
     assert lines[0] == lines[1] and dataclasses.asdict(api) == dataclasses.asdict(from_cli)
     assert api.precision == ("bf16" if native_bf16 else "fp32") and api.compile is True and api.group_by_length is True

@@ -12,7 +12,7 @@ from fastmt.config.settings import DistillArgs, TrainArgs
 from fastmt.tasks.classification.cofinetune import cofinetune
 from fastmt.tasks.classification.distill import distill
 from fastmt.tasks.classification.evaluate import evaluate_dir
-from fastmt.config.settings import loss_module
+from fastmt.engine.kernelchoice import loss_module
 from fastmt.tasks.classification.distill import subset_teachers
 from fastmt.errors import UsageError
 from test_optim import _HostReads  # counts host reads, shared

@@ -13,69 +13,33 @@ later step, epoch and run reads it back instead of running the teachers:
   the loss masks it), when the whole cache fits ``--cache-budget-gb``; otherwise there is nothing
   worth caching (the teachers would still run for the hidden states) and the run says so.
 
-Layout of the cache dir: ``manifest.json`` (what the cache was made from, shapes, dtypes),
-``logits.bin``, ``lse.bin`` and ``hidden.bin`` (float32, memory-mapped: the OS keeps hot pages in memory), and
-``filled.bin`` (one byte per example: stored or not), ``sums.bin`` (a CRC-32 per example of each of
-the three data files, written with the data and checked on every read: an example whose bytes
-changed on disk since, by a crash mid-write, a disk error or another program, is recomputed from the
+Layout of the cache dir (``fastmt.cache.store``: the manifest, the creation lock ``DIR.lock``, the
+flags and checksums, rebuilding and reuse): a row per training example in ``logits.bin``, ``lse.bin``
+and ``hidden.bin`` (float32), ``filled.bin`` (stored or not) and ``sums.bin`` (a CRC-32 of each of the
+three data files: an example whose bytes changed on disk since it was stored is recomputed from the
 teachers and stored again, with one warning naming the file). An interrupted first pass leaves a
-partial cache that the next run completes. Runs may fill one cache at the same time: making or
-rebuilding it happens under a lock (``DIR.lock`` beside it), and an example two runs both store ends
-with one run's bytes and the checksum of those bytes, or is found out and recomputed. A cache made for other teachers (any file of the teachers dir
-changed), other training data (its bytes), another max length, teacher subset, hidden-loss kind or
-layer map, or another precision does not match the manifest: it is rebuilt, and the run says which
-of those changed. Data-parallel runs do not use the cache (each process would need its shard's).
+partial cache that the next run completes; runs may fill one cache at the same time. A cache made for
+other teachers (any file of the teachers dir changed), other training data (its bytes), another max
+length, teacher subset, hidden-loss kind or layer map, or another precision does not match the
+manifest: it is rebuilt, and the run says which of those changed. Data-parallel runs do not use the
+cache (each process would need its shard's).
 """
-
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import shutil
 import time
-import zlib
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fastmt.errors import UsageError
+from fastmt.cache.store import CacheStore, creation_lock, dir_digest, file_sha256
+from fastmt.losses import teacher_lse
 
 log = logging.getLogger("fastmt")
 
 FORMAT = 3  # 2: the teachers' log-sum-exps stored beside their logits; 3: a checksum per example and file
-_SUMMED = ("logits.bin", "lse.bin", "hidden.bin")  # the columns of sums.bin
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-def _size(path: Path) -> int | None:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return None
-
-
-def _file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _dir_digest(path: str | Path) -> str:
-    """Every file of a dir by relative path, size and modification time (not its bytes: teachers are
-    gigabytes, and a re-trained teacher is a rewritten file)."""
-    root = Path(path).resolve()
-    h = hashlib.sha256(str(root).encode())
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            st = p.stat()
-            h.update(f"{p.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
 
 
 def fingerprint(teachers_dir: str, train: str, max_length: int, teacher_subset, hidden_loss: str, maps,
@@ -83,8 +47,8 @@ def fingerprint(teachers_dir: str, train: str, max_length: int, teacher_subset, 
     """What a cache's contents depend on; a cache is reused only when all of it matches."""
     return {
         "format": FORMAT,
-        "teacher_files": _dir_digest(teachers_dir),
-        "train_data": _file_sha256(train),
+        "teacher_files": dir_digest(teachers_dir),
+        "train_data": file_sha256(train),
         "max_length": int(max_length),
         "teacher_subset": list(teacher_subset) if teacher_subset is not None else None,
         "hidden_loss": hidden_loss,
@@ -93,45 +57,23 @@ def fingerprint(teachers_dir: str, train: str, max_length: int, teacher_subset, 
     }
 
 
-@contextmanager
-def _creation_lock(path: Path):
-    """Making, checking or rebuilding a cache dir, one process at a time (``DIR.lock`` beside it)."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f"{path.name}.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _write_manifest(path: Path, manifest: dict) -> None:
-    """Whole or not at all: another run may read it at any time."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, path)
-
-
-def default_dir(fp: dict) -> Path:
-    """``auto``: one dir per fingerprint under ``$FASTMT_CACHE`` (default ``~/.cache/fastmt/teachers``)."""
-    base = Path(os.environ.get("FASTMT_CACHE") or Path.home() / ".cache" / "fastmt") / "teachers"
-    key = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
-    return base / key
-
-
-class TeacherCache:
+class TeacherCache(CacheStore):
     """Per-example teacher outputs on disk; ``get`` a batch's (all stored) or ``put`` them."""
 
+    LABEL = "teacher cache"
+    SUMMED = ("logits.bin", "lse.bin", "hidden.bin")
+    WHAT = {"format": "the cache format", "teacher_files": "the teachers dir", "train_data": "the training data",
+            "max_length": "--max-length", "teacher_subset": "--teacher-subset", "hidden_loss": "--hidden-loss",
+            "layer_maps": "the layer map", "precision": "--precision"}
+    FLUSH_EVERY = 64
+
     def __init__(self, path: Path, manifest: dict, lengths: np.ndarray | None):
-        self.path, self.manifest = path, manifest
+        super().__init__(path, manifest, manifest["n"])
+        path = self.path
         n, t, c = manifest["n"], manifest["teachers"], manifest["classes"]
         self.n, self.t, self.c = n, t, c
         self.kind = manifest["hidden_loss"]
         self.k, self.d = manifest["layers"], manifest["hidden"]
-        self.filled = np.memmap(path / "filled.bin", dtype=np.uint8, mode="r+", shape=(n,))
-        self.sums = np.memmap(path / "sums.bin", dtype=np.uint32, mode="r+", shape=(n, len(_SUMMED)))
         self.logits = np.memmap(path / "logits.bin", dtype=np.float32, mode="r+", shape=(n, t, c))
         self.lse = np.memmap(path / "lse.bin", dtype=np.float32, mode="r+", shape=(n, 2, t))
         self.temperature = float(manifest["lse_temperature"])
@@ -146,14 +88,10 @@ class TeacherCache:
             rows = int(self.lengths.sum())
             self.hidden = np.memmap(path / "hidden.bin", dtype=np.float32, mode="r+",
                                     shape=(max(rows, 1), t, self.k, self.d))
-        self.count = int(self.filled.sum())
-        self._unflushed = 0
-        self.verify_s = 0.0  # time spent checking checksums (reported when the run ends)
         self.read_s = 0.0  # time spent in get(), checks included
-        self.bad = {}  # file -> examples found changed on disk
 
-    def _rows(self, i: int):
-        """Example ``i``'s bytes in each file of ``_SUMMED`` (memmap views, not copies)."""
+    def _row_views(self, i: int):
+        """Example ``i``'s bytes in each file of ``SUMMED`` (memmap views, not copies)."""
         if self.kind == "tokens":
             h = self.hidden[self.offsets[i]:self.offsets[i] + int(self.lengths[i])]
         elif self.kind == "cls":
@@ -162,21 +100,30 @@ class TeacherCache:
             h = None
         return self.logits[i], self.lse[i], h
 
-    def _crc(self, i: int) -> np.ndarray:
-        return np.array([zlib.crc32(memoryview(np.ascontiguousarray(x)).cast("B")) if x is not None else 0
-                         for x in self._rows(i)], dtype=np.uint32)
+    def _data_files(self) -> list[np.memmap]:
+        return [self.logits, self.lse] + ([self.hidden] if self.hidden is not None else [])
+
+    def _warn_changed(self, name: str, row: int) -> None:
+        log.warning("teacher cache %s: %s changed on disk after it was stored (example %d does not match its "
+                    "checksum); recomputing what changed from the teachers", self.path, name, row)
 
     # -- building ------------------------------------------------------------------------------
 
-    @staticmethod
-    def nbytes(n: int, t: int, c: int, kind: str, k: int, d: int, lengths: np.ndarray | None) -> int:
-        per = t * c + 2 * t
+    @classmethod
+    def file_sizes(cls, n: int, t: int, c: int, kind: str, k: int, d: int,
+                   lengths: np.ndarray | None) -> dict[str, int]:
+        """Every file of the cache dir and its size in bytes."""
+        sizes = {**cls.bookkeeping(n), "logits.bin": 4 * n * t * c, "lse.bin": 4 * n * 2 * t}
         if kind == "cls":
-            per += t * k * d
-        total = n * per
-        if kind == "tokens":
-            total += int(lengths.sum()) * t * k * d
-        return 4 * total + n + 4 * len(_SUMMED) * n
+            sizes["hidden.bin"] = 4 * n * t * k * d
+        elif kind == "tokens":
+            sizes["hidden.bin"] = 4 * max(int(lengths.sum()), 1) * t * k * d
+        return sizes
+
+    @classmethod
+    def nbytes(cls, n: int, t: int, c: int, kind: str, k: int, d: int, lengths: np.ndarray | None) -> int:
+        """The disk the cache takes (what ``--cache-budget-gb`` bounds)."""
+        return sum(cls.file_sizes(n, t, c, kind, k, d, lengths).values())
 
     @classmethod
     def open(cls, path: str | Path, fp: dict, n: int, t: int, c: int, k: int, d: int,
@@ -186,69 +133,37 @@ class TeacherCache:
         when it would not fit ``budget_bytes``. ``temperature``: the run's, for the stored log-sum-exps
         (a cache made at another one keeps its logits and recomputes them)."""
         kind = fp["hidden_loss"]
-        need = cls.nbytes(n, t, c, kind, k, d, lengths)
+        sizes = cls.file_sizes(n, t, c, kind, k, d, lengths)
+        need = sum(sizes.values())
         if need > budget_bytes:
             hint = " (--hidden-loss cls caches in far less)" if kind == "tokens" else ""
             log.warning("teacher cache: needs %.2f GB, over --cache-budget-gb %.2f; the teachers run every step%s",
                         need / 1e9, budget_bytes / 1e9, hint)
             return None
         path = Path(path)
-        with _creation_lock(path):
-            return cls._open_locked(path, fp, n, t, c, k, d, lengths, need, temperature)
-
-    @classmethod
-    def _open_locked(cls, path: Path, fp: dict, n: int, t: int, c: int, k: int, d: int, lengths, need: int,
-                     temperature: float) -> "TeacherCache":
-        kind = fp["hidden_loss"]
         manifest = {**fp, "n": n, "teachers": t, "classes": c, "layers": k, "hidden": d}
-        mpath = path / "manifest.json"
-        sizes = {"filled.bin": n, "sums.bin": 4 * len(_SUMMED) * n, "logits.bin": 4 * n * t * c, "lse.bin": 4 * n * 2 * t}
-        if kind == "cls":
-            sizes["hidden.bin"] = 4 * n * t * k * d
-        elif kind == "tokens":
-            sizes["hidden.bin"] = 4 * max(int(lengths.sum()), 1) * t * k * d
-        if mpath.exists():
-            try:
-                old = json.loads(mpath.read_text())
-            except (OSError, ValueError):
-                old = {}
-            same = {key: old.get(key) == v for key, v in manifest.items()}
-            wrong = [f"{name} ({_size(path / name)} bytes, not {size})" for name, size in sizes.items()
-                     if _size(path / name) != size]
-            if not isinstance(old.get("lse_temperature"), (int, float)):
-                wrong.append("manifest.json (no temperature for lse.bin)")
-            if all(same.values()) and wrong:  # truncated, or a file lost: the cache is rebuilt
-                log.warning("teacher cache %s is damaged (%s): rebuilding it", path, ", ".join(wrong))
-            elif all(same.values()):
-                cache = cls(path, {**manifest, "dtypes": old.get("dtypes"), "lse_temperature": old.get("lse_temperature")},
-                            lengths)
+        with creation_lock(path):
+            old = cls.reusable(path, manifest, sizes)
+            if old is not None:
+                stored = {"dtypes": old.get("dtypes"), "lse_temperature": old.get("lse_temperature")}
+                cache = cls(path, {**manifest, **stored}, lengths)
                 cache.retemper(temperature)
                 log.info("teacher cache %s: %d of %d examples stored%s", path, cache.count, n,
                          " (teachers skipped)" if cache.count == n else "; the rest are stored as they are computed")
                 return cache
-            what = {"format": "the cache format", "teacher_files": "the teachers dir", "train_data": "the training data",
-                    "max_length": "--max-length", "teacher_subset": "--teacher-subset", "hidden_loss": "--hidden-loss",
-                    "layer_maps": "the layer map", "precision": "--precision"}
-            changed = [what.get(key, key) for key, ok in same.items() if not ok]
-            if changed:
-                log.warning("teacher cache %s was made for other inputs (%s differ): rebuilding it", path,
-                            ", ".join(changed) or "format")
-            shutil.rmtree(path)
-        path.mkdir(parents=True, exist_ok=True)
-        for name, size in sizes.items():
-            with open(path / name, "wb") as f:
-                f.truncate(size)  # zeros; sparse where the filesystem allows
-        manifest["dtypes"] = None
-        manifest["lse_temperature"] = float(temperature)
-        _write_manifest(mpath, manifest)
-        log.info("teacher cache %s: new, %.2f GB for %d examples; filled as the first epoch runs", path, need / 1e9, n)
-        return cls(path, manifest, lengths)
+            manifest.update(dtypes=None, lse_temperature=float(temperature))
+            cls.make_dir(path, sizes, manifest)
+            log.info("teacher cache %s: new, %.2f GB for %d examples; filled as the first epoch runs", path,
+                     need / 1e9, n)
+            return cls(path, manifest, lengths)
+
+    @classmethod
+    def _damaged_manifest(cls, stored: dict) -> list[str]:
+        if not isinstance(stored.get("lse_temperature"), (int, float)):
+            return ["manifest.json (no temperature for lse.bin)"]
+        return []
 
     # -- use -----------------------------------------------------------------------------------
-
-    @property
-    def complete(self) -> bool:
-        return self.count == self.n
 
     def retemper(self, temperature: float) -> None:
         """Make the stored log-sum-exps those at ``temperature`` (from the stored logits, no teacher
@@ -256,8 +171,6 @@ class TeacherCache:
         temperature = float(temperature)
         if temperature == self.temperature:
             return
-        from fastmt.losses import teacher_lse
-
         rows = np.flatnonzero(np.asarray(self.filled))
         for start in range(0, len(rows), 4096):
             part = rows[start:start + 4096]
@@ -270,7 +183,7 @@ class TeacherCache:
         for i in rows:  # the lse column of each example's checksums
             self.sums[i, 1] = self._crc(int(i))[1]
         self.sums.flush()
-        _write_manifest(self.path / "manifest.json", self.manifest)
+        self.save_manifest()
 
     def get(self, index: torch.Tensor, width: int, device: torch.device):
         """``(logits [T,N,C], hidden [T,K,N,S,D] or None, lse [2,T,N] float32)`` for these examples,
@@ -283,9 +196,7 @@ class TeacherCache:
             self.read_s += time.perf_counter() - start
 
     def _get(self, idx: np.ndarray, width: int, device: torch.device):
-        if self.manifest.get("dtypes") is None or not self.filled[idx].all():
-            return None
-        if not self._verified(idx):
+        if self.manifest.get("dtypes") is None or not self._stored(idx):
             return None
         dl, dh = (_DTYPES[x] if x else None for x in self.manifest["dtypes"])
         logits = torch.from_numpy(np.ascontiguousarray(self.logits[idx])).permute(1, 0, 2)
@@ -304,27 +215,6 @@ class TeacherCache:
             hidden = hidden.to(device=device, dtype=dh).contiguous()
         return logits, hidden, lse.to(device=device).contiguous()
 
-    def _verified(self, idx: np.ndarray) -> bool:
-        """Whether every example's bytes still match its checksums; the ones that do not are marked
-        not stored (the step recomputes and stores them), with one warning per file."""
-        start = time.perf_counter()
-        ok = True
-        for i in idx:
-            got = self._crc(int(i))
-            wrong = np.flatnonzero(got != self.sums[i])
-            if len(wrong):
-                ok = False
-                self.filled[i] = 0
-                self.count -= 1
-                for j in wrong:
-                    name = _SUMMED[j]
-                    if name not in self.bad:
-                        log.warning("teacher cache %s: %s changed on disk after it was stored (example %d does not match "
-                                    "its checksum); recomputing what changed from the teachers", self.path, name, int(i))
-                    self.bad.setdefault(name, set()).add(int(i))
-        self.verify_s += time.perf_counter() - start
-        return ok
-
     def put(self, index: torch.Tensor, logits: torch.Tensor, hidden: torch.Tensor | None,
             lse: torch.Tensor | None = None) -> None:
         """Store these examples' outputs (``logits [T,N,C]``, ``hidden [T,K,N,S,D]``) and the logits'
@@ -332,13 +222,11 @@ class TeacherCache:
         computed here when not given)."""
         idx = index.cpu().numpy()
         if lse is None:
-            from fastmt.losses import teacher_lse
-
             lse = teacher_lse(logits.detach(), self.temperature)
         if self.manifest.get("dtypes") is None:
             self.manifest["dtypes"] = [str(logits.dtype).replace("torch.", ""),
                                        str(hidden.dtype).replace("torch.", "") if hidden is not None else None]
-            _write_manifest(self.path / "manifest.json", self.manifest)
+            self.save_manifest()
         self.logits[idx] = logits.detach().float().permute(1, 0, 2).cpu().numpy()
         self.lse[idx] = lse.detach().float().permute(2, 0, 1).cpu().numpy()
         if self.kind == "cls":
@@ -350,18 +238,8 @@ class TeacherCache:
                 if length > h.shape[1]:
                     raise ValueError(f"example {i}: {length} tokens but the batch holds {h.shape[1]}")
                 self.hidden[self.offsets[i]:self.offsets[i] + length] = h[j, :length]
-        for i in idx:  # after the data, before the flag
-            self.sums[i] = self._crc(int(i))
-        new = int((self.filled[idx] == 0).sum())
-        self._unflushed += 1
-        if new:
-            self.count += new
-            if self.complete or self._unflushed >= 64:
-                self.flush()
-            self.filled[idx] = 1  # after the data: a flag never points at unwritten outputs
-            if self.complete:
-                self.filled.flush()
-                log.info("teacher cache %s: all %d examples stored; later steps skip the teachers", self.path, self.n)
+        if self._commit(idx) and self.complete:
+            log.info("teacher cache %s: all %d examples stored; later steps skip the teachers", self.path, self.n)
 
     def report(self) -> str:
         """What reading the cache cost, checksums apart, and what was found changed (one line)."""
@@ -369,17 +247,3 @@ class TeacherCache:
         return (f"teacher cache {self.path}: reads took {self.read_s:.2f} s, of which checksums {self.verify_s:.2f} s"
                 + (f"; {bad} example(s) found changed on disk and recomputed" if bad else ""))
 
-    def flush(self) -> None:
-        self.sums.flush()
-        self.logits.flush()
-        self.lse.flush()
-        if self.hidden is not None:
-            self.hidden.flush()
-        self.filled.flush()
-        self._unflushed = 0
-
-
-def cache_dir_arg(value: str | None) -> str | None:
-    if value is not None and not str(value).strip():
-        raise UsageError("--cache-teachers: give a dir, or auto")
-    return value

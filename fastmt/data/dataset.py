@@ -95,7 +95,7 @@ class TextDataset:
         return self.text_b is not None
 
 
-def _decoded_lines(path: str, data: bytes) -> list[str]:
+def decoded_lines(path: str, data: bytes) -> list[str]:
     """Split ``data`` at ``\\n`` and decode every line as UTF-8, keeping the line endings."""
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
@@ -409,7 +409,7 @@ def read_dataset(path: str | Path, require_labels: bool = True, columns: Columns
     except OSError as e:
         raise data_error(spath, None, f"cannot be read: {e.strerror or e}",
                      "check the path and its permissions") from None
-    lines = _decoded_lines(spath, data)
+    lines = decoded_lines(spath, data)
     if ext == ".tsv":
         return _read_delimited(spath, lines, "\t", require_labels, columns)
     if ext == ".csv":

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastmt.data.dataset import Columns, Encoded, _decoded_lines, read_dataset
+from fastmt.data.dataset import Columns, Encoded, decoded_lines, read_dataset
 from fastmt.errors import UsageError, data_error
 
 IGNORE = -100
@@ -34,7 +34,7 @@ def read_texts(path: str, text_column: str | None = None) -> list[str]:
         except OSError as e:
             raise data_error(str(path), None, f"cannot be read: {e.strerror or e}",
                              "check the path and its permissions") from None
-        docs = [line.strip() for line in _decoded_lines(str(path), data)]
+        docs = [line.strip() for line in decoded_lines(str(path), data)]
         docs = [d for d in docs if d]
     else:
         ds = read_dataset(path, require_labels=False, columns=Columns(text_column, None, None))

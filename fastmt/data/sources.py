@@ -22,7 +22,7 @@ from fastmt.errors import data_error
 
 
 def _need_datasets(spec: str):
-    try:
+    try:  # optional dependency: fastmt[datasets]
         import datasets
     except ImportError:
         raise data_error(spec, None, "reading parquet files, datasets dirs and hub names needs the datasets package",
@@ -33,7 +33,7 @@ def _need_datasets(spec: str):
 
 
 def _class_names(features) -> dict[str, list[str]]:
-    from datasets import ClassLabel
+    from datasets import ClassLabel  # optional dependency: fastmt[datasets]
 
     return {k: list(v.names) for k, v in features.items() if isinstance(v, ClassLabel)}
 
@@ -55,7 +55,7 @@ def _pick_split(spec: str, dd, split: str | None):
 
 def _read_parquet(spec: str):
     _need_datasets(spec)
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # optional dependency: fastmt[datasets]
 
     try:
         table = pq.read_table(spec)

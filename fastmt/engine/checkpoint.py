@@ -16,7 +16,7 @@ import random
 import re
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import numpy as np
 import torch
@@ -26,9 +26,6 @@ from fastmt.engine.fileio import atomic_path, first_line, read_json, tensor_byte
 
 CHECKPOINT = "checkpoint"
 FORMAT = 1
-# Flags that may change between a run and its resumption; every other setting must match.
-VOLATILE = {"resume", "overwrite", "progress", "save_every", "max_bad_steps", "log_every", "eval_batch_size",
-            "cache_teachers", "cache_budget_gb", "report_to"}
 
 
 def checkpoint_dir(out_dir: str | Path) -> Path:
@@ -63,8 +60,33 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def comparable(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in VOLATILE}
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's generators (every device's) from ``--seed``: a fresh run's start."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def changed_settings(saved: dict, run_config: dict, may_change: Collection[str]) -> list[str]:
+    """The settings, sorted, whose values differ between ``saved`` (the run that wrote a checkpoint)
+    and ``run_config`` (the run resuming it), those in ``may_change`` apart."""
+    return sorted(k for k in set(saved) | set(run_config) if k not in may_change and saved.get(k) != run_config.get(k))
+
+
+def refuse_changed_settings(saved: dict, run_config: dict, may_change: Collection[str],
+                            flags: Collection[str] = ()) -> None:
+    """One line refusing a resume whose settings differ from the interrupted run's in anything but
+    ``may_change``: each (the first four) with its old and new value, named as its flag where it is one
+    of ``flags`` (the others are what a task adds to its settings, such as ``layer_maps``)."""
+    diff = changed_settings(saved, run_config, may_change)
+    if diff:
+        shown = ", ".join(f"{_as_flag(k, flags)}: {saved.get(k)!r} -> {run_config.get(k)!r}" for k in diff[:4])
+        raise UsageError(f"--resume: these settings differ from the interrupted run ({shown}); "
+                         "resume with the original flags, or start again with --overwrite")
+
+
+def _as_flag(name: str, flags: Collection[str]) -> str:
+    return f"--{name.replace('_', '-')}" if name in flags else name
 
 
 def save_checkpoint(out_dir: str | Path, state: dict[str, Any], meta: dict[str, Any]) -> Path:
@@ -123,9 +145,13 @@ def _read_state(path: Path, mmap: bool) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
-def load_checkpoint(out_dir: str | Path, run_config: dict, mmap: bool = False) -> dict:
-    """The checkpoint's state, after checking it belongs to a run with the same settings. With
-    ``mmap``, tensors are mapped, not read (a cheap check before the run starts)."""
+def load_checkpoint(out_dir: str | Path, run_config: dict | None = None, mmap: bool = False,
+                    may_change: Collection[str] | None = None, flags: Collection[str] = ()) -> dict:
+    """The checkpoint's state. With ``may_change`` (the settings class's ``RESUME_MAY_CHANGE``), it
+    is refused unless the run that wrote it had the settings of ``run_config`` but for those
+    (``refuse_changed_settings``); without, the settings are not compared (``check_resume`` compares
+    them, before the run is built). With ``mmap``, tensors are mapped, not read (a cheap check before
+    the run starts)."""
     target = checkpoint_dir(out_dir)
     if checkpoint_meta(out_dir) is None:
         raise UsageError(f"--resume: no checkpoint in {target} (a run writes one with --save-every STEPS)")
@@ -147,12 +173,8 @@ def load_checkpoint(out_dir: str | Path, run_config: dict, mmap: bool = False) -
         raise UsageError(f"--resume: {path} is not a fastmt checkpoint; start again with --overwrite")
     if state.get("format") != FORMAT:
         raise UsageError(f"--resume: {target} was written by another fastmt version (format {state.get('format')})")
-    old, new = comparable(state["run_config"]), comparable(run_config)
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if diff:
-        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
-        raise UsageError(f"--resume: these settings differ from the interrupted run ({shown}); "
-                         "resume with the original flags, or start again with --overwrite")
+    if may_change is not None:
+        refuse_changed_settings(state["run_config"], run_config or {}, may_change, flags)
     return state
 
 

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
+from fastmt.config.settings import TrainArgs
+from fastmt.engine import stopping
 from fastmt.engine.checkpoint import checkpoint_dir
-from fastmt.errors import FastmtError, WriteFailed, size_text
 from fastmt.engine.fileio import append_jsonl
-
-if TYPE_CHECKING:
-    from fastmt.engine.runstate import RunState
-    from fastmt.config.settings import TrainArgs
+from fastmt.engine.runstate import RunState, save_run
+from fastmt.errors import FastmtError, WriteFailed, size_text
 
 
 class TrainingStopped(FastmtError):
@@ -41,7 +40,7 @@ class Progress:
     saved_epoch: int = 0  # epoch of the model this run saved last
 
 
-def stop_if_diverged(state: "RunState", args: "TrainArgs", epoch: int, out_dir: Path, faults: Callable[[], str] | None,
+def stop_if_diverged(state: RunState, args: TrainArgs, epoch: int, out_dir: Path, faults: Callable[[], str] | None,
                      write: bool) -> None:
     """Raise :class:`TrainingStopped` once the loss has been non-finite for --max-bad-steps steps in a row
     (``state.worst_run``: one host read), after a ``stopped`` row in metrics.jsonl (where ``write``)."""
@@ -61,7 +60,7 @@ def stop_if_diverged(state: "RunState", args: "TrainArgs", epoch: int, out_dir: 
         f"Usual fixes: a lower --lr, --precision fp32, or checking the teachers and the data")
 
 
-def write_failed(e: WriteFailed, progress: Progress, args: "TrainArgs", out_dir: Path, desc: str) -> FastmtError:
+def write_failed(e: WriteFailed, progress: Progress, args: TrainArgs, out_dir: Path, desc: str) -> FastmtError:
     """The one line for a failed write (a full disk): what was written and what is kept, and how to go on
     (``--resume`` where a checkpoint was written)."""
     try:  # the reason in the log too, where the disk still takes a line
@@ -96,13 +95,10 @@ def write_failed(e: WriteFailed, progress: Progress, args: "TrainArgs", out_dir:
     return FastmtError(f"{desc}: {e}; {told}. Nothing already on disk was lost; {kept}. To recover, {then}")
 
 
-def stop_on_signal(state: "RunState", parts, run_config: dict, epoch: int, done: int, steps_per_epoch: int,
-                   args: "TrainArgs", out_dir: Path, desc: str) -> None:
+def stop_on_signal(state: RunState, parts, run_config: dict, epoch: int, done: int, steps_per_epoch: int,
+                   args: TrainArgs, out_dir: Path, desc: str) -> None:
     """After the step a SIGTERM/SIGINT arrived in: a checkpoint, a ``stopped`` row, and the one line on how
     to go on (:class:`StoppedBySignal`). Only single-process runs catch the signals (``fastmt.engine.stopping``)."""
-    from fastmt.engine import stopping
-    from fastmt.engine.runstate import save_run
-
     signum = stopping.requested()
     state.lap()
     save_run(out_dir, state, parts, run_config, epoch, done, steps_per_epoch)

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import tempfile
 from datetime import datetime, timezone
 from contextlib import contextmanager
@@ -278,8 +279,6 @@ def _roll_forward(out_dir: Path) -> None:
 def _fault_in_commit(name: str) -> None:
     """Fault injection for tests: ``FASTMT_FAULT_KILL_IN_COMMIT=NAME`` dies right after NAME is moved."""
     if os.environ.get("FASTMT_FAULT_KILL_IN_COMMIT") == name:
-        import signal
-
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from fastmt.engine.checkpoint import checkpoint_dir, fault_after_step
 from fastmt.data.dataset import Encoded, host_to, iterate_batches, num_batches, to_device
@@ -64,8 +65,6 @@ class RunResult:
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False, unit="step")
 
 

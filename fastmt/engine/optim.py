@@ -8,13 +8,12 @@ device, and every gradient has one buffer of its own for the whole run (``GradBu
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable
 
 import torch
 import torch.nn as nn
 
-if TYPE_CHECKING:
-    from fastmt.config.settings import TrainArgs
+from fastmt.config.settings import TrainArgs
 
 
 class LinearSchedule:
@@ -70,7 +69,7 @@ class LinearSchedule:
 HEAD_PREFIXES = ("head.", "adapters.")  # a co-finetuning's freshly initialised shared head and adapters
 
 
-def make_optimizer(model: nn.Module, args: "TrainArgs", total_steps: int, device: torch.device):
+def make_optimizer(model: nn.Module, args: TrainArgs, total_steps: int, device: torch.device):
     """AdamW (no decay on biases and norms) with linear warm-up then linear decay to 0.
 
     On CUDA: the fused, capturable AdamW (step counts, learning rate and the fp16 skip flag all live on

@@ -10,6 +10,8 @@ folder as one unit.
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import json
 import logging
 import os
@@ -39,8 +41,6 @@ def _read(fd: int) -> dict:
 
 def hold(out: str | Path, flag: str = "--out") -> None:
     """Take the lock of ``out`` for this process (again: nothing to do), or refuse in one line."""
-    import fcntl
-
     key = Path(out).resolve()
     if key in _held:
         return
@@ -83,8 +83,6 @@ def release(out: str | Path) -> None:
 def released(fn):
     """``fn`` (a task) gives back whatever --out lock it took, however it ends: a run refused after
     the check, or one that failed, does not keep its folder from the next run in this process or another."""
-    import functools
-
     @functools.wraps(fn)
     def run(*args, **kwargs):
         before = set(_held)

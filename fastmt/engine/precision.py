@@ -8,7 +8,10 @@ import os
 
 import torch
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from fastmt import choices
+
+# The dtype of each --precision name (fastmt.choices.PRECISIONS), in its order.
+PRECISIONS = dict(zip(choices.PRECISIONS, (torch.float32, torch.float16, torch.bfloat16), strict=True))
 
 
 COMPILE_BACKEND_ENV = "FASTMT_COMPILE_BACKEND"  # e.g. "eager": Dynamo's tracing alone (tests, debugging)

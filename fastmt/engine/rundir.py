@@ -3,6 +3,7 @@ has been checked, and held against the settings of the run that ``--resume`` con
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -59,9 +60,12 @@ def start_out_dir(d: Path, resume_metrics_bytes: int | None = None) -> None:
 
 
 def check_resume(args: TrainArgs, out_dir: Path, run_config: dict) -> None:
-    """With --resume, refuse changed settings before anything else is said or built."""
+    """With --resume, refuse changed settings before anything else is said or built: any but those
+    the settings class lets a resume change (``RESUME_MAY_CHANGE``: a task whose loss a flag changes
+    keeps it out), in one line naming each by its flag, with its old and new value."""
     if args.resume:
-        state = load_checkpoint(out_dir, run_config, mmap=True)
+        state = load_checkpoint(out_dir, run_config, mmap=True, may_change=type(args).RESUME_MAY_CHANGE,
+                                flags={f.name for f in dataclasses.fields(args)})
         counters = state.get("counters")
         _check_metrics(out_dir / "metrics.jsonl", int(counters.get("metrics_bytes", 0)) if isinstance(counters, dict) else 0)
 

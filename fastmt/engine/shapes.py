@@ -18,6 +18,7 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+import torch._dynamo.config as dynamo_config
 
 from fastmt.engine.distributed import World, shard_bounds
 from fastmt.errors import UsageError
@@ -90,20 +91,17 @@ def shape_plan(encodings: dict, n: int, batch_size: int, buckets: list[int], wor
 
 
 def dynamo_limit() -> int:
-    import torch._dynamo.config as cfg
-
-    return int(getattr(cfg, "recompile_limit", getattr(cfg, "cache_size_limit", 8)))
+    return int(getattr(dynamo_config, "recompile_limit", getattr(dynamo_config, "cache_size_limit", 8)))
 
 
 def fit_dynamo_limits(shapes: int, functions: int) -> None:
     """Let each compiled function make ``shapes`` graphs, and all ``functions`` together as many."""
-    import torch._dynamo.config as cfg
-
-    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    setattr(cfg, name, max(getattr(cfg, name), shapes))
-    total = "accumulated_recompile_limit" if hasattr(cfg, "accumulated_recompile_limit") else "accumulated_cache_size_limit"
-    if hasattr(cfg, total):
-        setattr(cfg, total, max(getattr(cfg, total), shapes * functions))
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo_config, name, max(getattr(dynamo_config, name), shapes))
+    total = ("accumulated_recompile_limit" if hasattr(dynamo_config, "accumulated_recompile_limit")
+             else "accumulated_cache_size_limit")
+    if hasattr(dynamo_config, total):
+        setattr(dynamo_config, total, max(getattr(dynamo_config, total), shapes * functions))
 
 
 def plan(args, encodings: dict, n: int, world: World | None, buckets: list[int], auto: bool, functions: int) -> str:

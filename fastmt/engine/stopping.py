@@ -10,6 +10,7 @@ signal after a different step, and torchrun already stops them all.
 
 from __future__ import annotations
 
+import shlex
 import signal
 import threading
 from contextlib import contextmanager
@@ -51,8 +52,6 @@ def name(signum: int) -> str:
 
 def resume_hint() -> str:
     """How to go on: the same command with ``--resume`` (``--overwrite`` dropped), or its Python form."""
-    import shlex
-
     if command_line is None:
         return "run it again with resume=True"
     argv = [a for a in command_line if a != "--overwrite"]

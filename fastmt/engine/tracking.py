@@ -10,9 +10,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from fastmt.choices import TRACKERS
 from fastmt.errors import UsageError
-
-TRACKERS = ("none", "tensorboard")
 
 
 class Tracker:
@@ -24,7 +23,7 @@ class Tracker:
             return
         if kind != "tensorboard":
             raise UsageError(f"--report-to {kind}: choose one of {', '.join(TRACKERS)}")
-        try:
+        try:  # optional dependency: fastmt[tensorboard]
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise UsageError("--report-to tensorboard needs the tensorboard package: pip install tensorboard "

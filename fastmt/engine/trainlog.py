@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from fastmt.engine.distributed import World, mean_over_world
 from fastmt.engine.fileio import append_jsonl
+from fastmt.engine.runstate import RunState
 from fastmt.engine.tracking import Tracker
-
-if TYPE_CHECKING:
-    from fastmt.engine.runstate import RunState
 
 log = logging.getLogger("fastmt")
 
@@ -32,7 +30,7 @@ class RunLog:
             append_jsonl(self.metrics, row)
             self.tracker.log(row)
 
-    def train(self, state: "RunState", epoch: int, lr: float, scaler) -> tuple[float, float]:
+    def train(self, state: RunState, epoch: int, lr: float, scaler) -> tuple[float, float]:
         """The ``train`` row of the window that ends here (means over its finite steps and over
         processes); the window starts again. Returns the mean loss and samples/s for the progress bar."""
         world = self.world
@@ -64,7 +62,7 @@ class RunLog:
             self.write({"event": "eval", "epoch": epoch, "step": step, **scores, "best": improved})
             log.info("%s epoch %d: %s", self.desc, epoch, ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
 
-    def done(self, state: "RunState", metric: str, sps: float) -> None:
+    def done(self, state: RunState, metric: str, sps: float) -> None:
         if self.world.is_main:
             append_jsonl(self.metrics, {"event": "done", "best_epoch": state.best_epoch, "best_dev_accuracy": state.best_accuracy,
                                         "metric": metric, "best_dev_score": state.best, "train_s": state.train_time,

@@ -28,19 +28,20 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+from fastmt.data import dataset  # tokenizer_key looked up at each call: a stand-in set on the module reaches it
 from fastmt.errors import UsageError
 from fastmt.engine.fileio import (first_line, load_tensors, read_json, read_problem, reading, save_tensors, staged_set,
                        tensor_bytes, write_json)
 from fastmt.losses import layer_map
+from fastmt.models.hf import CodeHead, fold_adapter, is_code_dir, load_seq_cls, save_seq_cls
 from fastmt.models.modeldir import (STUDENT_KIND, TEACHERS_KIND, encoder_config_dict, encoder_from_config,  # noqa: F401
                              fastmt_block, fitting, quiet_transformers, read_run_kind, recover_dir)
 
 STUDENT_WEIGHTS = "fastmt.safetensors"  # a student's head and projections, beside the stock model.safetensors
 TOKENIZER_BYTES = 1 << 20  # room for a saved tokenizer and config in the estimate of a save's size
-
-
-POOLINGS = ("cls", "mean")
 
 
 def pool(last: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
@@ -116,8 +117,6 @@ def _check_file(path: Path) -> None:
     if path.suffix == ".json":
         read_json(path)
     elif path.suffix == ".safetensors":
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             f.keys()
     elif path.suffix in (".bin", ".pt", ".pth"):
@@ -167,13 +166,9 @@ def _check_loading(source: str, info: dict, flag: str, fix: str) -> None:
 def load_encoder(source: str | Path, flag: str = "--teacher", fix: str = FIX_SOURCE) -> nn.Module:
     """``AutoModel.from_pretrained`` in float32, without the model's own pooler where it has one.
     A damaged file or weights that do not fit config.json are one line naming the file and ``fix``."""
-    from transformers import AutoModel
-
     quiet_transformers()
     source = str(source)
     d = Path(source)
-    from fastmt.models.hf import is_code_dir, load_seq_cls
-
     if d.is_dir() and is_code_dir(d):
         return load_seq_cls(d, fix)[0]  # a teacher whose head has no stock form (fastmt.models.hf)
     kw = dict(dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True, trust_remote_code=False)
@@ -192,8 +187,6 @@ def load_encoder(source: str | Path, flag: str = "--teacher", fix: str = FIX_SOU
 
 
 def load_tokenizer(source: str | Path, flag: str = "--teacher", fix: str = FIX_SOURCE):
-    from transformers import AutoTokenizer
-
     quiet_transformers()
     d = Path(source)
     try:
@@ -342,8 +335,6 @@ class Teachers(nn.Module):
     def __init__(self, encoders: Sequence[nn.Module], tokenizers: Sequence, names: Sequence[str], num_labels: int,
                  pooling: str = "cls"):
         super().__init__()
-        from fastmt.data.dataset import tokenizer_key
-
         self.pooling = pooling
 
         if not encoders:
@@ -351,7 +342,7 @@ class Teachers(nn.Module):
         self.encoders = nn.ModuleList(encoders)
         self.tokenizers = list(tokenizers)
         self.names = list(names)
-        self.keys = [tokenizer_key(t) for t in self.tokenizers]
+        self.keys = [dataset.tokenizer_key(t) for t in self.tokenizers]
         self.hidden_size = hidden_size(encoders[0])
         self.num_labels = num_labels
         self.adapters = nn.ModuleList(
@@ -387,8 +378,6 @@ class Teachers(nn.Module):
 
     def save(self, out_dir: str | Path, run_config: dict, label_names: list[str]) -> None:
         """Write the teachers into ``out_dir``: teacher dirs, head and config.json as one unit (``staged_set``)."""
-        from fastmt.models.hf import CodeHead, fold_adapter, save_seq_cls
-
         entries = []
         need = sum(tensor_bytes(e.state_dict()) + TOKENIZER_BYTES for e in self.encoders) + tensor_bytes(self.head_state())
         with staged_set(out_dir, need) as stage:
@@ -484,13 +473,11 @@ class Student(nn.Module):
     def __init__(self, encoder: nn.Module, tokenizer, num_labels: int, num_teachers: int, teacher_hidden: int,
                  pooling: str = "cls"):
         super().__init__()
-        from fastmt.data.dataset import tokenizer_key
-
         self.pooling = pooling  # the student reads its tokens the way its teachers' head does
 
         self.encoder = encoder
         self.tokenizer = tokenizer
-        self.key = tokenizer_key(tokenizer)
+        self.key = dataset.tokenizer_key(tokenizer)
         self.num_labels = num_labels
         ds = hidden_size(encoder)
         self.head = SharedHead(ds, num_labels, _dropout(encoder))
@@ -523,8 +510,6 @@ class Student(nn.Module):
     def _save_into(self, out_dir: Path, run_config: dict, label_names: list[str], extra: dict | None) -> None:
         """A stock ``*ForSequenceClassification`` dir (``fastmt.models.hf``); fastmt's settings under config.json's
         ``fastmt`` key, the head and projections also in fastmt.safetensors."""
-        from fastmt.models.hf import CodeHead, save_seq_cls
-
         block = {
             "kind": STUDENT_KIND,
             "num_labels": self.num_labels,
@@ -554,8 +539,6 @@ class Student(nn.Module):
                 encoder = encoder_from_config(cfg["encoder"])
             weights = student_dir / "model.safetensors"
         else:
-            from fastmt.models.hf import load_seq_cls
-
             weights = student_dir / STUDENT_WEIGHTS
             if not weights.is_file():
                 raise UsageError(f"{flag} {student_dir}: no {STUDENT_WEIGHTS}")
@@ -648,8 +631,6 @@ def build_student(spec: StudentSpec, teachers: Teachers, init_from: Teachers | N
         encoder, tokenizer = load_model_dir(path, "--student-init")
     else:
         # A config-only directory: a fresh encoder of that shape (its tokenizer, else teacher 0's).
-        from transformers import AutoConfig
-
         quiet_transformers()
         with reading(path / "config.json", FIX_SOURCE):
             encoder = encoder_from_config({**AutoConfig.from_pretrained(str(path), trust_remote_code=False).to_dict()})

@@ -23,8 +23,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from fastmt.engine.fileio import atomic_write_text, save_tensors
+from fastmt.engine.fileio import atomic_write_text, load_tensors, read_json, reading, save_tensors, write_json
+from fastmt.errors import UsageError
+from fastmt.models.modeldir import encoder_config_dict, encoder_from_config, fitting
 
 # model_type -> (name of the head's dense layer, name of its output layer) in the stock class.
 HEADS = {
@@ -43,8 +46,6 @@ CODE_CLASS = "FastmtForSequenceClassification"
 
 def seq_cls_config(encoder: nn.Module, label_names: list[str]):
     """The encoder's config as a ``*ForSequenceClassification`` config with fastmt's label names."""
-    from transformers import AutoConfig
-
     d = encoder.config.to_dict()
     for k in ("_name_or_path", "architectures", "id2label", "label2id", "num_labels", "transformers_version",
               "dtype", "torch_dtype", "fastmt"):
@@ -57,8 +58,6 @@ def seq_cls_config(encoder: nn.Module, label_names: list[str]):
 
 def _stock_keys(cfg) -> tuple[str, set[str]] | None:
     """(base prefix, every weight name) of the stock class for ``cfg``; None if there is none."""
-    from transformers import AutoModelForSequenceClassification
-
     try:
         with torch.device("meta"):
             model = AutoModelForSequenceClassification.from_config(cfg)
@@ -164,9 +163,6 @@ def save_code_dir(out_dir: Path, encoder: nn.Module, head: CodeHead, label_names
                   why: str) -> None:
     """The remote-code form: config.json of model type ``CODE_TYPE`` with ``auto_map`` naming the
     modeling file copied beside it, and ``model.safetensors`` under that file's names."""
-    from fastmt.engine.fileio import write_json
-    from fastmt.models.modeldir import encoder_config_dict
-
     enc_cfg = encoder_config_dict(encoder)
     width = int(encoder.config.hidden_size)
     size = int(head.dense.weight.shape[0])
@@ -200,8 +196,6 @@ def save_code_dir(out_dir: Path, encoder: nn.Module, head: CodeHead, label_names
 
 def is_code_dir(model_dir: Path) -> bool:
     """Whether ``model_dir`` holds a model in the remote-code form (or the older encoder-only form)."""
-    from fastmt.engine.fileio import read_json
-
     model_dir = Path(model_dir)
     if (model_dir / ENCODER_WEIGHTS).is_file() and not (model_dir / "model.safetensors").is_file():
         return True
@@ -217,11 +211,6 @@ def load_seq_cls(model_dir: Path, fix: str = "write it again with fastmt, or res
     and its head's weights as ``dense.weight/bias``, ``classifier.weight/bias`` (and ``adapter.*`` in
     the remote-code form; empty when the dir holds the encoder only). A damaged file, or weights that do not fit config.json, is one line
     naming the file and ``fix``."""
-    from transformers import AutoConfig
-
-    from fastmt.engine.fileio import load_tensors, read_json, reading
-    from fastmt.models.modeldir import encoder_from_config, fitting
-
     config = model_dir / "config.json"
     code = False
     with reading(config, fix):
@@ -261,8 +250,6 @@ def load_seq_cls(model_dir: Path, fix: str = "write it again with fastmt, or res
         missing, unexpected = encoder.load_state_dict(enc_state, strict=False)
     missing = [k for k in missing if not k.endswith(("position_ids", "token_type_ids"))]
     if missing or unexpected:
-        from fastmt.errors import UsageError
-
         raise UsageError(f"{weights} does not fit the model its config.json describes (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}); {fix}")
     return encoder, head

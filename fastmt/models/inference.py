@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import torch
 
 from fastmt.data.dataset import Encoded, iterate_batches, to_device
 from fastmt.engine.precision import autocast
-
-if TYPE_CHECKING:
-    from fastmt.models.classifier import Student, Teachers
+from fastmt.models.classifier import Student, Teachers
 
 
 @torch.inference_mode()
-def teacher_logits(teachers: "Teachers", enc: dict[str, Encoded], n: int, batch_size: int, buckets, device, precision="fp32",
+def teacher_logits(teachers: Teachers, enc: dict[str, Encoded], n: int, batch_size: int, buckets, device, precision="fp32",
                    timings: list[float] | None = None) -> torch.Tensor:
     """Logits of every teacher over a whole set: ``[T, n, C]`` (float32, on the CPU).
 
@@ -38,7 +35,7 @@ def teacher_logits(teachers: "Teachers", enc: dict[str, Encoded], n: int, batch_
 
 
 @torch.inference_mode()
-def student_logits(student: "Student", enc: dict[str, Encoded], n: int, batch_size: int, buckets, device, precision="fp32") -> torch.Tensor:
+def student_logits(student: Student, enc: dict[str, Encoded], n: int, batch_size: int, buckets, device, precision="fp32") -> torch.Tensor:
     student.eval()
     out = torch.empty(n, student.num_labels)
     for batch in iterate_batches({student.key: enc[student.key]}, [0] * n, batch_size, buckets, shuffle=False,

@@ -13,17 +13,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch.nn as nn
+import transformers
+from transformers import AutoConfig, AutoModel
 
-from fastmt.errors import UsageError
 from fastmt.engine.fileio import read_json, reading, recover
+from fastmt.errors import UsageError
 
 TEACHERS_KIND = "fastmt-teachers"
 STUDENT_KIND = "fastmt-student"
 
 
 def quiet_transformers() -> None:
-    import transformers
-
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -31,8 +31,6 @@ def quiet_transformers() -> None:
 
 
 def encoder_from_config(config_dict: dict) -> nn.Module:
-    from transformers import AutoConfig, AutoModel
-
     quiet_transformers()
     cfg = dict(config_dict)
     model_type = cfg.pop("model_type")

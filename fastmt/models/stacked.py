@@ -26,6 +26,9 @@ import copy
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call, stack_module_state
+
+from fastmt.models.classifier import encode_hidden, pool
 
 
 def teacher_groups(teachers) -> list[tuple[int, ...]]:
@@ -203,8 +206,6 @@ class VmapTeachers:
     """Any architecture: ``vmap(functional_call)`` over the stacked parameters of one template module."""
 
     def __init__(self, teachers, idx: tuple[int, ...]):
-        from torch.func import stack_module_state
-
         self.teachers, self.idx = teachers, idx
         encoders = [teachers.encoders[i] for i in idx]
         adapters = [teachers.adapters[i] for i in idx]
@@ -219,10 +220,6 @@ class VmapTeachers:
         self.adapter_base = copy.deepcopy(adapters[0]).to("meta")
 
     def forward(self, inputs, hidden_indices):
-        from torch.func import functional_call
-
-        from fastmt.models.classifier import encode_hidden, pool
-
         want = hidden_indices is not None
         layers = sorted({j for m in hidden_indices for j in m}) if want else []
 
@@ -250,6 +247,4 @@ class _Bound:
         self.module, self.params, self.buffers, self.config = module, params, buffers, module.config
 
     def __call__(self, **kwargs):
-        from torch.func import functional_call
-
         return functional_call(self.module, (self.params, self.buffers), (), kwargs)

@@ -23,9 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from fastmt.errors import UsageError
+from fastmt.data.dataset import read_dataset
+from fastmt.engine.fileio import atomic_write_text
 from fastmt.engine.machine import device_name
+from fastmt.errors import UsageError
+from fastmt.models.classifier import Student, Teachers
+from fastmt.serve.onnx import ServedClassifier, export_model, require_onnx
 
 
 @dataclass
@@ -45,10 +50,6 @@ class Row:
 
 def _served(student, teachers):
     """(name, [(ServedClassifier, tokenizer)]) per model; an ensemble lists every teacher."""
-    from torch import nn
-
-    from fastmt.serve.onnx import ServedClassifier
-
     parts = [ServedClassifier(student.encoder, nn.Identity(), student.head, student.pooling).eval()]
     models = [("student", [(parts[0], student.tokenizer)])]
     each = []
@@ -63,9 +64,7 @@ def _served(student, teachers):
 
 def _sessions(models, onnx_dirs: list[Path], threads: int):
     """An ONNX Runtime session per ServedClassifier (exported on first need), keyed by id."""
-    import onnxruntime as ort
-
-    from fastmt.serve.onnx import export_model
+    import onnxruntime as ort  # optional dependency: fastmt[onnx]
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -85,9 +84,6 @@ def _sessions(models, onnx_dirs: list[Path], threads: int):
 
 def run_bench(student_dir: str, teachers_dir: str, data: str, batch_sizes=(1, 32), batches: int = 40,
               max_length: int | None = None, onnx: bool = True, warmup: int = 3, progress=None) -> dict:
-    from fastmt.data.dataset import read_dataset
-    from fastmt.models.classifier import Student, Teachers
-
     student, scfg = Student.load(student_dir, "--student")
     teachers, _ = Teachers.load(teachers_dir, "--teachers")
     max_length = max_length or int(scfg.get("run", {}).get("max_length", 128))
@@ -98,8 +94,6 @@ def run_bench(student_dir: str, teachers_dir: str, data: str, batch_sizes=(1, 32
     models = _served(student, teachers)
     sessions = {}
     if onnx:
-        from fastmt.serve.onnx import require_onnx
-
         require_onnx()
         dirs = [Path(student_dir)] + [Path(teachers_dir) / f"teacher_{i}" for i in range(len(teachers))]
         with tempfile.TemporaryDirectory(prefix="fastmt-serve-") as tmp:  # sessions hold the graphs in memory
@@ -150,7 +144,7 @@ def run_bench(student_dir: str, teachers_dir: str, data: str, batch_sizes=(1, 32
 
 
 def _ort_version() -> str:
-    import onnxruntime
+    import onnxruntime  # optional dependency: fastmt[onnx]
 
     return onnxruntime.__version__
 
@@ -165,6 +159,4 @@ def format_table(res: dict) -> str:
 
 
 def write_json(path: str, res: dict) -> None:
-    from fastmt.engine.fileio import atomic_write_text
-
     atomic_write_text(Path(path), json.dumps(res, indent=1) + "\n")

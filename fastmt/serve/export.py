@@ -16,14 +16,15 @@ import shutil
 from pathlib import Path
 
 from fastmt.errors import UsageError
+from fastmt.models.classifier import Student, Teachers
+from fastmt.models.hf import is_code_dir
+from fastmt.models.modeldir import STUDENT_KIND, TEACHERS_KIND, read_run_kind
 
 STUDENT_KEYS = {"kind", "encoder", "num_labels", "num_teachers", "teacher_hidden", "label_names", "run", "model_type"}
 
 
 def run_dir_kind(model_dir: str) -> tuple[Path, str]:
     """``(dir, kind)`` of a student or teachers dir named by ``--model``, or one line saying what it is not."""
-    from fastmt.models.classifier import STUDENT_KIND, TEACHERS_KIND, read_run_kind
-
     src = Path(model_dir)
     kind = read_run_kind(src, strict=True)
     if kind not in (STUDENT_KIND, TEACHERS_KIND):
@@ -34,8 +35,6 @@ def run_dir_kind(model_dir: str) -> tuple[Path, str]:
 
 
 def export_dir(model_dir: str, out: str | None = None) -> dict:
-    from fastmt.models.classifier import STUDENT_KIND, Student, Teachers
-
     src, kind = run_dir_kind(model_dir)
     dst = Path(out) if out else src
     if dst != src:
@@ -52,7 +51,5 @@ def export_dir(model_dir: str, out: str | None = None) -> dict:
     else:
         teachers, cfg = Teachers.load(src, "--model")
         teachers.save(dst, cfg.get("run", {}), list(cfg["label_names"]))
-    from fastmt.models.hf import is_code_dir
-
     stock = not any(is_code_dir(d) for d in [dst, *sorted(dst.glob("teacher_*"))] if d.is_dir())
     return {"kind": "student" if kind == STUDENT_KIND else "teachers", "out": str(dst), "stock": stock}

@@ -12,6 +12,7 @@ The exporter and the runtime are optional: ``pip install "fastmt[onnx]"``.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -24,7 +25,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastmt.engine.fileio import first_line
 from fastmt.errors import UsageError
+from fastmt.models.classifier import Student, Teachers, encode_hidden, pool
+from fastmt.models.modeldir import STUDENT_KIND
+from fastmt.serve.export import run_dir_kind
 
 TOLERANCE = 1e-4  # float32 logits, ONNX Runtime vs PyTorch
 SINGLE_FILE_BYTES = 1_800_000_000  # under protobuf's 2 GB limit: weights inside model.onnx, else beside it
@@ -45,8 +50,6 @@ def _quiet(*names: str):
 
 def require_onnx() -> None:
     """One line naming what is missing and the extra that installs it."""
-    import importlib
-
     missing = []
     for name in ("onnx", "onnxscript", "onnxruntime"):
         try:
@@ -70,8 +73,6 @@ class ServedClassifier(nn.Module):
         return ["input_ids", "attention_mask"] + (["token_type_ids"] if self.reads_token_types else [])
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
-        from fastmt.models.classifier import encode_hidden, pool
-
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
         last, _ = encode_hidden(self.encoder, inputs, False)
         return self.head(self.adapter(pool(last, attention_mask, self.pooling)))
@@ -93,7 +94,7 @@ def _feeds(model: ServedClassifier, tokenizer, texts: list[str]) -> dict:
 def export_model(model: ServedClassifier, tokenizer, path: Path) -> float:
     """Write ``path`` (and ``path.data`` for weights over ~1.8 GB) once ONNX Runtime reproduces the
     model's logits on ragged batches; the largest difference seen."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional dependency: fastmt[onnx]
 
     model = model.eval()
     names = model.input_names
@@ -112,8 +113,6 @@ def export_model(model: ServedClassifier, tokenizer, path: Path) -> float:
                                   input_names=names, output_names=["logits"], dynamic_shapes=shapes, dynamo=True,
                                   verbose=False, external_data=weights > SINGLE_FILE_BYTES)
         except Exception as e:  # the exporter's errors are long; the first line says what it met
-            from fastmt.engine.fileio import first_line
-
             why = re.sub(r"\x1b\[[0-9;]*m", "", first_line(e))  # the exporter colours its messages
             raise UsageError(f"{path}: torch.onnx could not export this model ({why})") from e
         sess = ort.InferenceSession(str(staged), providers=["CPUExecutionProvider"])
@@ -138,9 +137,6 @@ def export_onnx(model_dir: str, out: str | None = None) -> dict:
     """``model.onnx`` for a student dir, or ``teacher_i/model.onnx`` for each teacher of a teachers
     dir, beside the model (or under ``out``, with the tokenizer)."""
     require_onnx()
-    from fastmt.serve.export import run_dir_kind
-    from fastmt.models.classifier import STUDENT_KIND, Student, Teachers
-
     src, kind = run_dir_kind(model_dir)
     dst = Path(out) if out else src
     jobs = []

@@ -19,7 +19,12 @@ from pathlib import Path
 
 import torch
 
+from fastmt.data.dataset import encode, read_dataset, tokenizer_key
+from fastmt.engine.fileio import atomic_write_text
 from fastmt.errors import UsageError
+from fastmt.models.classifier import Student, Teachers, check_tokenizer_on, fit_max_length, tokenizer_source
+from fastmt.models.inference import student_logits, teacher_logits
+from fastmt.models.modeldir import STUDENT_KIND, TEACHERS_KIND, read_run_kind
 
 OUT_EXTENSIONS = (".tsv", ".csv", ".jsonl", ".json")
 
@@ -38,10 +43,6 @@ class LoadedModel:
 
     def logits(self, ds, batch_size: int = 128, max_length: int | None = None, timings: list[float] | None = None) -> torch.Tensor:
         """``[n, C]`` for a student, ``[T, n, C]`` for teachers (float32, on the CPU)."""
-        from fastmt.data.dataset import encode, tokenizer_key
-        from fastmt.models.classifier import check_tokenizer_on, fit_max_length, tokenizer_source
-        from fastmt.models.inference import student_logits, teacher_logits
-
         if batch_size < 1:
             raise UsageError(f"--batch-size {batch_size}: must be at least 1")
         encoders = list(self.model.encoders) if self.kind == "teachers" else [self.model.encoder]
@@ -60,8 +61,6 @@ class LoadedModel:
 
 
 def load_model(model_dir: str | Path, device: torch.device, flag: str = "--model") -> LoadedModel:
-    from fastmt.models.classifier import STUDENT_KIND, TEACHERS_KIND, Student, Teachers, read_run_kind
-
     kind = read_run_kind(model_dir, strict=True)
     if kind is None:
         if not Path(model_dir).is_dir():
@@ -93,9 +92,6 @@ def _check_out(out: str) -> str:
 def predict_file(model_dir: str, data: str, out: str, device: torch.device, batch_size: int = 128,
                  max_length: int | None = None, columns=None) -> dict:
     """Write predictions for every row of ``data`` into ``out``; returns a summary."""
-    from fastmt.data.dataset import read_dataset
-    from fastmt.engine.fileio import atomic_write_text
-
     ext = _check_out(out)  # before loading anything: a wrong --out is found at once
     model = load_model(model_dir, device)
     ds = read_dataset(data, require_labels=False, columns=columns)

@@ -23,6 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+from fastmt.config.settings import DistillArgs, TrainArgs
+from fastmt.models.classifier import Teachers, count_parameters
+from fastmt.models.modeldir import quiet_transformers
+from fastmt.tasks.classification.cofinetune import cofinetune
+from fastmt.tasks.classification.distill import distill
+from fastmt.tasks.classification.evaluate import evaluate_dir
 
 SUBJECTS = ["the movie", "the plot", "the acting", "the music", "the ending", "the cast", "the script",
             "the pacing", "the dialogue", "the camera work", "the story", "the film"]
@@ -115,9 +124,6 @@ def build_tokenizer(out_dir: Path, reverse: bool = False, extra_words: tuple[str
     gives other ids (handy to exercise teachers whose tokenizers differ). ``split_punctuation`` also
     splits "good," into "good" and ",": texts with commas get other lengths than with the default.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     words = sorted({w for phrase in SUBJECTS + POSITIVE + NEGATIVE + ADVERBS for w in phrase.split()}
                    | {"was", "not", "but", "and", "although", ","})
     words = (words[::-1] if reverse else words) + list(extra_words)
@@ -148,10 +154,6 @@ STUDENT = Shape("student", 2, 64, 2)
 
 
 def build_encoder(shape: Shape, tokenizer, out_dir: Path, seed: int, positions: int = 64) -> Path:
-    from transformers import BertConfig, BertModel
-
-    from fastmt.models.modeldir import quiet_transformers
-
     quiet_transformers()
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=shape.hidden, num_hidden_layers=shape.layers,
@@ -165,12 +167,6 @@ def build_encoder(shape: Shape, tokenizer, out_dir: Path, seed: int, positions: 
 
 def run_demo(out: str | None = None, seed: int = 0, fast: bool = False, progress: bool = True) -> list[dict]:
     """Build everything, train everything, print one table; returns its rows."""
-    from fastmt.config.settings import DistillArgs, TrainArgs
-    from fastmt.tasks.classification.cofinetune import cofinetune
-    from fastmt.tasks.classification.distill import distill
-    from fastmt.tasks.classification.evaluate import evaluate_dir
-    from fastmt.models.classifier import count_parameters
-
     with tempfile.TemporaryDirectory(prefix="fastmt-demo-") as tmp:
         root = Path(out) if out else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
@@ -206,8 +202,6 @@ def run_demo(out: str | None = None, seed: int = 0, fast: bool = False, progress
 
         dev = str(data / "dev.tsv")
         teach = evaluate_dir(str(root / "teachers"), dev)
-        from fastmt.models.classifier import Teachers
-
         teachers, _ = Teachers.load(root / "teachers")
         rows = []
         for i, t in enumerate(teach["teachers"]):

@@ -46,6 +46,7 @@ import argparse
 import base64
 import contextlib
 import functools
+import importlib
 import io
 import itertools
 import json
@@ -60,6 +61,21 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
+
+try:  # Triton is optional: without it this module still loads, and toolchain_problem says why nothing builds
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import JITFunction, compute_cache_key, create_function_from_signature
+
+    from fastmt.kernels import hidden_mse, kl, lm_kl
+
+    _NO_TRITON: str | None = None
+except ImportError as e:
+    _NO_TRITON = str(e)
 
 # Per-block shared memory a kernel may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin).
 SHARED_LIMIT = {90: 232448, 80: 166912}
@@ -194,10 +210,6 @@ _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "fl
 
 def launches_of(case: Case) -> list:
     """The launcher's own Launches for this case's inputs, in launch order, built from meta tensors."""
-    import torch
-
-    from fastmt.kernels import hidden_mse, kl, lm_kl
-
     p = case.p
 
     def meta(shape, dtype):
@@ -288,8 +300,6 @@ def _jit_of(kernel):
     """A JITFunction for ``kernel``: itself, or under TRITON_INTERPRET (where @triton.jit returns an
     InterpretedFunction) one made from the same Python function and decorator arguments. Only its
     parameter list is used here; compiling happens in the workers."""
-    from triton.runtime.jit import JITFunction
-
     if isinstance(kernel, JITFunction):
         return kernel
     if id(kernel) not in _jits:
@@ -299,18 +309,12 @@ def _jit_of(kernel):
 
 @functools.lru_cache(maxsize=None)
 def _backend(arch: int):
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-
     target = GPUTarget("cuda", arch, WARP_SIZE)
     return target, make_backend(target)
 
 
 def specialize(launch, arch: int, label: str = "") -> Spec:
     """The compilation ``launch`` would trigger on an sm_``arch`` GPU, as ``JITFunction.run`` derives it."""
-    from triton import knobs
-    from triton.runtime.jit import JITFunction, compute_cache_key, create_function_from_signature
-
     if not hasattr(JITFunction, "_pack_args"):
         raise RuntimeError("fastmt.tools.aot follows Triton 3.6's JITFunction.run; this Triton has no _pack_args")
     jit = _jit_of(launch.kernel)
@@ -513,13 +517,6 @@ def _sass(cuobjdump: str, cubin: bytes, tmp: str) -> str:
 
 
 def _compile(spec: Spec, tmp: str, cuobjdump: str) -> dict[str, Any]:
-    import importlib
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
-
     module, _, qualname = spec.kernel.partition(":")
     obj = importlib.import_module(module)
     for part in qualname.split("."):
@@ -550,8 +547,6 @@ def _worker() -> int:
     """Build loop: one encoded Spec per input line, one encoded result per output line."""
     proto = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # anything the compilers print goes to stderr, never into the protocol
-    from triton import knobs
-
     knobs.nvidia.dump_ptxas_log = True
     cuobjdump = knobs.nvidia.cuobjdump.path
     with tempfile.TemporaryDirectory(prefix="fastmt-aot-cubin-") as tmp:
@@ -735,11 +730,8 @@ def run(archs=(90, 80), level: str = "ci", workers: int | None = None, cache_dir
 
 def toolchain_problem() -> str | None:
     """Why no build can run here (None when Triton and its NVIDIA tools are usable)."""
-    try:
-        import triton  # noqa: F401
-        from triton import knobs
-    except ImportError as e:
-        return f"Triton is not importable ({e})"
+    if _NO_TRITON is not None:
+        return f"Triton is not importable ({_NO_TRITON})"
     try:
         knobs.nvidia.ptxas.path, knobs.nvidia.cuobjdump.path
     except RuntimeError as e:
@@ -768,8 +760,6 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"no shared-memory limit known for sm_{unknown[0]}; known: {sorted(SHARED_LIMIT)}", file=sys.stderr)
         return 1
-    import triton
-
     start = time.perf_counter()
     specs = plan(cases(a.level), archs)
     print(f"triton {triton.__version__}: building {len(specs)} kernel specializations for "

@@ -14,13 +14,25 @@ import math
 import subprocess
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import BertConfig, BertModel
 
-from fastmt.errors import FastmtError, UsageError
+import fastmt.kernels as fused_kernels
+from fastmt.config.settings import DistillArgs, resolve_device
+from fastmt.engine.fileio import write_json
+from fastmt.engine.kernelchoice import loss_module
 from fastmt.engine.machine import device_name
+from fastmt.engine.optim import GradBuffers, make_optimizer, optimizer_step
+from fastmt.errors import FastmtError, UsageError
+from fastmt.models.classifier import Student, Teachers, layer_maps
+from fastmt.models.modeldir import quiet_transformers
+from fastmt.tasks.classification.step import DistillStep
+from fastmt.tasks.demo import build_tokenizer
+from fastmt.tools.profile import format_profile, profile_mode
 
 
 @dataclass(frozen=True)
@@ -125,12 +137,6 @@ def step_flops(p: Preset) -> float:
 
 def build_models(p: Preset, device: torch.device, workdir: Path):
     """Teachers and student of the preset's shapes, random weights, sharing one small tokenizer."""
-    from transformers import BertConfig, BertModel
-
-    from fastmt.tasks.demo import build_tokenizer
-    from fastmt.models.classifier import Student, Teachers
-    from fastmt.models.modeldir import quiet_transformers
-
     quiet_transformers()
     tok = build_tokenizer(workdir / "tokenizer")
 
@@ -152,11 +158,6 @@ class PreparedMode:
     """One mode built and warmed up (compiled where it compiles): ready to time step by step."""
 
     def __init__(self, p: Preset, mode: Mode, device: torch.device, warmup: int, workdir: Path):
-        from fastmt.models.classifier import layer_maps
-        from fastmt.engine.optim import GradBuffers, make_optimizer, optimizer_step
-        from fastmt.config.settings import DistillArgs, loss_module
-        from fastmt.tasks.classification.step import DistillStep
-
         losses_mod = loss_module(mode.kernels)
         self.p, self.mode, self.device = p, mode, device
         # On a GPU the weights are created there: initialising BERT-base-sized encoders on the host
@@ -245,9 +246,7 @@ def hidden_products(mode: Mode, dtype: torch.dtype, device: torch.device) -> str
     ``ieee`` (exact float32, the CPU interpreter)."""
     if mode.kernels != "fused":
         return "torch"
-    from fastmt import kernels
-
-    return kernels.hidden_products(dtype, device)
+    return fused_kernels.hidden_products(dtype, device)
 
 
 def run_mode(p: Preset, mode: Mode, device: torch.device, steps: int, warmup: int, workdir: Path,
@@ -263,8 +262,6 @@ def run_mode(p: Preset, mode: Mode, device: torch.device, steps: int, warmup: in
 
 
 def _profile_into(row: dict, m: "PreparedMode", steps: int) -> None:
-    from fastmt.tools.profile import format_profile, profile_mode
-
     row["profile"] = profile_mode(m, steps=min(steps, 10))
     print(format_profile(row["profile"]), flush=True)
 
@@ -276,8 +273,6 @@ def run_bench(device_name_arg: str = "cpu", preset: str = "tiny", json_out: str 
     machine lands on every mode alike instead of on whichever ran then. Default: 5 on a CPU; 1 on
     CUDA, where each mode runs alone (its peak memory is its own). ``profile``: after timing, each
     mode's step split into phases and its top kernels (``fastmt.tools.profile``), printed and in the JSON."""
-    from fastmt.config.settings import resolve_device
-
     device = resolve_device(device_name_arg)
     if preset not in PRESETS:
         raise UsageError(f"--preset {preset}: choose one of {', '.join(PRESETS)}")
@@ -293,8 +288,6 @@ def run_bench(device_name_arg: str = "cpu", preset: str = "tiny", json_out: str 
         raise UsageError(f"--rounds {rounds}: must be at least 1")
     steps = steps or (10 if preset == "tiny" else 20)
     rounds = min(rounds or (1 if device.type == "cuda" else 5), steps)
-    from fastmt.engine.fileio import write_json
-
     rows = []
     result = {"device": device_name(device), "preset": preset, "preset_shape": p.__dict__, "torch": torch.__version__,
               "git_sha": git_sha(), "steps": steps, "rounds": rounds, "complete": False, "modes": rows}
@@ -311,8 +304,6 @@ def run_bench(device_name_arg: str = "cpu", preset: str = "tiny", json_out: str 
                 except Exception as e:  # noqa: BLE001 - one broken mode must not cost the others' numbers
                     if isinstance(e, UsageError):
                         raise
-                    import traceback
-
                     traceback.print_exc()
                     rows.append({"name": n, "error": f"{type(e).__name__}: {' '.join(str(e).split())[:500]}"})
                     print(f"  {n:20s} FAILED: {rows[-1]['error'][:200]}", flush=True)

@@ -12,9 +12,18 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+import traceback
+import warnings
+from dataclasses import asdict, dataclass, field
 
 import torch
+from tqdm.auto import tqdm
+
+from fastmt import losses
+from fastmt.config.settings import resolve_device
+from fastmt.engine import machine
+from fastmt.engine.fileio import write_json
+from fastmt.errors import UsageError
 
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 DTYPE_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -44,6 +53,14 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
 
 
+def _fused():
+    """``fastmt.kernels``, imported here rather than at the top: Triton reads ``TRITON_INTERPRET`` when the
+    kernels are defined, and :func:`run_check` sets it first for a check on the CPU."""
+    import fastmt.kernels as kernels
+
+    return kernels
+
+
 def _run(fn, inputs: list[torch.Tensor], upstream: float):
     xs = [x.detach().clone().requires_grad_() for x in inputs]
     loss = fn(*xs)
@@ -52,8 +69,7 @@ def _run(fn, inputs: list[torch.Tensor], upstream: float):
 
 
 def kl_case(t: int, n: int, c: int, dtype, device, seed: int = 0) -> Row:
-    from fastmt import kernels, losses
-
+    kernels = _fused()
     g = torch.Generator().manual_seed(seed)
     s = (torch.randn(n, c, generator=g, dtype=torch.float64) * 3).to(dtype).to(device)
     tl = (torch.randn(t, n, c, generator=g, dtype=torch.float64) * 3).to(dtype).to(device)
@@ -77,8 +93,7 @@ def kl_case(t: int, n: int, c: int, dtype, device, seed: int = 0) -> Row:
 
 def hidden_case(t: int, k: int, n: int, s: int, ds: int, dt_: int, dtype, device, seed: int = 0,
                 converged: bool = False) -> Row:
-    from fastmt import kernels, losses
-
+    kernels = _fused()
     g = torch.Generator().manual_seed(seed)
     hs = torch.randn(k, n, s, ds, generator=g, dtype=torch.float64)
     w = torch.randn(t, k, ds, dt_, generator=g, dtype=torch.float64) * ds**-0.5
@@ -143,29 +158,17 @@ def format_table(rows: list[Row]) -> str:
 
 def run_check(device_name: str = "cpu", quick: bool = False, json_out: str | None = None) -> int:
     """Run the sweep, print the table; returns the number of failing cases."""
-    from fastmt.errors import UsageError
-    from fastmt.config.settings import resolve_device
-
     device = resolve_device(device_name)
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         if "fastmt.kernels" in sys.modules or "triton" in sys.modules:
             raise UsageError("--device cpu: set TRITON_INTERPRET=1 before Triton is imported to check the kernels on the CPU")
         os.environ["TRITON_INTERPRET"] = "1"  # Triton reads it when the kernels are defined
-    import fastmt.kernels as kernels
-
+    kernels = _fused()
     if not kernels.available(device):
         raise UsageError("fastmt check: Triton is not importable here; pip install triton")
     rows = []
-    import warnings
-
-    from tqdm.auto import tqdm
-
     # The interpreter's numpy warns about -inf - -inf in masked-off lanes, which are discarded.
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton")
-
-    from dataclasses import asdict
-
-    from fastmt.engine.fileio import write_json
 
     crashed: list[str] = []
 
@@ -179,8 +182,6 @@ def run_check(device_name: str = "cpu", quick: bool = False, json_out: str | Non
         try:
             rows.append(make())
         except Exception as e:  # noqa: BLE001 - one case that cannot run must not hide the others
-            import traceback
-
             traceback.print_exc()
             crashed.append(f"case {k}: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
             print(f"fastmt check: {crashed[-1]}", file=sys.stderr, flush=True)
@@ -196,6 +197,4 @@ def run_check(device_name: str = "cpu", quick: bool = False, json_out: str | Non
 
 
 def _device_name(device: torch.device) -> str:
-    from fastmt.engine.machine import device_name
-
-    return device_name(device) + (", Triton interpreter" if device.type != "cuda" else "")
+    return machine.device_name(device) + (", Triton interpreter" if device.type != "cuda" else "")

@@ -26,8 +26,14 @@ from typing import Callable
 
 import torch
 
-from fastmt.errors import FastmtError, UsageError
+from fastmt.config.settings import DistillArgs, resolve_device
+from fastmt.engine.fileio import atomic_path, write_json
+from fastmt.engine.kernelchoice import loss_module
 from fastmt.engine.machine import device_name
+from fastmt.errors import FastmtError, UsageError
+from fastmt.models.classifier import layer_maps
+from fastmt.tasks.classification.step import DistillStep
+from fastmt.tools.bench import PRESETS, build_models, git_sha
 
 PHASES = ("teachers_forward", "student_forward", "losses", "backward", "optimizer")
 MODES = {"reference": ("reference", "fp32"), "fast": ("fused", "fp16")}
@@ -44,11 +50,6 @@ def say(text: str = "") -> None:
 
 def _build(preset, mode: str, device, workdir: Path):
     """Step, optimizer and scaler of one mode; the models are made on ``device`` directly."""
-    from fastmt.tools.bench import build_models
-    from fastmt.models.classifier import layer_maps
-    from fastmt.config.settings import DistillArgs, loss_module
-    from fastmt.tasks.classification.step import DistillStep
-
     kernels, precision = MODES[mode]
     # Three BERT-base teachers initialised on the CPU and then copied over take many seconds; made
     # under the device context, their weights are drawn on the GPU.
@@ -275,12 +276,10 @@ def compact_snapshot(snapshot: dict, max_bytes: int) -> tuple[bytes | None, int 
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # optional dependency: fastmt[plot]
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # before pyplot is imported: no display needed
     import matplotlib.pyplot as plt
-
-    from fastmt.engine.fileio import atomic_path
 
     modes = [m for m in MODES if m in report["modes"]]
     fig, ax = plt.subplots(figsize=(8, 3.5))
@@ -329,9 +328,6 @@ def _search_line(mode: str, s: dict, budget_mb: float) -> str:
 
 def run_memory(device_name: str = "cpu", preset_name: str = "tiny", out: str | None = None,
                budget_gb: float | None = None, search_s: float = 10.0, snapshot_mb: float = 15.0) -> dict | None:
-    from fastmt.tools.bench import PRESETS
-    from fastmt.config.settings import resolve_device
-
     if preset_name not in PRESETS:
         raise UsageError(f"--preset {preset_name}: choose one of {', '.join(PRESETS)}")
     if not search_s >= 0:
@@ -352,9 +348,6 @@ def run_memory(device_name: str = "cpu", preset_name: str = "tiny", out: str | N
 def measure(preset, preset_name: str, device, out_dir: Path, budget_mb: float, search_s: float = 10.0,
             snapshot_mb: float = 15.0, max_batch: int = 8192, max_probes: int = 6) -> dict:
     """The report: both modes' phases, a snapshot, each mode's largest batch; printed and written as it goes."""
-    from fastmt.tools.bench import git_sha
-    from fastmt.engine.fileio import write_json
-
     t_start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"device": device_name(device), "preset": preset_name, "batch": preset.batch,
@@ -419,8 +412,6 @@ def _chart(report: dict, path: Path) -> str:
 def _snapshot(m: _Mode, batch: int, path: Path, max_mb: float) -> dict:
     """Record one step's allocations (Python stacks only: C++ frames take long to symbolise) and
     write them for https://pytorch.org/memory_viz, no larger than ``max_mb``."""
-    from fastmt.engine.fileio import atomic_path
-
     torch.cuda.memory._record_memory_history(enabled="all", context="all", stacks="python", max_entries=200_000)
     try:
         m.phases(batch)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 PHASES_EAGER = ("teachers' forward", "student forward", "losses", "backward", "optimizer")
 PHASES_COMPILED = ("teachers' forward", "student forward + losses", "backward", "optimizer")
@@ -74,8 +75,6 @@ def profiled_step(m, clock: _Clock) -> list[float]:
 def top_ops(m, steps: int = 3, limit: int = 10) -> list[dict]:
     """The ``limit`` kernels (CUDA) or operators (CPU) that took the most time over ``steps`` steps,
     per step: name, ms, calls, share of the recorded total."""
-    from torch.profiler import ProfilerActivity, profile
-
     cuda = m.device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:

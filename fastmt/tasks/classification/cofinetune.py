@@ -25,7 +25,9 @@ from fastmt.engine.rundir import check_out_dir, check_resume
 from fastmt.config.settings import TrainArgs, resolve_device
 from fastmt.engine.precision import autocast, compile_fn
 from fastmt.tasks.classification.step import install_output_hooks
-from fastmt.tasks.classification.common import encodings_for, prepare_splits, seed_everything, total_steps, train_data, train_label_names
+from fastmt.engine.checkpoint import seed_everything
+from fastmt.tasks.classification.common import (columns_of, encodings_for, prepare_splits, total_steps, train_data,
+                                                train_label_names)
 
 
 @outlock.released
@@ -38,16 +40,16 @@ def cofinetune(teacher_sources: list[str], args: TrainArgs) -> RunResult:
     device = resolve_device(args.device)
     out_dir = check_out_dir(args.out, args.overwrite, args.resume)
     seed_everything(args.seed)
-    label_names = train_label_names(read_dataset(args.train, columns=args.columns))
+    label_names = train_label_names(read_dataset(args.train, columns=columns_of(args)))
     pooled = ""
     if args.pooling == "auto":
         args.pooling, why = choose_pooling(teacher_sources)
         pooled = f"pooling {args.pooling} ({why})"  # told on the path line, once everything has loaded
     teachers = Teachers.from_pretrained_encoders(teacher_sources, len(label_names), args.pooling)
     args.max_length = fit_max_length(args.max_length, teachers.encoders, [f"teacher {s}" for s in teacher_sources])
-    splits = prepare_splits(args.train, args.dev, teachers.tokenizers, args.max_length, label_names, args.columns)
+    splits = prepare_splits(args.train, args.dev, teachers.tokenizers, args.max_length, label_names, columns_of(args))
     auto_compile = args.compile is None
-    path = fastpath.resolve(args, device, total_steps(args, splits))
+    path = fastpath.resolve("cofinetune", args, device, total_steps(args, splits))
     compiled = shapes.plan(args, encodings_for(splits, teachers.keys), len(splits.train_labels), None, splits.buckets,
                            auto_compile, functions=1)
     path = ", ".join(x for x in (path, compiled, pooled) if x)

@@ -1,14 +1,10 @@
-"""What every task does before it trains: seed, read both splits, tokenize them once per tokenizer,
+"""What every classification task does before it trains: read both splits, tokenize them once per tokenizer,
 and hand the loop the training set in the form it takes (``fastmt.engine.loop.TrainData``)."""
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import Iterable
-
-import numpy as np
-import torch
 
 from fastmt.data.dataset import (Columns, Encoded, encode, encode_labels, label_names_from, length_buckets, num_batches,
                          read_dataset, tokenizer_key)
@@ -16,12 +12,6 @@ from fastmt.errors import UsageError
 from fastmt.engine.loop import TrainData
 from fastmt.models.classifier import check_tokenizer_on, tokenizer_source
 from fastmt.config.settings import TrainArgs
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 @dataclass
@@ -69,6 +59,11 @@ def encodings_for(splits: Splits, keys: list[str]) -> dict[str, Encoded]:
 def train_data(splits: Splits, keys: list[str]) -> TrainData:
     """The training set of ``splits`` as the loop takes it, for the tokenizers ``keys`` name."""
     return TrainData(encodings_for(splits, keys), splits.train_labels, splits.buckets)
+
+
+def columns_of(args: TrainArgs) -> Columns:
+    """The columns ``--text-column``, ``--text-pair-column`` and ``--label-column`` name (None: guessed)."""
+    return Columns(args.text_column, args.text_pair_column, args.label_column)
 
 
 def total_steps(args: TrainArgs, splits: Splits) -> int:

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
 from fastmt.config import auto as fastpath
 
 from fastmt.engine import outlock, shapes
-from fastmt.cache.teachers import TeacherCache, default_dir, fingerprint
+from fastmt.cache.store import default_dir
+from fastmt.cache.teachers import TeacherCache, fingerprint
 from fastmt.engine.distributed import World, check_batch, local_device, world_from_env
 from fastmt.errors import UsageError
 from fastmt.models.inference import student_logits
@@ -25,10 +27,12 @@ from fastmt.engine.loop import Hooks, RunResult, fit
 from fastmt.metrics import scores as metric_scores
 from fastmt.models.classifier import Student, StudentSpec, Teachers, build_student, count_parameters, fit_max_length, layer_maps
 from fastmt.engine.rundir import check_out_dir, check_resume
-from fastmt.config.settings import DistillArgs, loss_module, resolve_device
+from fastmt.config.settings import DistillArgs, resolve_device
+from fastmt.engine.kernelchoice import fused_available, loss_module
 from fastmt.models.stacked import teacher_groups
 from fastmt.tasks.classification.step import DistillStep
-from fastmt.tasks.classification.common import Splits, encodings_for, prepare_splits, seed_everything, total_steps, train_data
+from fastmt.engine.checkpoint import seed_everything
+from fastmt.tasks.classification.common import Splits, columns_of, encodings_for, prepare_splits, total_steps, train_data
 
 log = logging.getLogger("fastmt")
 
@@ -55,10 +59,11 @@ def distill(args: DistillArgs) -> RunResult:
     args.max_length = fit_max_length(args.max_length, [student.encoder, *teachers.encoders] if use_teachers else
                                      [student.encoder], ["the student", *[f"teacher {n}" for n in teachers.names]])
     splits = prepare_splits(args.train, args.dev, [student.tokenizer, *teachers.tokenizers], args.max_length, label_names,
-                            args.columns)
+                            columns_of(args))
     stackable = use_teachers and any(len(g) > 1 for g in teacher_groups(teachers))
     auto_compile = args.compile is None
-    path = fastpath.resolve(args, device, total_steps(args, splits), stackable, world.size > 1)
+    path = fastpath.resolve("distill", args, device, total_steps(args, splits), stackable=stackable,
+                            data_parallel=world.size > 1, fused_available=fused_available)
     keys = [student.key, *teachers.keys] if use_teachers else [student.key]
     # Two compiled functions: the teachers' forward and the student's forward + loss.
     compiled = shapes.plan(args, encodings_for(splits, keys), len(splits.train_labels), world, splits.buckets,
@@ -105,25 +110,21 @@ def _make_step(args: DistillArgs, student: Student, teachers: Teachers, maps, sp
     """The step the loop runs: forward + loss (``DistillStep``), fed by the teacher cache where one serves."""
     loss_fn = DistillStep(student, teachers, maps, args, losses_mod, device, compile=args.compile)
     if args.cache_teachers is not None and use_teachers:
-        loss_fn.cache = teacher_cache(args, splits, student, teachers, maps, world)
+        loss_fn.cache = teacher_cache(args, splits, student, teachers, maps)
     if not loss_fn.want_hidden:
         # No hidden loss: the projections get no gradient, so they are not trained (nor synchronised).
         student.proj_weight.requires_grad_(False)
         student.proj_bias.requires_grad_(False)
     if world.size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
         # Forward goes through the wrapper so gradients are averaged across processes. The
         # projections are used after forward, in the loss; their gradient hooks still fire once.
         loss_fn.student_call = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
     return loss_fn
 
 
-def teacher_cache(args: DistillArgs, splits: Splits, student: Student, teachers: Teachers, maps, world: World):
-    """The teacher cache for this run (``fastmt.cache.teachers``), or None where it cannot serve."""
-    if world.size > 1:
-        log.warning("--cache-teachers: not used in data-parallel runs; the teachers run every step")
-        return None
+def teacher_cache(args: DistillArgs, splits: Splits, student: Student, teachers: Teachers, maps):
+    """The teacher cache for this run (``fastmt.cache.teachers``). A data-parallel run has none: its
+    ``--cache-teachers`` was turned off by ``fastmt.config.auto``."""
     want_hidden = args.hidden_loss != "none" and args.alpha_hidden > 0
     kind = args.hidden_loss if want_hidden else "none"
     fp = fingerprint(args.teachers, args.train, args.max_length, args.teacher_subset, kind, maps, args.precision)

@@ -10,14 +10,15 @@ Backward and the optimizer step stay in ``fastmt.engine.loop``.
 from __future__ import annotations
 
 import inspect
-import os
 
 import torch
 import torch.nn.functional as F
 
 from fastmt import losses as reference_losses
 from fastmt.engine.precision import PRECISIONS, autocast, compile_fn
+from fastmt.models.hf import prepare_stock_class
 from fastmt.models.stacked import make_stacked, teacher_groups
+
 
 class DistillStep:
     """``step(inputs, labels) -> (loss, parts)`` for one batch; ``parts`` are detached loss terms."""
@@ -201,8 +202,6 @@ def install_output_hooks(encoders, device: torch.device) -> None:
     under a lock that dynamo cannot trace, so the compiled call must not be the first. Also build the
     classes that saving a run dir builds (``fastmt.models.hf.prepare_stock_class``): the compiled graphs guard
     on transformers' table of them, which must not grow after the first graph."""
-    from fastmt.models.hf import prepare_stock_class
-
     with torch.no_grad():
         for enc in encoders:
             prepare_stock_class(enc)

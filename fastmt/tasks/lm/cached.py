@@ -24,38 +24,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from fastmt import losses
-from fastmt.cache.teachers import default_dir
+from fastmt.cache.store import default_dir
 from fastmt.errors import UsageError
 from fastmt.cache.topk import TopKCache, lm_fingerprint, topk_from_logits
 from fastmt.data.packed import IGNORE, next_tokens
 from fastmt.engine.precision import autocast
-from fastmt.tasks.lm.common import KEY, _backbone, chunked_ce, compiled_bodies
+from fastmt.kernels import lm_topk_linear_kl_loss
+from fastmt.tasks.lm.common import KEY, backbone, chunked_ce, compiled_bodies
 
 log = logging.getLogger("fastmt")
 
 # Bytes the student's float32 logits (and the per-teacher views the top-k loss takes of them) may take
 # in one chunk of rows.
 TOPK_CHUNK_BYTES = 256 * 1024 * 1024
-
-
-def check_cache_args(args) -> None:
-    """What a run with ``--cache-teachers`` cannot do, as one line (``DistillLMArgs`` calls it)."""
-    if args.top_k < 1:
-        raise UsageError(f"--top-k {args.top_k}: must be at least 1")
-    if args.cache_teachers is None:
-        return
-    if args.alpha_hidden > 0:
-        raise UsageError(f"--cache-teachers stores the teachers' next-token distributions, but --alpha-hidden "
-                         f"{args.alpha_hidden} needs their hidden states on every step: use --alpha-hidden 0 "
-                         "or --cache-teachers off")
-    if args.kd_target == "ensemble":
-        raise UsageError("--cache-teachers stores each teacher's top-k, not their averaged logits: use "
-                         "--kd-target teachers or --cache-teachers off")
-    if args.alpha_kd == 0:
-        raise UsageError("--cache-teachers stores what the distillation loss reads, and --alpha-kd 0 turns it "
-                         "off: drop --cache-teachers (or --alpha-kd 0)")
 
 
 def open_cache(args, names: list[str], tokenizer_dir: str, input_ids: list, vocab: int) -> TopKCache:
@@ -89,13 +73,9 @@ def topk_kd(h: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, logprobs: torch
     every counted row of ``targets [N]``, a chunk of ``rows`` at a time: the forward KL through
     ``fastmt.kernels.lm_topk_linear_kl_loss`` (gradients made in one pass), the reverse KL through the
     reference, each chunk recomputed in backward."""
-    from torch.utils.checkpoint import checkpoint
-
     t, v = ids.shape[0], w.shape[0]
     if direction == "forward":
         # One pass a chunk, the gradient made in the forward (fastmt.kernels.lm_topk): no graph over V.
-        from fastmt.kernels import lm_topk_linear_kl_loss
-
         return lm_topk_linear_kl_loss(h, w, ids, logprobs, targets, weighting, temperature, IGNORE,
                                       target_logprobs=target, tail_logprobs=tail,
                                       chunk_bytes=None if rows is None else 12 * v * rows)
@@ -138,7 +118,7 @@ class CachedLMStep:
         """Run the teachers on the batch; store and return its top-k (``[B, T, L, k]``, ``[B, T, L]``)."""
         a = self.args
         with autocast(self.device, a.precision):
-            states = [_backbone(t, ids, mask, False, self.bodies).last_hidden_state for t in self.teachers]
+            states = [backbone(t, ids, mask, False, self.bodies).last_hidden_state for t in self.teachers]
         heads = [t.get_output_embeddings().weight.float() for t in self.teachers]
         blocks = []
         for b in range(ids.shape[0]):
@@ -163,7 +143,7 @@ class CachedLMStep:
         # [B, T, L, ...] -> [T, B * L, ...]: the loss's teacher-major rows.
         flat = lambda z: z.transpose(0, 1).reshape(z.shape[1], n, *z.shape[3:])  # noqa: E731
         with autocast(self.device, a.precision):
-            s_out = _backbone(self.student.model, ids, mask, False, self.bodies)
+            s_out = backbone(self.student.model, ids, mask, False, self.bodies)
             h = s_out.last_hidden_state.reshape(n, -1)
             w = self.student.model.get_output_embeddings().weight
             y = targets.reshape(-1)

@@ -1,11 +1,12 @@
-"""What both ``distill-lm`` steps share (``fastmt.tasks.lm.distill``'s on live teachers,
-``fastmt.tasks.lm.cached``'s on stored ones): the tokenizer key, the models' bodies, the chunked
-next-token cross-entropy."""
+"""What both ``distill-lm`` steps (``fastmt.tasks.lm.step``'s on live teachers,
+``fastmt.tasks.lm.cached``'s on stored ones) and the evaluation share: the tokenizer key, the models'
+bodies, the chunked next-token cross-entropy."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from fastmt.data.packed import IGNORE
 
@@ -13,7 +14,7 @@ KEY = "lm"  # the one tokenizer every model shares
 CE_ROWS = 1024  # token rows per chunk of the cross-entropy (its logits are recomputed in backward)
 
 
-def _backbone(model, ids, mask, hidden: bool, bodies: dict | None = None):
+def backbone(model, ids, mask, hidden: bool, bodies: dict | None = None):
     """The model's body: last hidden states after the final norm, and every layer's when ``hidden``;
     through its compiled version where ``bodies`` (``compiled_bodies``) holds one."""
     body = bodies.get(id(model), model.base_model) if bodies else model.base_model
@@ -32,7 +33,6 @@ def chunked_ce(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, rows: in
     """``(sum of -log q(next token), correct top-1 count, counted tokens)`` over ``h [N, D]`` with
     output matrix ``w [V, D]``: logits ``rows`` at a time, recomputed in backward (checkpointed), so no
     ``N x V`` tensor lives across the pass."""
-    from torch.utils.checkpoint import checkpoint
 
     def part(hc, yc):
         z = (hc @ w.t()).float()

@@ -1,0 +1,1 @@
+../../kernels/lm_common.py
