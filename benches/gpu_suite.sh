@@ -5,8 +5,8 @@
 # charts) are used where installed; without them the suite says what it skipped and goes on, and a
 # skipped part is not a failure. Stages, in priority order; each has its own time limit, writes as it
 # goes, and runs even when an earlier one failed:
-#   tests   the CUDA tests of the files in CUDA_TESTS (default tests/test_graphs.py: training under
-#           CUDA graphs), then the kernel tests on the GPU (FASTMT_TEST_DEVICE=cuda tests/test_kernels.py,
+#   tests   the CUDA tests of the files in CUDA_TESTS (default tests/test_tasks_classification_step.py: training under
+#           CUDA graphs), then the kernel tests on the GPU (FASTMT_TEST_DEVICE=cuda tests/test_kernels_api.py,
 #           in parallel workers where pytest-xdist is installed)
 #   check   fastmt check --device cuda: every kernel case against float64           -> check.json
 #   kbench  benches/bench_kernels.py: target shapes, bf16, fwd+bwd (then fwd alone)  -> kernels.jsonl, kernels.png
@@ -42,7 +42,7 @@ device=${DEVICE:-cuda}
 preset=${PRESET:-base}
 budget=${BUDGET_S:-525}
 [ "$device" = cpu ] && budget=${BUDGET_S:-900}  # the window is the GPU's; a dry run may take its time
-cuda_tests=${CUDA_TESTS:-tests/test_graphs.py}
+cuda_tests=${CUDA_TESTS:-tests/test_tasks_classification_step.py}
 
 # The checkout itself is the package: fastmt/ from the root, fastmt.kernels from kernels/.
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
@@ -151,8 +151,8 @@ stage_tests() {
         [ "$n" -gt 12 ] && n=12
         [ "$n" -gt 1 ] && par=(-n "$n")
     fi
-    within 0 python -m pytest -p no:cacheprovider --disable-warnings -v -rfEs "${par[@]}" tests/test_kernels.py \
-        tests/test_lm_kernels.py "${sel[@]}"
+    within 0 python -m pytest -p no:cacheprovider --disable-warnings -v -rfEs "${par[@]}" tests/test_kernels_api.py \
+        tests/test_kernels_lm.py "${sel[@]}"
     keep $?
     return $rc
 }

@@ -1,6 +1,6 @@
 """A kernel written the way ``kernels/kl.py`` once was: a plain float module global read inside
 ``@triton.jit``. Triton's interpreter runs it; Triton's compiler refuses it (NameError), which is what
-the ahead-of-time build in ``tests/test_aot_build.py`` must report."""
+the ahead-of-time build in ``tests/test_tools_aot.py`` must report."""
 
 import triton
 import triton.language as tl

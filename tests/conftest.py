@@ -112,7 +112,7 @@ def easy_rows(n: int, seed: int) -> list[tuple[str, str]]:
 def run_args(tiny_task, out, **kw) -> dict:
     """Keyword arguments of a short training run on the tiny task (for ``TrainArgs``/``DistillArgs``)."""
     # Pinned: what these runs are about is never which CPU runs them (the auto choices have tests of
-    # their own, in test_fastpath.py and test_settings.py).
+    # their own, in test_config_auto.py and test_config_settings_checks.py).
     base = dict(train=str(tiny_task["train"]), dev=str(tiny_task["dev"]), out=str(out), epochs=1, batch_size=32,
                 lr=1e-3, max_length=16, progress=False, device="cpu", precision="fp32", compile=False,
                 group_by_length=False, head_lr=None)

@@ -1,6 +1,6 @@
 """Run ``fastmt.train.distill`` for each entry of a JSON list of ``DistillArgs`` keyword arguments.
 
-Launched under torchrun by tests/test_distributed.py: several runs share one launch (one process
+Launched under torchrun by tests/test_engine_distributed.py: several runs share one launch (one process
 group), which costs far less than one launch per run.
 """
 

@@ -2,7 +2,7 @@
 ``@pytest.mark.shared(*paths)`` and skip where a path is absent. CI sets ``FASTMT_REQUIRE_SHARED=1``:
 where ../shared is present, such a test that skips, for whatever reason, fails instead.
 
-Hooks for tests/conftest.py, kept apart (and free of torch) so that tests/test_skips.py can run them
+Hooks for tests/conftest.py, kept apart (and free of torch) so that tests/test_shared_guard.py can run them
 in a small pytest of its own.
 """
 

@@ -1,6 +1,6 @@
 """``fastmt.cache.store``: the dir, manifest, lock, checksums and rebuilds both teacher caches share,
-checked on a cache of one small data file made here (the two real layouts: tests/test_cache.py and
-tests/test_lm_cache.py)."""
+checked on a cache of one small data file made here (the two real layouts: tests/test_cache_teachers.py and
+tests/test_cache_topk.py)."""
 
 from __future__ import annotations
 

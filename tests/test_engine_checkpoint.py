@@ -20,7 +20,7 @@ from conftest import REPO, run_cli
 from fastmt.config.settings import DistillArgs, DistillLMArgs, TrainArgs
 from fastmt.engine.checkpoint import changed_settings, load_checkpoint, refuse_changed_settings
 from fastmt.errors import UsageError
-from test_lm_distill import _cached_argv, lm_dir  # noqa: F401 - lm_dir: the tiny causal LMs, a fixture used here
+from test_tasks_lm_distill import _cached_argv, lm_dir  # noqa: F401 - lm_dir: the tiny causal LMs, a fixture used here
 
 SETTINGS = (TrainArgs, DistillArgs, DistillLMArgs)
 
@@ -95,8 +95,12 @@ def test_distill_lm_resume_refuses_a_change_of_what_the_loss_reads(flag, value, 
         argv[argv.index(flag) + 1] = value
     else:
         argv += [flag, value]
+    before = {f.name: f.read_bytes() for f in sorted(cache.iterdir()) if f.is_file()}
     r = run_cli(*argv)
     assert r.returncode == 2, r.stderr
+    # Refused before the cache opens: the cache the run filled so far is as it was, and no other one is made.
+    assert {f.name: f.read_bytes() for f in sorted(cache.iterdir()) if f.is_file()} == before and before
+    assert not other.exists()
     errors = [x for x in r.stderr.splitlines() if x.startswith("fastmt: error:")]
     assert len(errors) == 1 and r.stderr.strip().splitlines()[-1] == errors[0], r.stderr
     assert said.format(cache=cache, other=other) in errors[0] and "--overwrite" in errors[0], errors[0]

@@ -40,6 +40,8 @@ _CLI_START = "start-up: imported by the one subcommand that needs it, so the com
 # (module, imported module) -> why that import waits inside a function; no kernels module is listed.
 LAZY_IMPORTS: dict[tuple[str, str], str] = {
     ("fastmt.cli", "fastmt.data.dataset"): _CLI_START,
+    # Triton reads TRITON_INTERPRET when a kernel is defined: `fastmt check` on a CPU sets it, then imports them.
+    ("fastmt.tools.check", "fastmt.kernels"): "TRITON_INTERPRET is set by run_check before the kernels are defined",
     ("fastmt.cli", "fastmt.engine.faults"): _CLI_START,
     ("fastmt.cli", "fastmt.engine.fileio"): _CLI_START,
     ("fastmt.cli", "fastmt.models.modeldir"): _CLI_START,

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from fastmt.errors import DataError, data_error
+from fastmt.data.sources import read_source
 
 __all__ = [
     "DataError",
@@ -390,12 +391,8 @@ def read_dataset(path: str | Path, require_labels: bool = True, columns: Columns
     spath = str(path)
     ext = p.suffix.lower()
     if not p.exists() and ext not in EXTENSIONS + (".parquet",):
-        from fastmt.data.sources import read_source
-
         return _read_records(*read_source(spath), require_labels, columns)
     if ext == ".parquet" or p.is_dir():
-        from fastmt.data.sources import read_source
-
         return _read_records(*read_source(spath), require_labels, columns)
     if ext not in EXTENSIONS:
         raise data_error(spath, None, f"unknown file type '{p.suffix or '(none)'}'",

@@ -15,12 +15,15 @@ import pickle
 import random
 import re
 import signal
+import sys
+import threading
 from pathlib import Path
 from typing import Any, Collection
 
 import numpy as np
 import torch
 
+from fastmt.engine import stopping
 from fastmt.errors import UsageError
 from fastmt.engine.fileio import atomic_path, first_line, read_json, tensor_bytes, write_json
 
@@ -192,11 +195,6 @@ def fault_after_step(step: int) -> None:
     _fault("FASTMT_FAULT_KILL_AFTER_STEP", step)
     at = os.environ.get("FASTMT_FAULT_PAUSE_AFTER_STEP")
     if at is not None and int(at) == step:
-        import sys
-        import threading
-
-        from fastmt.engine import stopping
-
         print(f"fastmt: paused after step {step}", file=sys.stderr, flush=True)
         while stopping.requested() is None:  # a caught SIGTERM/SIGINT ends the pause: the loop then stops
             threading.Event().wait(0.05)

@@ -27,7 +27,7 @@ CUDA driver:
 Two sets of cases: ``full`` is the product of every axis (4704 cases, 3392 distinct specializations
 per target: over an hour for both targets on two cores); ``ci`` holds every pair of values of any two
 axes plus, for every dtype, the largest tiles with the most inputs (125 cases, 212 specializations per
-target: about 5 minutes on two cores), and is what ``tests/test_aot_build.py`` builds. A case is every
+target: about 5 minutes on two cores), and is what ``tests/test_tools_aot.py`` builds. A case is every
 launch the launchers make for it: the KL in training (loss and gradient in one pass; row or one-program
 kernels) and its backward's in-place scaling, the KL in evaluation, the hidden
 forward, or the hidden backward's three kernels.
@@ -461,7 +461,7 @@ def sass_loops(sass: str) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------------------------------------------
 # The KL's instruction budget: what the row kernel may issue per column and still stream at the rate
-# HBM feeds it (``tests/test_aot_build.py`` holds it for sm_90).
+# HBM feeds it (``tests/test_tools_aot.py`` holds it for sm_90).
 
 # An H100 SXM: 132 SMs, 4 schedulers each issuing at most one warp instruction a clock; 1.755 GHz (the
 # boost clock is 1.98 GHz; bandwidth-bound kernels commonly run lower); 2.9 TB/s measured by a

@@ -42,13 +42,18 @@ log = logging.getLogger("fastmt")
 TOPK_CHUNK_BYTES = 256 * 1024 * 1024
 
 
-def open_cache(args, names: list[str], tokenizer_dir: str, input_ids: list, vocab: int) -> TopKCache:
-    """The run's top-k cache: ``--cache-teachers DIR``, or ``auto`` (one dir per fingerprint under
-    ``$FASTMT_CACHE``). The training text enters the key as its packed tokens (so any data source and
-    any change of tokenizer or block length shows)."""
+def fit_top_k(args, vocab: int) -> None:
+    """``--top-k`` above the vocabulary stores every token (the exact KL): lowered to ``vocab``."""
     if args.top_k > vocab:
         log.info("--top-k %d: the vocabulary has %d tokens; storing all of them (the exact KL)", args.top_k, vocab)
         args.top_k = vocab
+
+
+def open_cache(args, names: list[str], tokenizer_dir: str, input_ids: list, vocab: int) -> TopKCache:
+    """The run's top-k cache: ``--cache-teachers DIR``, or ``auto`` (one dir per fingerprint under
+    ``$FASTMT_CACHE``). The training text enters the key as its packed tokens (so any data source and
+    any change of tokenizer or block length shows). ``--top-k`` is already at most ``vocab``
+    (:func:`fit_top_k`, before the run's settings are kept and checked against a resumed run's)."""
     digest = hashlib.sha256()
     for block in input_ids:
         digest.update(np.asarray(block, dtype=np.int64).tobytes())

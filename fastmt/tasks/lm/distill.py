@@ -32,7 +32,7 @@ from fastmt.errors import UsageError
 from fastmt.losses import check_vocab, layer_map
 from fastmt.models.causal_lm import (LMStudent, cut_layers, hidden_width, load_lm, load_tokenizer, num_layers, save_lm,
                                      vocab_size)
-from fastmt.tasks.lm.cached import CachedLMStep, open_cache
+from fastmt.tasks.lm.cached import CachedLMStep, fit_top_k, open_cache
 from fastmt.tasks.lm.common import KEY
 from fastmt.tasks.lm.evaluate import dev_scores, lm_scores
 from fastmt.tasks.lm.step import LMStep
@@ -122,11 +122,13 @@ def distill_lm(args: DistillLMArgs) -> RunResult:
     for t in teachers:
         t.to(device).eval().requires_grad_(False)
     student.to(device)
-    cache = None
-    if args.cache_teachers is not None:  # before the settings are kept: it may lower --top-k to the vocabulary
-        cache = open_cache(args, list(args.teacher), args.teacher[0], train_enc.input_ids, vocab_size(model))
+    if args.cache_teachers is not None:
+        fit_top_k(args, vocab_size(model))  # before the settings are kept and held against a resumed run's
     run_config = {"command": "distill-lm", **asdict(args), "layer_maps": maps}
-    check_resume(args, out_dir, run_config)
+    check_resume(args, out_dir, run_config)  # before the cache opens: a refused resume leaves it as it was
+    cache = None
+    if args.cache_teachers is not None:
+        cache = open_cache(args, list(args.teacher), args.teacher[0], train_enc.input_ids, vocab_size(model))
     step = _make_step(args, student, teachers, maps, device, cache)
     hooks = Hooks(lambda: dev_scores(student.model, dev_enc, args.eval_batch_size, device, args.precision),
                   lambda: save_lm(out_dir, student.model, tokenizer, run_config))

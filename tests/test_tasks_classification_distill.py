@@ -15,7 +15,7 @@ from fastmt.tasks.classification.evaluate import evaluate_dir
 from fastmt.engine.kernelchoice import loss_module
 from fastmt.tasks.classification.distill import subset_teachers
 from fastmt.errors import UsageError
-from test_optim import _HostReads  # counts host reads, shared
+from test_engine_optim import _HostReads  # counts host reads, shared
 
 
 def _other_tokenizer_teacher(tiny_encoders, tmp_path):

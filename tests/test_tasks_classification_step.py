@@ -26,7 +26,7 @@ from fastmt.engine import loop, optim
 from fastmt.config.settings import DistillArgs, TrainArgs
 from fastmt.tasks.classification.cofinetune import cofinetune
 from fastmt.tasks.classification.distill import distill
-from test_train import _args  # the tiny task's training flags, shared
+from test_tasks_classification_distill import _args  # the tiny task's training flags, shared
 
 
 class _Watch:
@@ -216,7 +216,7 @@ def test_every_step_under_cuda_graphs_matches_eager_on_the_same_weights_and_batc
     eager shadow must not draw other random numbers than the graphs do."""
     from fastmt.tasks.demo import build_tokenizer
     from fastmt.tasks.classification.step import DistillStep
-    from test_distributed import _encoder_without_dropout
+    from test_engine_distributed import _encoder_without_dropout
 
     tok = build_tokenizer(tmp_path / "tok")
     enc = _encoder_without_dropout(tok, tmp_path, "a", 2, 32, 1)

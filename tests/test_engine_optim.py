@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastmt.engine import optim as T
+from fastmt.engine import optim
 from fastmt.config.settings import TrainArgs
 
 
@@ -20,7 +20,7 @@ def test_fp16_overflow_step_is_skipped_and_counted():
     with torch.autocast("cpu", dtype=torch.float16):
         loss = torch.nn.functional.cross_entropy(model(x).float(), y)
     scaler.scale(loss).backward()
-    out = T.optimizer_step(opt, scaler, params, 1.0)
+    out = optim.optimizer_step(opt, scaler, params, 1.0)
     assert out.dtype == torch.int64 and out.shape == () and int(out) == 1
     assert all(torch.equal(a, b) for a, b in zip(before, params))  # skipped: weights untouched
     assert scaler.get_scale() < 2.0**60
@@ -30,7 +30,7 @@ def test_fp16_overflow_step_is_skipped_and_counted():
             loss = torch.nn.functional.cross_entropy(model(x).float(), y)
         opt.zero_grad()
         scaler.scale(loss).backward()
-        if int(T.optimizer_step(opt, scaler, params, 1.0)) == 0:
+        if int(optim.optimizer_step(opt, scaler, params, 1.0)) == 0:
             break
     assert not all(torch.equal(a, b) for a, b in zip(before, params))
 
@@ -39,7 +39,7 @@ def test_learning_rate_lives_in_one_device_tensor_updated_in_place():
     """The schedule writes the rate into one tensor that every group reads (so a replayed graph sees it)."""
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     args = TrainArgs(train="-", dev="-", out="-", lr=1e-3, warmup=0.25)
-    opt, sched = T.make_optimizer(model, args, total_steps=8, device=torch.device("cpu"))
+    opt, sched = optim.make_optimizer(model, args, total_steps=8, device=torch.device("cpu"))
     lr = sched.lr
     assert len(opt.param_groups) == 2 and all(g["lr"] is lr for g in opt.param_groups)
     ptr = lr.data_ptr()
@@ -55,7 +55,7 @@ def test_learning_rate_lives_in_one_device_tensor_updated_in_place():
     assert lr.data_ptr() == ptr and float(lr) == 0.0
     # A resumed optimizer gets the rate tensor back (load_state_dict replaces group values).
     state, sstate = opt.state_dict(), sched.state_dict()
-    opt2, sched2 = T.make_optimizer(model, args, total_steps=8, device=torch.device("cpu"))
+    opt2, sched2 = optim.make_optimizer(model, args, total_steps=8, device=torch.device("cpu"))
     opt2.load_state_dict(state)
     sched2.load_state_dict(sstate)
     assert all(g["lr"] is sched2.lr for g in opt2.param_groups)
@@ -80,7 +80,7 @@ def test_fp16_optimizer_step_reads_nothing_back():
     an overflowing step and on a good one (on a GPU each read would be a sync)."""
     model = torch.nn.Linear(8, 3)
     args = TrainArgs(train="-", dev="-", out="-", precision="fp16", lr=1e-2)
-    opt, sched = T.make_optimizer(model, args, total_steps=10, device=torch.device("cpu"))
+    opt, sched = optim.make_optimizer(model, args, total_steps=10, device=torch.device("cpu"))
     assert opt.defaults["fused"]
     params = list(model.parameters())
     x, y = torch.randn(4, 8), torch.tensor([0, 1, 2, 0])
@@ -92,7 +92,7 @@ def test_fp16_optimizer_step_reads_nothing_back():
         opt.zero_grad(set_to_none=False)
         scaler.scale(loss).backward()
         with _HostReads() as reads:
-            skipped = T.optimizer_step(opt, scaler, params, 1.0, loss)
+            skipped = optim.optimizer_step(opt, scaler, params, 1.0, loss)
             sched.step()
         assert reads.count == 0
         results.append(int(skipped))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import run_args
-from fastmt.config import settings as T
+from fastmt.config import settings
 from fastmt.errors import UsageError
 
 _args = run_args
@@ -24,7 +24,7 @@ _args = run_args
 )
 def test_train_args_rejected(kw, needle, tiny_task, tmp_path):
     with pytest.raises(UsageError, match=needle):
-        T.TrainArgs(**_args(tiny_task, tmp_path, **kw))
+        settings.TrainArgs(**_args(tiny_task, tmp_path, **kw))
 
 
 @pytest.mark.parametrize(
@@ -41,19 +41,19 @@ def test_train_args_rejected(kw, needle, tiny_task, tmp_path):
 )
 def test_distill_args_rejected(kw, needle, tiny_task, tmp_path):
     with pytest.raises(UsageError, match=needle):
-        T.DistillArgs(**_args(tiny_task, tmp_path, **{"teachers": "x", "student_layers": 1, **kw}))
+        settings.DistillArgs(**_args(tiny_task, tmp_path, **{"teachers": "x", "student_layers": 1, **kw}))
 
 
 def test_device_cuda_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(UsageError, match="--device cuda"):
-        T.resolve_device("cuda")
+        settings.resolve_device("cuda")
 
 
 def test_kd_target_is_validated(tiny_task, tmp_path):
     with pytest.raises(UsageError, match="--kd-target"):
-        T.DistillArgs(**_args(tiny_task, tmp_path), teachers="x", student_layers=1, kd_target="mean")
+        settings.DistillArgs(**_args(tiny_task, tmp_path), teachers="x", student_layers=1, kd_target="mean")
 
 
 @pytest.mark.parametrize("command", ["cofinetune", "distill"])
