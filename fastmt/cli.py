@@ -60,7 +60,7 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fastmt", description="Multi-teacher distillation (MT-BERT) for text classification.")
+    parser = _Parser(prog="fastmt", description="Multi-teacher distillation (MT-BERT) for text classification and causal language models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     parser.add_argument("--version", action="version", version=f"fastmt {__version__}")

@@ -46,9 +46,8 @@ def _train_rows(out):
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tiny_task, tmp_path):
-    from fastmt.config.settings import DistillArgs, TrainArgs
+    from fastmt.config.settings import TrainArgs
     from fastmt.tasks.classification.cofinetune import cofinetune
-    from fastmt.tasks.classification.distill import distill
     from fastmt.tasks.demo import build_tokenizer
 
     tok = build_tokenizer(tmp_path / "tok")

@@ -174,9 +174,8 @@ def test_compiled_cofinetune_and_distill_meet_many_shapes_and_finish(long_task, 
 
 def test_too_many_shapes_turn_auto_compile_off_and_refuse_an_explicit_one(long_task, tmp_path, eager_backend,
                                                                           monkeypatch, caplog):
-    from fastmt.config.settings import DistillArgs, TrainArgs
+    from fastmt.config.settings import TrainArgs
     from fastmt.tasks.classification.cofinetune import cofinetune
-    from fastmt.tasks.classification.distill import distill
     from fastmt.errors import UsageError
 
     caplog.set_level("INFO", logger="fastmt")

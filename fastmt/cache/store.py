@@ -80,6 +80,13 @@ def default_dir(fp: dict) -> Path:
     return base / key
 
 
+
+def cache_dir(flag: str, fp: dict) -> Path:
+    """Where ``--cache-teachers FLAG`` puts a cache of fingerprint ``fp``: a dir, or ``auto``
+    (:func:`default_dir`)."""
+    return default_dir(fp) if flag == "auto" else Path(flag)
+
+
 @contextmanager
 def creation_lock(path: Path) -> Iterator[None]:
     """Making, checking or rebuilding a cache dir, one process at a time (``DIR.lock`` beside it)."""

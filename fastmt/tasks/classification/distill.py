@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -18,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fastmt.config import auto as fastpath
 
 from fastmt.engine import outlock, shapes
-from fastmt.cache.store import default_dir
+from fastmt.cache.store import cache_dir
 from fastmt.cache.teachers import TeacherCache, fingerprint
 from fastmt.engine.distributed import World, check_batch, local_device, world_from_env
 from fastmt.errors import UsageError
@@ -128,7 +127,7 @@ def teacher_cache(args: DistillArgs, splits: Splits, student: Student, teachers:
     want_hidden = args.hidden_loss != "none" and args.alpha_hidden > 0
     kind = args.hidden_loss if want_hidden else "none"
     fp = fingerprint(args.teachers, args.train, args.max_length, args.teacher_subset, kind, maps, args.precision)
-    path = default_dir(fp) if args.cache_teachers == "auto" else Path(args.cache_teachers)
+    path = cache_dir(args.cache_teachers, fp)
     k = len(maps[0]) if want_hidden else 0
     d = teachers.hidden_size if want_hidden else 0
     lengths = splits.train_enc[student.key].packed()[3] if kind == "tokens" else None

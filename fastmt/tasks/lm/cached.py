@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from fastmt import losses
-from fastmt.cache.store import default_dir
+from fastmt.cache.store import cache_dir
 from fastmt.errors import UsageError
 from fastmt.cache.topk import TopKCache, lm_fingerprint, topk_from_logits
 from fastmt.data.packed import IGNORE, next_tokens
@@ -61,7 +60,7 @@ def open_cache(args, names: list[str], tokenizer_dir: str, input_ids: list, voca
     fp = lm_fingerprint(names, None, tokenizer_dir, args.max_length, args.top_k, args.temperature,
                         data_digest=digest.hexdigest())
     fp["precision"] = args.precision
-    path = default_dir(fp) if args.cache_teachers == "auto" else Path(args.cache_teachers)
+    path = cache_dir(args.cache_teachers, fp)
     size = len(input_ids) * args.max_length * TopKCache.bytes_per_token(len(names), args.top_k)
     if size > args.cache_budget_gb * 1e9:
         raise UsageError(f"--cache-teachers: {len(input_ids)} blocks of {args.max_length} tokens, {len(names)} "
