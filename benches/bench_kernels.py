@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from fastmt.tools.bench import git_sha, percentiles  # noqa: E402
+from fastmt.engine.machine import git_sha, percentiles  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -193,7 +193,7 @@ def run_all(a) -> None:
     old = res.data.get("settings")
     if old and old != settings and res.data["runs"]:
         raise SystemExit(f"{a.results} holds runs made with other settings ({old}); pass another --results or the same flags")
-    from fastmt.tools.bench import git_sha
+    from fastmt.engine.machine import git_sha
 
     res.data.update(settings=settings, machine=machine(), git_sha=git_sha())
     res.save()

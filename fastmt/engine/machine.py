@@ -1,9 +1,11 @@
-"""The one name a measurement gives the machine it ran on: the GPU's name, or the CPU model and the
-threads torch uses. Every benchmark, check and report that writes a figure writes this beside it."""
+"""What a measurement is written with: the one name it gives the machine it ran on (the GPU's name, or
+the CPU model and the threads torch uses), the commit it measured, and its timings' percentiles. Every
+benchmark, check and report that writes a figure writes these beside it."""
 
 from __future__ import annotations
 
 import platform
+import subprocess
 from pathlib import Path
 
 import torch
@@ -22,3 +24,20 @@ def device_name(device: torch.device | str = "cpu") -> str:
     except OSError:
         pass
     return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def git_sha() -> str:
+    try:
+        root = Path(__file__).resolve().parents[2]  # the checkout: fastmt/engine/machine.py
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def percentiles(times: list[float]) -> tuple[float, float, float]:
+    """``(p50, p20, p80)`` of ``times``, linearly interpolated between order statistics."""
+    if not times:
+        raise ValueError("percentiles of no timings")
+    q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
+    return q[0], q[1], q[2]

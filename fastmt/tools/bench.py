@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import subprocess
 import tempfile
 import time
 import traceback
@@ -25,7 +24,7 @@ import fastmt.kernels as fused_kernels
 from fastmt.config.settings import DistillArgs, resolve_device
 from fastmt.engine.fileio import write_json
 from fastmt.engine.kernelchoice import loss_module
-from fastmt.engine.machine import device_name
+from fastmt.engine.machine import device_name, git_sha, percentiles
 from fastmt.engine.optim import GradBuffers, make_optimizer, optimizer_step
 from fastmt.errors import FastmtError, UsageError
 from fastmt.models.classifier import Student, Teachers, layer_maps
@@ -82,23 +81,6 @@ def modes_for(device: torch.device) -> dict[str, Mode]:
                   Mode("compile+bf16", compile=True, precision="bf16"),
                   Mode("fast", compile=True, precision="bf16", stack=True)]
     return {m.name: m for m in ladder}
-
-
-def git_sha() -> str:
-    try:
-        root = Path(__file__).resolve().parents[2]
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def percentiles(times: list[float]) -> tuple[float, float, float]:
-    """``(p50, p20, p80)`` of ``times``, linearly interpolated between order statistics."""
-    if not times:
-        raise ValueError("percentiles of no timings")
-    q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
-    return q[0], q[1], q[2]
 
 
 def sync(device: torch.device) -> None:

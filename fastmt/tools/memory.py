@@ -33,7 +33,8 @@ from fastmt.engine.machine import device_name
 from fastmt.errors import FastmtError, UsageError
 from fastmt.models.classifier import layer_maps
 from fastmt.tasks.classification.step import DistillStep
-from fastmt.tools.bench import PRESETS, build_models, git_sha
+from fastmt.engine.machine import git_sha
+from fastmt.tools.bench import PRESETS, build_models
 
 PHASES = ("teachers_forward", "student_forward", "losses", "backward", "optimizer")
 MODES = {"reference": ("reference", "fp32"), "fast": ("fused", "fp16")}
