@@ -305,13 +305,14 @@ def _cached_setup(lm_dir, tmp_path, top_k, **kw):
     from fastmt.models.causal_lm import LMStudent, cut_layers, load_lm, load_tokenizer
     from fastmt.tasks.lm.common import KEY
     from fastmt.config.settings import DistillLMArgs
-    from fastmt.tasks.lm.cached import CachedLMStep, open_cache
+    from fastmt.tasks.lm.cached import CachedLMStep, fit_top_k, open_cache
 
     teachers = [load_lm(str(lm_dir / t), "t").eval() for t in ("t0", "t1")]
     enc = pack(load_tokenizer(str(lm_dir / "t0"), "t"), read_texts(str(lm_dir / "train.txt")), 16)
     args = DistillLMArgs(train="-", dev="", out="-", teacher=["a", "b"], student_layers=1, temperature=2.0,
                          weighting="softmax", precision="fp32", device="cpu", top_k=top_k, max_length=16,
                          cache_teachers=str(tmp_path / "cache"), **kw)
+    fit_top_k(args, len(WORDS) + 3)  # as distill_lm does, before the settings are kept
     cache = open_cache(args, [str(lm_dir / "t0"), str(lm_dir / "t1")], str(lm_dir / "t0"), enc.input_ids, len(WORDS) + 3)
     torch.manual_seed(0)
     student = LMStudent(cut_layers(teachers[0], 1), 2, 1, 32, 32, False)
