@@ -66,7 +66,7 @@ def test_python_api_and_cli_resolve_the_same_defaults(command, native_bf16, tmp_
 
     from fastmt import cli
 
-    from fastmt.config import auto as fastpath
+    from fastmt.config import auto
     from fastmt.config.settings import DistillArgs, TrainArgs
 
     need = dict(train="t.tsv", dev="d.tsv", out=str(tmp_path / "o"))
@@ -81,7 +81,7 @@ def test_python_api_and_cli_resolve_the_same_defaults(command, native_bf16, tmp_
         from_cli = cli.settings_from(ns, TrainArgs)
     assert dataclasses.asdict(api) == dataclasses.asdict(from_cli)
     assert api.lr == (5e-5 if command == "distill" else 3e-5)
-    lines = [fastpath.resolve(command, a, torch.device("cpu"), steps=5000, stackable=True, native_bf16=native_bf16)
+    lines = [auto.resolve(command, a, torch.device("cpu"), steps=5000, stackable=True, native_bf16=native_bf16)
              for a in (api, from_cli)]
     assert lines[0] == lines[1] and dataclasses.asdict(api) == dataclasses.asdict(from_cli)
     assert api.precision == ("bf16" if native_bf16 else "fp32") and api.compile is True and api.group_by_length is True

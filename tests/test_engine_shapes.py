@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastmt.config import auto as fastpath
+from fastmt.config import auto
 
 from fastmt.engine import shapes
 from fastmt.engine.distributed import World
@@ -136,7 +136,7 @@ def test_compiled_cofinetune_and_distill_meet_many_shapes_and_finish(long_task, 
     # any length, so it lands in another bucket from one epoch to the next, as it does on a large set.
     monkeypatch.setattr(data, "GROUP_BATCHES", 2)
     steps = 3 * 18  # three epochs of 18 steps (17 full batches and one of 2 rows)
-    monkeypatch.setattr(fastpath, "COMPILE_MIN_STEPS", steps)  # compile as an auto choice, as a long job would
+    monkeypatch.setattr(auto, "COMPILE_MIN_STEPS", steps)  # compile as an auto choice, as a long job would
 
     torch._dynamo.utils.counters.clear()
     seen = _record_shapes(monkeypatch)
@@ -180,7 +180,7 @@ def test_too_many_shapes_turn_auto_compile_off_and_refuse_an_explicit_one(long_t
 
     caplog.set_level("INFO", logger="fastmt")
     monkeypatch.setattr(shapes, "MAX_SHAPES", 4)
-    monkeypatch.setattr(fastpath, "COMPILE_MIN_STEPS", 1)
+    monkeypatch.setattr(auto, "COMPILE_MIN_STEPS", 1)
     common = dict(train=str(long_task["train"]), dev=str(long_task["dev"]), batch_size=4, lr=1e-3, max_length=512,
                   progress=False, epochs=1, precision="fp32")
     torch._dynamo.utils.counters.clear()

@@ -11,7 +11,7 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
-from fastmt.config import auto as fastpath
+from fastmt.config import auto
 
 from fastmt.engine import outlock, shapes
 from fastmt.data.dataset import read_dataset
@@ -49,15 +49,15 @@ def cofinetune(teacher_sources: list[str], args: TrainArgs) -> RunResult:
     args.max_length = fit_max_length(args.max_length, teachers.encoders, [f"teacher {s}" for s in teacher_sources])
     splits = prepare_splits(args.train, args.dev, teachers.tokenizers, args.max_length, label_names, columns_of(args))
     auto_compile = args.compile is None
-    path = fastpath.resolve("cofinetune", args, device, total_steps(args, splits))
+    path = auto.resolve("cofinetune", args, device, total_steps(args, splits))
     compiled = shapes.plan(args, encodings_for(splits, teachers.keys), len(splits.train_labels), None, splits.buckets,
                            auto_compile, functions=1)
     path = ", ".join(x for x in (path, compiled, pooled) if x)
-    splits.buckets = fastpath.widths(args, splits.buckets)
+    splits.buckets = auto.widths(args, splits.buckets)
     teachers.to(device)
     run_config = {"command": "cofinetune", "teachers": list(teacher_sources), **asdict(args)}
     check_resume(args, out_dir, run_config)
-    fastpath.report("cofinetune", path)
+    auto.report("cofinetune", path)
 
     def loss_fn(inputs, labels):
         with autocast(device, args.precision):

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fastmt.config import auto as fastpath
+from fastmt.config import auto
 
 from fastmt.engine import outlock, shapes
 from fastmt.cache.store import cache_dir
@@ -61,21 +61,21 @@ def distill(args: DistillArgs) -> RunResult:
                             columns_of(args))
     stackable = use_teachers and any(len(g) > 1 for g in teacher_groups(teachers))
     auto_compile = args.compile is None
-    path = fastpath.resolve("distill", args, device, total_steps(args, splits), stackable=stackable,
+    path = auto.resolve("distill", args, device, total_steps(args, splits), stackable=stackable,
                             data_parallel=world.size > 1, fused_available=fused_available)
     keys = [student.key, *teachers.keys] if use_teachers else [student.key]
     # Two compiled functions: the teachers' forward and the student's forward + loss.
     compiled = shapes.plan(args, encodings_for(splits, keys), len(splits.train_labels), world, splits.buckets,
                            auto_compile, functions=2)
     path = ", ".join(x for x in (path, compiled) if x)
-    splits.buckets = fastpath.widths(args, splits.buckets)
+    splits.buckets = auto.widths(args, splits.buckets)
     losses_mod = loss_module(args.kernels)
     teachers.to(device).eval().requires_grad_(False)
     student.to(device)
     run_config = {"command": "distill", **asdict(args), "layer_maps": maps, "student_init_info": init_info}
     fit_config = {k: v for k, v in run_config.items() if k != "student_init_info"}
     check_resume(args, out_dir, fit_config)
-    fastpath.report("distill", path)
+    auto.report("distill", path)
     loss_fn = _make_step(args, student, teachers, maps, splits, losses_mod, device, world, use_teachers)
 
     def evaluate():

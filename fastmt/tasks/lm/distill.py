@@ -18,7 +18,7 @@ import logging
 import math
 from dataclasses import asdict
 
-from fastmt.config import auto as fastpath
+from fastmt.config import auto
 from fastmt.config.settings import DistillLMArgs, resolve_device
 from fastmt.data.dataset import Encoded, tokenizer_key
 from fastmt.data.packed import pack, read_texts, token_count
@@ -118,7 +118,7 @@ def distill_lm(args: DistillLMArgs) -> RunResult:
     log.info("distill-lm: %d teachers, student of %d layers; %d training blocks (%d tokens), %d dev blocks",
              len(teachers), num_layers(model), len(train_enc), token_count(train_enc), len(dev_enc))
     steps = math.ceil(len(train_enc) / args.batch_size) * args.epochs
-    fastpath.report("distill-lm", fastpath.resolve("distill-lm", args, device, steps, fused_available=fused_available))
+    auto.report("distill-lm", auto.resolve("distill-lm", args, device, steps, fused_available=fused_available))
     for t in teachers:
         t.to(device).eval().requires_grad_(False)
     student.to(device)
